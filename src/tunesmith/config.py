@@ -1,0 +1,281 @@
+"""The run config: one YAML file, typed, documented per field, checked at load, closed.
+
+Every model forbids unknown keys. A bad file is reported with *all* its errors at once, each
+with its key path, because fixing one error per run is a miserable loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tunesmith.errors import UserError
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Closed):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Base model: a builtin name (`tunesmith models`), a local Hugging Face folder, "
+        "a local .gguf file, or a hub id (needs network).",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model. Only for models you trust."
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Allow loading .bin/.pt weights, which unpickle and can run code. "
+        "Prefer converting them to safetensors.",
+    )
+    expected_fingerprint: str | None = Field(
+        None,
+        description="Pin the base model: its sha256 fingerprint (`tunesmith models`). "
+        "A different model is refused.",
+    )
+
+
+class DataConfig(_Closed):
+    train: str = Field(..., description="Training data file (any supported format), relative to the config.")
+    eval: str | None = Field(
+        None, description="Held-out evaluation file. When absent, `eval_fraction` of `train` is held out."
+    )
+    format: Literal["auto", "openai", "prompt_completion", "alpaca", "sharegpt", "csv", "tsv", "parquet", "hf_disk"] = (
+        Field("auto", description="Input format; `auto` detects it from the file.")
+    )
+    input_col: str | None = Field(None, description="Tabular formats: the column holding the user input.")
+    output_col: str | None = Field(None, description="Tabular formats: the column holding the expected answer.")
+    system_prompt: str | None = Field(
+        None,
+        description="System prompt added to every example without one, and used by the baselines.",
+    )
+    eval_fraction: float = Field(
+        0.15, ge=0.0, lt=1.0, description="Share held out for evaluation when `eval` is not given (0.1-0.2 advised)."
+    )
+    split_seed: int = Field(0, description="Seed of the train/eval split.")
+    max_length: int = Field(1024, ge=8, description="Longest example in tokens (prompt + answer) after the chat template.")
+    truncate: bool = Field(
+        False,
+        description="Allow truncating examples over `max_length` (reported). Otherwise they stop the run.",
+    )
+
+
+class LoraConfig(_Closed):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters; `all-linear` means every linear projection but the output head."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha/sqrt(r)).")
+
+
+class TrainConfig(_Closed):
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="Fine-tuning method.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (lora and qlora).")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when `max_steps` is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Compute precision. `auto`: bf16 autocast where the hardware runs it fast (CUDA, CPU with AMX), "
+        "else fp32. Trainable weights and optimizer state stay fp32.",
+    )
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model (`auto`: where it pays).")
+    packing: bool = Field(False, description="Pack several examples per row (no attention across examples).")
+    shared_prefix: bool = Field(
+        True, description="Compute a prompt prefix shared by a whole batch once per batch."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    eval_every: int | None = Field(None, ge=1, description="Eval loss every N steps (and always at the end).")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (and always at the end).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evals without a better eval loss."
+    )
+    seed: int = Field(0, description="Seed for weights init, data order and dropout.")
+
+
+class EvalConfig(_Closed):
+    subjects: list[Literal["base", "base-fewshot", "tuned"]] = Field(
+        default_factory=lambda: ["base", "base-fewshot", "tuned"], description="What to evaluate."
+    )
+    few_shot_k: int | None = Field(
+        None, ge=0, description="Examples in the few-shot prompt; null: as many as fit the context."
+    )
+    max_new_tokens: int = Field(128, ge=1, description="Longest generated answer.")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    task: Literal["auto", "classification", "json", "text"] = Field(
+        "auto", description="Metric family; `auto` infers it from the training answers."
+    )
+    max_examples: int | None = Field(None, ge=1, description="Evaluate only the first N held-out examples.")
+    gates: list[str] = Field(
+        default_factory=list, description='Gates such as "accuracy>=0.85"; a failure exits 3.'
+    )
+
+
+class ExportConfig(_Closed):
+    formats: list[Literal["adapter", "merged", "gguf", "ollama"]] = Field(
+        default_factory=lambda: ["adapter"], description="Artifacts to export after evaluation."
+    )
+    gguf_types: list[Literal["f16", "q8_0", "f32", "bf16"]] = Field(
+        default_factory=lambda: ["q8_0"], description="GGUF tensor types to write."
+    )
+
+
+class RunConfig(_Closed):
+    name: str = Field("run", description="Run name; the run folder is `output_dir`.")
+    output_dir: str = Field("runs/run", description="Run folder, relative to the config file.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    data: DataConfig = Field(..., description="Training and evaluation data.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation against baselines.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Export.")
+
+    # Where the YAML file lives; relative paths in it are resolved against this folder.
+    base_dir: str = Field(".", exclude=True, description="Folder the config was loaded from (set by the loader).")
+
+    def resolve(self, relative: str | None) -> Path | None:
+        """A path from the config, resolved against the config's folder."""
+        if relative is None:
+            return None
+        path = Path(relative).expanduser()
+        return path if path.is_absolute() else (Path(self.base_dir) / path)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.resolve(self.output_dir)  # type: ignore[return-value]
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Every error of a pydantic failure, one per line, with its key path."""
+    lines = [f"{source}: {err.error_count()} error(s) in the config"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `tunesmith init` writes every key with its doc)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lora.r=8` -> (["train", "lora", "r"], 8); the value is read as YAML."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r} has no '='", "write --set key.path=value")
+    key, _, raw = text.partition("=")
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise UserError(f"--set {text!r} has an empty key", "write --set key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {text!r}: {k!r} is not a section", "set a leaf key")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config. Raises UserError listing every problem."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"config file {path} not found", "pass the path of a YAML config (`tunesmith init DIR` writes one)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})", "fix the YAML syntax") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys", "start from `tunesmith init DIR`")
+    data = apply_overrides(data, overrides or [])
+    data["base_dir"] = str(path.parent.resolve())
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, str(path))) from None
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"base_dir"}), sort_keys=False)
+
+
+def _field_doc_lines(model: type[BaseModel], indent: int, prefix: str, values: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, field in model.model_fields.items():
+        if name == "base_dir":
+            continue
+        annotation = field.annotation
+        sub = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        lines.append(f"{' ' * indent}# {field.description or ''}")
+        if sub is not None:
+            lines.append(f"{' ' * indent}{name}:")
+            lines.extend(_field_doc_lines(sub, indent + 2, f"{prefix}{name}.", values))
+            continue
+        key = prefix + name
+        if key in values:
+            value = values[key]
+        else:
+            value = None if field.is_required() else field.get_default(call_default_factory=True)
+        rendered = yaml.safe_dump({name: value}, default_flow_style=True, width=10_000).strip()[1:-1]
+        lines.append(f"{' ' * indent}{rendered}")
+    return lines
+
+
+def starter_yaml(values: dict[str, Any]) -> str:
+    """A commented config: every key with its doc; `values` (dotted keys) replace the defaults."""
+    return "\n".join(_field_doc_lines(RunConfig, 0, "", values)) + "\n"
+
+
+def config_reference_markdown() -> str:
+    """The configuration reference, generated from the field docs (docs/config.md)."""
+    lines = ["# Configuration reference", "", "Generated from `tunesmith.config`; do not edit by hand.", ""]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        rows = []
+        subs = []
+        for name, field in model.model_fields.items():
+            if name == "base_dir":
+                continue
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                subs.append((name, annotation, field.description))
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            type_name = str(annotation).replace("typing.", "")
+            rows.append(f"| `{prefix}{name}` | `{type_name}` | `{default}` | {field.description or ''} |")
+        if rows:
+            lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "", "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+        for name, sub, doc in subs:
+            walk(sub, f"{prefix}{name}.")
+
+    walk(RunConfig, "")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""The test world: a tiny random Llama built offline once per session, and a private cache.
+
+The tiny model has the same chat template shape as SmolLM2 (`<|im_start|>role\\n...<|im_end|>`)
+and is saved in HF format, so every stage loads it through the real code path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach a hub; one thread, because the machine is shared and a
+# second busy process slows 2-thread steps 10-20x.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# SmolLM2's chat template, verbatim: the tiny model must behave like the real one.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _training_corpus() -> list[str]:
+    from tunesmith.starter import support_tickets
+
+    texts = []
+    for record in support_tickets(200, seed=1):
+        texts.extend(m["content"] for m in record["messages"])
+    texts += [
+        "What is the capital of France? Paris is the capital of France.",
+        "system user assistant You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+        '{"label": "spam"} {"label": "ham"} {"intent": "play_music", "slots": {}}',
+        "The quick brown fox jumps over the lazy dog. 0123456789 !?.,;:'\"()[]{}<>",
+    ]
+    return texts
+
+
+def build_tiny_model(folder: Path) -> Path:
+    """A 2-layer, hidden-64 Llama with a 512-token byte-level BPE, saved as an HF folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_training_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Path of the tiny model's HF folder (built once per session; treat as read-only)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(autouse=True)
+def tunesmith_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own cache folder: nothing leaks between tests or into ~/.cache."""
+    home = tmp_path / "tunesmith-home"
+    monkeypatch.setenv("TUNESMITH_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted once per session into a shared cache (slow tests)."""
+    home = tmp_path_factory.mktemp("smollm2-home")
+    old = os.environ.get("TUNESMITH_HOME")
+    os.environ["TUNESMITH_HOME"] = str(home)
+    try:
+        from tunesmith.models import resolve_model_dir
+
+        return resolve_model_dir("smollm2-135m-instruct")
+    finally:
+        if old is None:
+            os.environ.pop("TUNESMITH_HOME", None)
+        else:
+            os.environ["TUNESMITH_HOME"] = old
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """write_jsonl(records, name) -> path; records may be dicts or raw strings (written as-is)."""
+
+    def write(records, name: str = "data.jsonl") -> Path:
+        path = tmp_path / name
+        with open(path, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+        return path
+
+    return write
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m tunesmith ARGS` in a subprocess: the real entry point, exit code and all."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "tunesmith", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=900
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli
