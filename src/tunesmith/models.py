@@ -127,6 +127,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         raise UserError(f"cannot read GGUF file {gguf_path}: {e}", "pass a GGUF of a supported architecture or an HF folder") from None
     finally:
         hf_logging.enable_progress_bar()
+    # The weights are dequantized fp32 now; drop the GGUF "quantizer" so they save as plain tensors.
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = gguf_path.stem
