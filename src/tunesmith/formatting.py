@@ -1,0 +1,323 @@
+"""Chat template -> (input_ids, labels); the loss-mask pre-flight check; batching and packing.
+
+The labels are where fine-tuning goes silently wrong, so they are built from the model's own
+chat template and then checked. The template is rendered incrementally (messages[:1],
+messages[:2], ...), so each message owns a character span of the full render; tokens are
+mapped to spans through the tokenizer's offsets. A token is trained when it starts inside an
+assistant turn's content-and-end-of-turn span (weight 1). The end-of-turn token is trained so
+the model learns to stop; the newline the template writes after it is not.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunesmith.errors import UserError
+from tunesmith.schema import Conversation
+
+IGNORE_INDEX = -100  # the label of a position that is not trained (PyTorch's cross-entropy default)
+
+# Pre-flight problem kinds, each with the fix the user is told.
+PROBLEMS = {
+    "no_trained_token": ("no trained token", "give each example an assistant turn with weight 1 and non-empty content"),
+    "end_of_turn_not_trained": (
+        "the end-of-turn token of an assistant turn is not trained (the model would not learn to stop)",
+        "use a model whose chat template closes assistant turns with its eos token",
+    ),
+    "prompt_token_trained": ("a system/user token would be trained", "report this template; it renders messages out of order"),
+    "template_not_incremental": (
+        "the chat template renders earlier messages differently once later ones are added",
+        "use a template whose render of messages[:k] is a prefix of the full render",
+    ),
+    "too_long": ("truncation to data.max_length would cut assistant tokens", "raise data.max_length or set data.truncate: true"),
+}
+
+
+@dataclass
+class Example:
+    """One tokenised conversation. `labels[t]` is `input_ids[t]` where trained, else IGNORE_INDEX."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source_line: int | None = None
+    cut_trained_tokens: int = 0  # assistant tokens dropped by truncation (data.truncate)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+    @property
+    def first_trained_position(self) -> int:
+        return next((t for t, label in enumerate(self.labels) if label != IGNORE_INDEX), len(self.labels))
+
+
+@dataclass
+class FormatReport:
+    """What the pre-flight saw: totals, truncations, and every problem with its example lines."""
+
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated_lines: list[int | None] = field(default_factory=list)
+    problems: dict[str, list[int | None]] = field(default_factory=dict)
+
+    def add(self, kind: str, line: int | None) -> None:
+        self.problems.setdefault(kind, []).append(line)
+
+    def raise_if_problems(self, source: str) -> None:
+        if not self.problems:
+            return
+        bad = len({line for lines in self.problems.values() for line in lines})
+        parts, hints = [], []
+        for kind, lines in self.problems.items():
+            what, fix = PROBLEMS[kind]
+            shown = ", ".join(str(x) for x in lines[:8]) + (f" and {len(lines) - 8} more" if len(lines) > 8 else "")
+            parts.append(f"{what} (line{'s' if len(lines) > 1 else ''} {shown})")
+            hints.append(fix)
+        raise UserError(
+            f"{source}: loss-mask pre-flight failed for {bad} of {self.examples} example(s): " + "; ".join(parts),
+            "; ".join(dict.fromkeys(hints)),
+        )
+
+
+def end_of_turn_token(tokenizer) -> tuple[int, str]:
+    """The token that closes an assistant turn: the tokenizer's eos (`<|im_end|>` for ChatML)."""
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no eos token, so assistant turns have no end-of-turn token", "use a chat model")
+    return tokenizer.eos_token_id, tokenizer.eos_token
+
+
+def _chat_messages(conv: Conversation, system_prompt: str | None) -> list[dict[str, Any]]:
+    messages = [{k: v for k, v in m.to_openai().items() if k != "weight"} for m in conv.messages]
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def _render(tokenizer, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def tokenize_conversation(
+    tokenizer, conv: Conversation, *, max_length: int, truncate: bool = False, system_prompt: str | None = None
+) -> tuple[Example, list[str]]:
+    """(example, problem kinds) for one conversation; the problems are those of PROBLEMS."""
+    problems: list[str] = []
+    eot_id, eot_text = end_of_turn_token(tokenizer)
+    messages = _chat_messages(conv, system_prompt)
+    weights = [1] * (len(messages) - len(conv.messages)) + [m.weight for m in conv.messages]
+
+    # 1. Character spans: message i owns full[prev_end:end_i]; a trained assistant turn trains
+    #    [after its header, through its end-of-turn token].
+    full = _render(tokenizer, messages)
+    owners: list[tuple[int, int, bool]] = []  # (start, end, trained) per message
+    trained_spans: list[tuple[int, int]] = []
+    prev = ""
+    for i, message in enumerate(messages):
+        text = _render(tokenizer, messages[: i + 1])
+        if not text.startswith(prev) or not full.startswith(text):
+            problems.append("template_not_incremental")
+            break
+        start, end = len(prev), len(text)
+        trained = message["role"] == "assistant" and weights[i] > 0
+        if trained:
+            header = _render(tokenizer, messages[:i], generation_prompt=True)
+            content_start = len(header) if text.startswith(header) and len(header) >= start else full.find(message["content"], start, end)
+            eot_at = full.rfind(eot_text, content_start, end)
+            trained_spans.append((content_start, eot_at + len(eot_text) if eot_at >= 0 else end))
+        owners.append((start, end, trained))
+        prev = text
+
+    # 2. Tokens: trained when the token starts inside a trained span.
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids: list[int] = encoded["input_ids"]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for t, (char_start, _) in enumerate(encoded["offset_mapping"]):
+        if any(s <= char_start < e for s, e in trained_spans):
+            labels[t] = input_ids[t]
+
+    # 3. Checks on the labels, independent of how they were built: trained tokens belong to
+    #    trained assistant turns, and every trained turn's end-of-turn token is trained.
+    owner_of = []
+    for char_start, _ in encoded["offset_mapping"]:
+        owner_of.append(next((k for k, (s, e, _) in enumerate(owners) if s <= char_start < e), None))
+    for t, label in enumerate(labels):
+        if label != IGNORE_INDEX and (owner_of[t] is None or not owners[owner_of[t]][2]):
+            problems.append("prompt_token_trained")
+            break
+    for k, (_, _, trained) in enumerate(owners):
+        if trained:
+            eots = [t for t in range(len(input_ids)) if owner_of[t] == k and input_ids[t] == eot_id]
+            if not eots or labels[eots[-1]] == IGNORE_INDEX:
+                problems.append("end_of_turn_not_trained")
+                break
+
+    # 4. Drop the untrained tail (the newline after the last end-of-turn): it predicts nothing.
+    last = max((t for t, label in enumerate(labels) if label != IGNORE_INDEX), default=-1)
+    input_ids, labels = input_ids[: last + 1], labels[: last + 1]
+    example = Example(input_ids=input_ids, labels=labels, source_line=conv.source_line)
+    if len(input_ids) > max_length:
+        cut = sum(1 for label in labels[max_length:] if label != IGNORE_INDEX)
+        if truncate:
+            example = Example(input_ids[:max_length], labels[:max_length], conv.source_line, cut_trained_tokens=cut)
+        else:
+            problems.append("too_long")
+    if example.trained_tokens == 0:
+        problems.append("no_trained_token")
+    return example, list(dict.fromkeys(problems))
+
+
+def tokenize_dataset(
+    tokenizer, conversations: list[Conversation], *, max_length: int, truncate: bool = False, system_prompt: str | None = None
+) -> tuple[list[Example], FormatReport]:
+    """Tokenise every conversation and collect every pre-flight problem (nothing raised here)."""
+    report = FormatReport(examples=len(conversations))
+    examples = []
+    for conv in conversations:
+        example, problems = tokenize_conversation(
+            tokenizer, conv, max_length=max_length, truncate=truncate, system_prompt=system_prompt
+        )
+        for kind in problems:
+            report.add(kind, conv.source_line)
+        if example.cut_trained_tokens:
+            report.truncated_lines.append(conv.source_line)
+        report.tokens += len(example)
+        report.trained_tokens += example.trained_tokens
+        examples.append(example)
+    return examples, report
+
+
+def preflight(tokenizer, conversations: list[Conversation], data_cfg, source: str) -> tuple[list[Example], FormatReport]:
+    """Tokenise with the config's limits; raise one UserError listing every failing example."""
+    examples, report = tokenize_dataset(
+        tokenizer,
+        conversations,
+        max_length=data_cfg.max_length,
+        truncate=data_cfg.truncate,
+        system_prompt=data_cfg.system_prompt,
+    )
+    report.raise_if_problems(source)
+    return examples, report
+
+
+def read_chat_jsonl(path: Path) -> list[Conversation]:
+    """Canonical OpenAI chat JSONL (what the split stage writes) -> conversations."""
+    try:
+        from tunesmith.data import read_conversations  # the readers of every format, when present
+    except ImportError:
+        read_conversations = None
+    if read_conversations is not None:
+        return read_conversations(path, format="openai")
+    conversations = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if line.strip():
+                conversations.append(Conversation.from_openai(json.loads(line), i))
+    return conversations
+
+
+def mask_text(tokenizer, example: Example):
+    """A rich Text of the example: trained tokens highlighted, the rest dimmed."""
+    from rich.text import Text
+
+    text = Text()
+    for token_id, label in zip(example.input_ids, example.labels):
+        piece = tokenizer.decode([token_id])
+        text.append(piece, style="bold black on green" if label != IGNORE_INDEX else "dim")
+    return text
+
+
+# --- batching -----------------------------------------------------------------------------
+# A batch is a list of rows; a row is a list of example indices (one, or several when packed).
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int) -> list[list[list[int]]]:
+    """Shuffle, sort by length inside windows of 64 batches, shuffle the batches.
+
+    Examples of similar length share a batch, so little compute goes to padding, while the
+    order stays random from epoch to epoch (the same for the same seed and epoch).
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 64
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: -lengths[i])
+        batches += [[[i] for i in chunk[b : b + batch_size]] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def packed_batches(lengths: list[int], batch_size: int, max_length: int, *, seed: int, epoch: int) -> list[list[list[int]]]:
+    """Shuffle, then first-fit examples into rows of at most `max_length` tokens; `batch_size` rows a batch."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_length - lengths[i])
+    return [rows[b : b + batch_size] for b in range(0, len(rows), batch_size)]
+
+
+def collate(examples: list[Example], batch: list[list[int]], pad_id: int) -> dict[str, Any]:
+    """Right-padded tensors; position ids restart at each packed example.
+
+    No attention mask is passed: right padding never leaks into earlier tokens under a causal
+    mask, and transformers builds a block-diagonal mask from restarting position ids, so packed
+    examples never attend to each other.
+    """
+    import torch
+
+    rows_ids, rows_labels, rows_pos = [], [], []
+    for row in batch:
+        ids, labels, pos = [], [], []
+        for i in row:
+            ids += examples[i].input_ids
+            labels += examples[i].labels
+            pos += range(len(examples[i]))
+        rows_ids.append(ids)
+        rows_labels.append(labels)
+        rows_pos.append(pos)
+    width = max(len(ids) for ids in rows_ids)
+    for ids, labels, pos in zip(rows_ids, rows_labels, rows_pos):
+        pad = width - len(ids)
+        start = pos[-1] + 1 if pos else 0
+        ids += [pad_id] * pad
+        labels += [IGNORE_INDEX] * pad
+        pos += range(start, start + pad)  # pads continue the last example: they come after it, untrained
+    input_ids = torch.tensor(rows_ids)
+    labels = torch.tensor(rows_labels)
+    # A prompt prefix shared by every row is computed once (see train.loss_at_trained_positions).
+    # It must end before the first position whose hidden state predicts a trained label.
+    shared = 0
+    if len(batch) > 1 and all(len(row) == 1 for row in batch):
+        first = input_ids[0]
+        same = (input_ids == first).all(dim=0).long()
+        common = int(same.cumprod(0).sum())
+        first_trained = min(examples[row[0]].first_trained_position for row in batch)
+        shared = max(0, min(common, first_trained - 1))
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": torch.tensor(rows_pos),
+        "shared_prefix_len": shared,
+        "trained_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+    }

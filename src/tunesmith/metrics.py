@@ -1,0 +1,436 @@
+"""Scores against ground truth, and the statistics that say whether a difference is real.
+
+Pure functions on strings and numpy arrays: no model, no torch, so every number here can be
+checked by hand. The shape is always the same: `score()` turns (golds, predictions) into
+per-example columns, `aggregate()` turns columns (or a resample of their rows) into the
+headline metrics. Bootstrap intervals and paired tests resample rows and call `aggregate()`
+again, so every metric gets an interval without a formula of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import string
+from collections import Counter
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from tunesmith.errors import UserError
+
+TASKS = ("classification", "json", "text")
+PRIMARY_METRIC = {"classification": "accuracy", "json": "exact_match", "text": "rouge_l"}
+# Metrics that are a mean of a 0/1 column: their paired test is McNemar's exact test.
+BINARY_COLUMN = {"accuracy": "correct", "exact_match": "exact"}
+LOWER_IS_BETTER = {"out_of_label_rate", "mean_latency_s"}
+# Metrics that describe the output rather than grade it: no winner, no verdict.
+NEUTRAL = {"mean_output_tokens", "mean_output_chars"}
+
+# A training answer set is a closed label set when answers are short, one line, and repeat.
+LABEL_MAX_CHARS = 64
+LABEL_MAX_COUNT = 200
+# A JSON string field becomes an enum when it takes at most this many values, each repeated.
+ENUM_MAX_VALUES = 20
+
+
+# --------------------------------------------------------------------------- task inference
+
+
+def parse_json(text: str) -> tuple[bool, Any]:
+    """(parsed, value): the answer read as JSON, also when wrapped in a ``` fence."""
+    text = text.strip()
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, flags=re.DOTALL)
+    if fenced:
+        text = fenced.group(1)
+    try:
+        return True, json.loads(text)
+    except ValueError:
+        return False, None
+
+
+def normalize_label(text: str) -> str:
+    """Case, surrounding whitespace and quotes, a trailing period: what a label match ignores."""
+    text = " ".join(text.split()).strip().strip("\"'`").strip()
+    return text.rstrip(".").strip().casefold()
+
+
+def infer_task(targets: list[str]) -> str:
+    """`json` when every answer is a JSON object or array; `classification` when answers are
+    short single lines that repeat (a closed label set); `text` otherwise."""
+    targets = [t.strip() for t in targets]
+    if not targets:
+        return "text"
+    parsed = [parse_json(t) for t in targets]
+    if all(ok and isinstance(v, (dict, list)) for ok, v in parsed):
+        return "json"
+    distinct = {normalize_label(t) for t in targets}
+    short = all(t and "\n" not in t and len(t) <= LABEL_MAX_CHARS for t in targets)
+    if short and len(distinct) <= LABEL_MAX_COUNT and len(distinct) * 2 <= len(targets):
+        return "classification"
+    return "text"
+
+
+def label_set(train_targets: list[str]) -> list[str]:
+    """The closed label set of the training answers, sorted (first spelling of each label)."""
+    seen: dict[str, str] = {}
+    for t in train_targets:
+        seen.setdefault(normalize_label(t), t.strip())
+    return [seen[k] for k in sorted(seen)]
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def infer_json_schema(values: list[Any]) -> dict[str, Any]:
+    """A JSON Schema every training answer satisfies: keys (required when always present),
+    types, and enums for string fields with a small set of repeated values."""
+    types = {_json_type(v) for v in values}
+    if types == {"integer", "number"}:
+        types = {"number"}
+    if types == {"object"}:
+        keys: list[str] = []
+        for v in values:
+            keys.extend(k for k in v if k not in keys)
+        return {
+            "type": "object",
+            "properties": {k: infer_json_schema([v[k] for v in values if k in v]) for k in keys},
+            "required": [k for k in keys if all(k in v for v in values)],
+            "additionalProperties": False,
+        }
+    if types == {"array"}:
+        items = [x for v in values for x in v]
+        return {"type": "array", "items": infer_json_schema(items)} if items else {"type": "array"}
+    if types == {"string"}:
+        distinct = sorted(set(values))
+        if len(distinct) <= ENUM_MAX_VALUES and len(distinct) < len(values):
+            return {"type": "string", "enum": distinct}
+        return {"type": "string"}
+    if len(types) == 1:
+        return {"type": types.pop()}
+    return {"type": sorted(types)} if types else {}
+
+
+def flatten_fields(value: Any, prefix: str = "") -> Counter:
+    """(path, canonical value) pairs of a JSON value: the unit of field-level P/R/F1.
+
+    Nested objects give dotted paths; list elements are matched as a multiset under `path[]`.
+    """
+    out: Counter = Counter()
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out.update(flatten_fields(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(value, list):
+        for v in value:
+            out.update(flatten_fields(v, f"{prefix}[]"))
+    else:
+        out[(prefix, json.dumps(value, sort_keys=True))] += 1
+    return out
+
+
+# --------------------------------------------------------------------------- text similarity
+
+
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+def text_tokens(text: str) -> list[str]:
+    """Lowercased words with punctuation removed (SQuAD-style, without English article removal)."""
+    return text.lower().translate(_PUNCT).split()
+
+
+def token_f1(gold: str, pred: str) -> float:
+    """F1 of the bag-of-words overlap between the answer and the reference."""
+    g, p = text_tokens(gold), text_tokens(pred)
+    if not g and not p:
+        return 1.0
+    common = sum((Counter(g) & Counter(p)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Longest common subsequence, by the classic dynamic programme over one row."""
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(gold: str, pred: str) -> float:
+    """ROUGE-L F1 (beta = 1) on `text_tokens`."""
+    g, p = text_tokens(gold), text_tokens(pred)
+    if not g and not p:
+        return 1.0
+    lcs = lcs_length(g, p)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_text(gold: str, pred: str) -> bool:
+    return " ".join(gold.split()) == " ".join(pred.split())
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score(
+    task: str,
+    golds: list[str],
+    preds: list[str],
+    *,
+    labels: list[str] | None = None,
+    schema: dict[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-example columns for `task` (see `aggregate` for what they add up to)."""
+    n = len(golds)
+    cols: dict[str, np.ndarray] = {"output_chars": np.array([len(p) for p in preds], dtype=float)}
+    if task == "classification":
+        labels = labels or []
+        index = {normalize_label(lab): i for i, lab in enumerate(labels)}
+        gold_idx = np.array([index.get(normalize_label(g), -1) for g in golds], dtype=int)
+        if (gold_idx < 0).any():
+            raise ValueError("every reference answer must be in the label set")
+        pred_idx = np.array([index.get(normalize_label(p), -1) for p in preds], dtype=int)
+        cols.update(
+            gold_idx=gold_idx,
+            pred_idx=pred_idx,
+            correct=(pred_idx == gold_idx).astype(float),
+            in_label_set=(pred_idx >= 0).astype(float),
+        )
+        return cols
+    if task == "json":
+        from jsonschema import Draft202012Validator
+
+        validator = Draft202012Validator(schema or {})
+        parsed, valid, exact, tp, fp, fn = (np.zeros(n) for _ in range(6))
+        for i, (g, p) in enumerate(zip(golds, preds)):
+            _, gold_value = parse_json(g)
+            ok, value = parse_json(p)
+            gold_fields = flatten_fields(gold_value)
+            pred_fields = flatten_fields(value) if ok else Counter()
+            hit = sum((gold_fields & pred_fields).values())
+            parsed[i] = ok
+            valid[i] = ok and validator.is_valid(value)
+            exact[i] = ok and value == gold_value
+            tp[i], fp[i], fn[i] = hit, sum(pred_fields.values()) - hit, sum(gold_fields.values()) - hit
+        cols.update(parsed=parsed, schema_valid=valid, exact=exact, field_tp=tp, field_fp=fp, field_fn=fn)
+        return cols
+    if task == "text":
+        cols.update(
+            exact=np.array([exact_text(g, p) for g, p in zip(golds, preds)], dtype=float),
+            token_f1=np.array([token_f1(g, p) for g, p in zip(golds, preds)]),
+            rouge_l=np.array([rouge_l(g, p) for g, p in zip(golds, preds)]),
+        )
+        return cols
+    raise ValueError(f"unknown task {task!r}")
+
+
+def _safe_div(num: np.ndarray | float, den: np.ndarray | float) -> Any:
+    return np.divide(num, den, out=np.zeros_like(np.asarray(num, dtype=float)), where=np.asarray(den) > 0)
+
+
+def per_class(gold_idx: np.ndarray, pred_idx: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
+    """Confusion matrix (gold rows, predicted columns, last column = outside the label set) and
+    per-class precision, recall, F1 and support."""
+    pred_col = np.where(pred_idx < 0, n_labels, pred_idx)
+    confusion = np.bincount(gold_idx * (n_labels + 1) + pred_col, minlength=n_labels * (n_labels + 1))
+    confusion = confusion.reshape(n_labels, n_labels + 1)
+    tp = np.diag(confusion[:, :n_labels]).astype(float)
+    predicted = confusion[:, :n_labels].sum(axis=0).astype(float)
+    support = confusion.sum(axis=1).astype(float)
+    precision, recall = _safe_div(tp, predicted), _safe_div(tp, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    return {"confusion": confusion, "precision": precision, "recall": recall, "f1": f1, "support": support, "predicted": predicted}
+
+
+def aggregate(task: str, cols: dict[str, np.ndarray], idx: np.ndarray | None = None) -> dict[str, float]:
+    """Headline metrics from per-example columns (rows `idx` when given: a bootstrap resample)."""
+    c = cols if idx is None else {k: v[idx] for k, v in cols.items()}
+    out: dict[str, float] = {}
+    if task == "classification":
+        # Classes absent from a resample add nothing to macro-F1, so the largest index seen suffices.
+        n_labels = int(max(c["gold_idx"].max(initial=-1), c["pred_idx"].max(initial=-1)) + 1)
+        pc = per_class(c["gold_idx"], c["pred_idx"], n_labels)
+        # Macro-F1 over the classes that occur (as reference or as in-set answer), as sklearn does;
+        # answers outside the label set are not a class, they only cost recall.
+        present = (pc["support"] > 0) | (pc["predicted"] > 0)
+        out["accuracy"] = float(c["correct"].mean())
+        out["macro_f1"] = float(pc["f1"][present].mean()) if present.any() else 0.0
+        out["out_of_label_rate"] = float(1 - c["in_label_set"].mean())
+    elif task == "json":
+        tp, fp, fn = c["field_tp"].sum(), c["field_fp"].sum(), c["field_fn"].sum()
+        precision = float(tp / (tp + fp)) if tp + fp else 0.0
+        recall = float(tp / (tp + fn)) if tp + fn else 0.0
+        out["exact_match"] = float(c["exact"].mean())
+        out["parse_rate"] = float(c["parsed"].mean())
+        out["schema_valid_rate"] = float(c["schema_valid"].mean())
+        out["field_precision"] = precision
+        out["field_recall"] = recall
+        out["field_f1"] = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    elif task == "text":
+        out["exact_match"] = float(c["exact"].mean())
+        out["token_f1"] = float(c["token_f1"].mean())
+        out["rouge_l"] = float(c["rouge_l"].mean())
+    out["mean_output_chars"] = float(c["output_chars"].mean())
+    if "output_tokens" in c:
+        out["mean_output_tokens"] = float(c["output_tokens"].mean())
+    if "latency_s" in c:
+        out["mean_latency_s"] = float(c["latency_s"].mean())
+    if "compute_s" in c and c["compute_s"].sum() > 0:
+        out["tokens_per_s"] = float(c["output_tokens"].sum() / c["compute_s"].sum())
+    return out
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def bootstrap_ci(
+    task: str, cols: dict[str, np.ndarray], *, samples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of every headline metric (rows resampled with replacement)."""
+    n = len(cols["output_chars"])
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(samples):
+        for k, v in aggregate(task, cols, rng.integers(0, n, n)).items():
+            draws.setdefault(k, []).append(v)
+    tail = (1 - confidence) / 2 * 100
+    return {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for k, v in draws.items()}
+
+
+def paired_bootstrap(
+    task: str,
+    cols_a: dict[str, np.ndarray],
+    cols_b: dict[str, np.ndarray],
+    *,
+    samples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, dict[str, float]]:
+    """Difference a - b of every metric on the same examples: observed delta, interval, and a
+    two-sided p-value (share of resamples on the far side of zero, doubled)."""
+    n = len(cols_a["output_chars"])
+    observed_a, observed_b = aggregate(task, cols_a), aggregate(task, cols_b)
+    rng = np.random.default_rng(seed)
+    deltas: dict[str, list[float]] = {k: [] for k in observed_a if k in observed_b}
+    for _ in range(samples):
+        idx = rng.integers(0, n, n)
+        a, b = aggregate(task, cols_a, idx), aggregate(task, cols_b, idx)
+        for k in deltas:
+            deltas[k].append(a[k] - b[k])
+    tail = (1 - confidence) / 2 * 100
+    out = {}
+    for k, d in deltas.items():
+        d_arr = np.array(d)
+        below, above = int((d_arr <= 0).sum()), int((d_arr >= 0).sum())
+        p = min(1.0, 2 * (min(below, above) + 1) / (samples + 1))
+        out[k] = {
+            "delta": observed_a[k] - observed_b[k],
+            "ci_low": float(np.percentile(d_arr, tail)),
+            "ci_high": float(np.percentile(d_arr, 100 - tail)),
+            "p_value": p,
+            "test": "paired bootstrap",
+        }
+    return out
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float]:
+    """McNemar's exact test: a binomial test on the examples where exactly one side is right."""
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    if n == 0:
+        p = 1.0
+    else:
+        k = min(only_a, only_b)
+        tail = Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2**n)
+        p = float(min(Fraction(1), 2 * tail))
+    return {"only_a": only_a, "only_b": only_b, "p_value": p}
+
+
+def compare(
+    task: str, cols_a: dict[str, np.ndarray], cols_b: dict[str, np.ndarray], *, samples: int = 1000, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Paired comparison a vs b on every metric: McNemar for 0/1 metrics, paired bootstrap else."""
+    out = paired_bootstrap(task, cols_a, cols_b, samples=samples, seed=seed)
+    for metric, column in BINARY_COLUMN.items():
+        if metric in out and column in cols_a:
+            test = mcnemar_exact(cols_a[column], cols_b[column])
+            out[metric].update(p_value=test["p_value"], test="McNemar exact", only_a=test["only_a"], only_b=test["only_b"])
+    return out
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    return a < b if metric in LOWER_IS_BETTER else a > b
+
+
+# --------------------------------------------------------------------------- gates
+
+_GATE = re.compile(
+    r"^\s*(?:(?P<subject>[A-Za-z][\w-]*)\.)?(?P<metric>[a-z][a-z0-9_]*)\s*"
+    r"(?P<op>>=|<=|==|>|<)\s*(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(?P<pct>%)?\s*$"
+)
+_OPS = {
+    ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    "<": lambda a, b: a < b,
+    "==": lambda a, b: math.isclose(a, b, abs_tol=1e-12),
+}
+
+
+def parse_gate(text: str) -> dict[str, Any]:
+    """`"accuracy>=0.85"`, `"tuned.field_f1 > 90%"`, `"base-fewshot.accuracy<0.5"` -> parts."""
+    m = _GATE.match(text)
+    if not m:
+        raise UserError(
+            f"cannot read gate {text!r}",
+            'write METRIC OP NUMBER, e.g. "accuracy>=0.85" or "tuned.macro_f1>0.8" (OP: >=, <=, >, <, ==)',
+        )
+    value = float(m.group("value")) / (100 if m.group("pct") else 1)
+    return {"gate": text.strip(), "subject": m.group("subject"), "metric": m.group("metric"), "op": m.group("op"), "threshold": value}
+
+
+def check_gates(gates: list[str], metrics: dict[str, dict[str, float]], default_subject: str) -> list[dict[str, Any]]:
+    """Every gate against `metrics[subject][metric]`; unknown subjects or metrics are user errors,
+    all reported at once."""
+    results, problems = [], []
+    for text in gates:
+        gate = parse_gate(text)
+        subject = gate["subject"] or default_subject
+        if subject not in metrics:
+            problems.append(f"gate {text!r}: no subject {subject!r} (evaluated: {', '.join(metrics)})")
+            continue
+        if gate["metric"] not in metrics[subject]:
+            problems.append(f"gate {text!r}: no metric {gate['metric']!r} (available: {', '.join(metrics[subject])})")
+            continue
+        value = metrics[subject][gate["metric"]]
+        results.append({**gate, "subject": subject, "value": value, "passed": bool(_OPS[gate["op"]](value, gate["threshold"]))})
+    if problems:
+        raise UserError("; ".join(problems), "use a metric and subject listed, e.g. \"accuracy>=0.85\"")
+    return results
