@@ -153,3 +153,23 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def make_adapter_run(run_dir: Path, base_dir: Path, *, seed: int = 0, r: int = 4, name: str = "tiny-run", system_prompt: str | None = None) -> Path:
+    """A run folder as `tunesmith train` leaves it (config, manifest, PEFT adapter), without
+    training: a LoRA with random (non-zero) B, so the adapter changes the model's outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.artifacts import ADAPTER_DIR, CONFIG_FILE, update_manifest, write_text_atomic
+    from tunesmith.config import DataConfig, ModelConfig, RunConfig, config_to_yaml
+    from tunesmith.models import fingerprint
+
+    cfg = RunConfig(name=name, data=DataConfig(train="data.jsonl", system_prompt=system_prompt), model=ModelConfig(name=str(base_dir)))
+    write_text_atomic(run_dir / CONFIG_FILE, config_to_yaml(cfg))
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(run_dir / ADAPTER_DIR)
+    update_manifest(run_dir, "train", {"base_fingerprint": fingerprint(base_dir), "base_model": str(base_dir)})
+    return run_dir

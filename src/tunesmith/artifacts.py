@@ -141,6 +141,11 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def read_manifest_or_empty(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / MANIFEST_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
 def update_manifest(run_dir: Path, section: str, data: dict[str, Any]) -> None:
     """Merge one stage's record into the run manifest (each stage owns its section)."""
     path = Path(run_dir) / MANIFEST_FILE

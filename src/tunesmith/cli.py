@@ -93,6 +93,292 @@ def generate(
     console.print(loaded.tokenizer.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Run config YAML."),
+    overrides: list[str] = SetOption,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the run folder."),
+    show_mask: int = typer.Option(0, "--show-mask", min=0, help="Print N examples with trained tokens highlighted, then stop."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun; DDP)."),
+) -> None:
+    """Fine-tune (LoRA, QLoRA or full) per the config; writes the adapter or model to the run folder."""
+    from tunesmith import train as train_stage
+    from tunesmith.config import load_config
+
+    cfg = load_config(config, overrides)
+    if show_mask:
+        train_stage.show_mask(cfg, show_mask, console)
+        return
+    if nproc > 1:
+        import subprocess
+
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "tunesmith", "train", str(config)]
+        command += [arg for o in overrides for arg in ("--set", o)] + (["--resume"] if resume else [])
+        sys.exit(subprocess.call(command))
+    train_stage.run(cfg, resume=resume, console=err_console)
+
+
+@app.command("eval")
+def eval_command(
+    target: Path = typer.Argument(..., help="Run config YAML, or a run folder (reads RUN/config.yaml)."),
+    overrides: list[str] = SetOption,
+    against: Optional[Path] = typer.Option(None, "--against", help="Another run folder to compare with (e.g. the one in production)."),
+    gate: list[str] = typer.Option([], "--gate", help='Fail (exit 3) unless this holds, e.g. "accuracy>=0.85" (repeatable).'),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write the gates as JUnit XML here."),
+    subjects: Optional[str] = typer.Option(None, "--subjects", help="Comma-separated: base, base-fewshot, tuned."),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="Evaluate the first N held-out examples."),
+) -> None:
+    """Evaluate the fine-tune against the base model (zero- and few-shot) and the ground truth."""
+    from tunesmith import evaluate
+    from tunesmith.config import load_config
+
+    overrides = list(overrides)
+    if target.is_dir():
+        # A run folder: its own config, with the run folder as output_dir wherever it now lives.
+        overrides.append(f"output_dir={target.resolve()}")
+        target = target / "config.yaml"
+    if subjects is not None:
+        overrides.append("eval.subjects=[" + ",".join(s.strip() for s in subjects.split(",") if s.strip()) + "]")
+    if max_examples is not None:
+        overrides.append(f"eval.max_examples={max_examples}")
+    cfg = load_config(target, overrides)
+    try:
+        results = evaluate.run(cfg, against=against, gates=gate, junit=junit)
+    except GateFailed:
+        err_console.print(f"report: {cfg.run_dir / 'eval' / 'report.html'}", markup=False, highlight=False)
+        raise
+    primary = results["primary_metric"]
+    table = Table("subject", primary, "95% interval")
+    for name, entry in results["subjects"].items():
+        m = entry["metrics"][primary]
+        table.add_row(name, f"{m['value']:.3f}", f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+    console.print(table)
+    console.print(f"verdict: {results['verdict']['text']}", markup=False, highlight=False)
+    console.print(f"report: {cfg.run_dir / 'eval' / 'report.html'}", markup=False, highlight=False)
+
+
+@app.command("run")
+def run_pipeline(
+    config: Path = typer.Argument(..., help="Run config YAML."),
+    overrides: list[str] = SetOption,
+    from_stage: Optional[str] = typer.Option(None, "--from", help="First stage: check, split, baseline, train, eval, export."),
+    until_stage: Optional[str] = typer.Option(None, "--until", help="Last stage."),
+    force: bool = typer.Option(False, help="Redo stages even when their inputs are unchanged."),
+) -> None:
+    """The whole pipeline: check, split, baseline, train, eval, export; unchanged stages are skipped."""
+    from tunesmith import pipeline
+    from tunesmith.config import load_config
+
+    cfg = load_config(config, overrides)
+    summary = pipeline.run(cfg, from_stage=from_stage, until_stage=until_stage, force=force)
+    verdict = (summary.get("eval") or {}).get("verdict")
+    if verdict:
+        console.print(f"[bold]verdict:[/bold] {verdict}")
+    report = cfg.run_dir / "eval" / "report.html"
+    if report.exists():
+        console.print(f"report: {report}")
+    console.print(f"run folder: {cfg.run_dir}")
+
+
+@app.command("export")
+def export_command(
+    run_dir: Path = typer.Argument(..., help="Run folder (the config's output_dir)."),
+    fmt: str = typer.Option(..., "--format", help="merged, adapter, gguf or ollama."),
+    gguf_type: list[str] = typer.Option([], "--gguf-type", help="GGUF tensor type: f16, q8_0, bf16, f32 (repeatable; default from the config)."),
+    allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Load the adapter on a base whose fingerprint differs from the run's."),
+) -> None:
+    """Export the trained model (RUN/export/FORMAT/) and check it against the trained model."""
+    from tunesmith import export
+
+    report = export.run(run_dir, fmt, gguf_types=gguf_type or None, allow_base_mismatch=allow_base_mismatch)
+    console.print(f"exported {fmt}: {report['path']}", markup=False, highlight=False)
+    if report.get("warning"):
+        err_console.print(f"warning: {report['warning']}", markup=False, highlight=False)
+    for line in report.get("lint", []):
+        err_console.print(f"lint: {line}", markup=False, highlight=False)
+    problems = export.parity_problems(report)
+    for line in problems:
+        err_console.print(f"parity mismatch: {line}", markup=False, highlight=False)
+    if not problems:
+        console.print("parity: exported artifact matches the trained model on every probe prompt")
+    if report.get("ollama_create"):
+        console.print(f"next: {report['ollama_create']}", markup=False, highlight=False)
+
+
+@app.command("serve")
+def serve_command(
+    models: list[str] = typer.Argument(None, help="Run folders, adapter folders (NAME=PATH to rename) and/or one base model reference."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TUNESMITH_API_KEY", help="Require Authorization: Bearer KEY."),
+    max_adapters: int = typer.Option(4, "--max-adapters", min=1, help="Adapters kept loaded (LRU)."),
+    max_batch_size: int = typer.Option(16, "--max-batch-size", min=1, help="Sequences decoded together."),
+    max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit", min=1, help="Largest max_tokens a request may ask for."),
+    max_n: int = typer.Option(4, "--max-n", min=1, help="Largest n per request."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens", min=1, help="Longest prompt in tokens."),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1024, help="Largest request body."),
+    allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Serve adapters trained on a base with another fingerprint."),
+) -> None:
+    """OpenAI-compatible API (chat, completions, models, health, metrics) over one base and its adapters."""
+    from tunesmith.serve import ServeSettings, serve
+
+    settings = ServeSettings(
+        models=models or ["smollm2-135m-instruct"],
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_adapters=max_adapters,
+        max_batch_size=max_batch_size,
+        max_tokens_limit=max_tokens_limit,
+        max_n=max_n,
+        max_prompt_tokens=max_prompt_tokens,
+        max_body_bytes=max_body_bytes,
+        allow_base_mismatch=allow_base_mismatch,
+    )
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err_console.print(f"warning: serving on {host} without --api-key: anyone who reaches this port can use the model")
+    serve(settings)
+
+
+runs_app = typer.Typer(help="List and compare runs.", invoke_without_command=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.callback()
+def runs_list(
+    ctx: typer.Context,
+    root: list[Path] = typer.Option([], help="Also look for runs in this folder (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List runs: model, method, data, status, primary metric, time."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from tunesmith.pipeline import list_runs
+
+    rows = list_runs([*root, Path("runs")])
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "model", "method", "data", "status", "primary metric", "time", "path")
+    for row in rows:
+        metric = row["primary_metric"]
+        shown = f"{metric['name']}={metric['value']:.3f}" if metric and isinstance(metric.get("value"), (int, float)) else "-"
+        table.add_row(row["name"], str(row["model"]), str(row["method"]), str(row["data"]), row["status"], shown, f"{row['seconds']:.0f}s", row["path"])
+    console.print(table)
+
+
+@runs_app.command("compare")
+def runs_compare(a: Path = typer.Argument(..., help="Run folder A."), b: Path = typer.Argument(..., help="Run folder B.")) -> None:
+    """Config and metric differences between two runs."""
+    from tunesmith.pipeline import compare_runs
+
+    diff = compare_runs(a, b)
+    table = Table("config key", str(a), str(b))
+    for key, (left, right) in diff["config"].items():
+        table.add_row(key, repr(left), repr(right))
+    console.print(table)
+    table = Table("metric", str(a), str(b), "delta")
+    for key, (left, right) in diff["metrics"].items():
+        delta = f"{right - left:+.4f}" if isinstance(left, (int, float)) and isinstance(right, (int, float)) else ""
+        table.add_row(key, str(left), str(right), delta)
+    console.print(table)
+
+
+data_app = typer.Typer(help="Read, check, convert and split training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+FormatOption = typer.Option("auto", "--format", help="Input format: auto, openai, prompt_completion, alpaca, sharegpt, csv, tsv, parquet, hf_disk.")
+InputColOption = typer.Option(None, "--input-col", help="Tabular data: the column holding the user input.")
+OutputColOption = typer.Option(None, "--output-col", help="Tabular data: the column holding the expected answer.")
+SystemOption = typer.Option(None, "--system", help="System prompt added to every example without one.")
+
+
+@data_app.command("check")
+def data_check(
+    file: Path = typer.Argument(..., help="Data file (any supported format)."),
+    model: Optional[str] = typer.Option(None, help="Count tokens with this model's tokenizer and chat template."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Report examples longer than this (tokens)."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", help="Held-out file: report inputs leaking into it."),
+    near_dup_threshold: float = typer.Option(0.9, "--near-dup-threshold", min=0.01, max=1.0, help="Estimated Jaccard similarity from which two examples are near-duplicates."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable report."),
+    strict: bool = typer.Option(False, help="Exit 1 on warnings."),
+    redact: Optional[Path] = typer.Option(None, "--redact", help="Write a copy with PII replaced by [EMAIL], [PHONE], ..."),
+    format: str = FormatOption,
+    input_col: Optional[str] = InputColOption,
+    output_col: Optional[str] = OutputColOption,
+    system: Optional[str] = SystemOption,
+) -> int:
+    """Report every problem of a data file with its line and fix (exit 2 on errors)."""
+    from tunesmith.check import check_file, render_report
+
+    report = check_file(
+        file, format=format, input_col=input_col, output_col=output_col, system_prompt=system, model=model,
+        max_length=max_length, eval_path=eval_file, near_dup_threshold=near_dup_threshold, redact_path=redact,
+    )
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        render_report(report, console)
+    return report.exit_code(strict)
+
+
+@data_app.command("convert")
+def data_convert(
+    src: Path = typer.Argument(..., help="Input data file (any supported format)."),
+    dst: Path = typer.Argument(..., help="Output: canonical OpenAI chat JSONL."),
+    format: str = FormatOption,
+    input_col: Optional[str] = InputColOption,
+    output_col: Optional[str] = OutputColOption,
+    system: Optional[str] = SystemOption,
+) -> None:
+    """Convert any supported format to OpenAI chat JSONL."""
+    from tunesmith.data import convert
+
+    count = convert(src, dst, format, input_col, output_col, system)
+    console.print(f"wrote {count} conversations to {dst}")
+
+
+@data_app.command("split")
+def data_split(
+    file: Path = typer.Argument(..., help="Data file (any supported format)."),
+    out: Path = typer.Option(..., "--out", help="Folder for train.jsonl and eval.jsonl."),
+    eval_fraction: float = typer.Option(0.15, "--eval-fraction", min=0.0, max=0.99, help="Share held out (0.1-0.2 advised)."),
+    seed: int = typer.Option(0, help="Seed of the split (same seed, same split)."),
+    format: str = FormatOption,
+    input_col: Optional[str] = InputColOption,
+    output_col: Optional[str] = OutputColOption,
+    system: Optional[str] = SystemOption,
+) -> None:
+    """Deterministic train/eval split, stratified by label, no input on both sides."""
+    from tunesmith.data import split_file
+
+    train_path, eval_path, n_train, n_eval = split_file(file, out, eval_fraction, seed, format, input_col, output_col, system)
+    console.print(f"wrote {n_train} examples to {train_path} and {n_eval} to {eval_path}")
+
+
+@app.command()
+def advise(
+    file: Path = typer.Argument(..., help="Data file (any supported format)."),
+    task: Optional[str] = typer.Option(None, help='What the model should do, e.g. "route support tickets".'),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    format: str = FormatOption,
+    input_col: Optional[str] = InputColOption,
+    output_col: Optional[str] = OutputColOption,
+    system: Optional[str] = SystemOption,
+) -> None:
+    """When to fine-tune, and when not: a recommendation from the data's measured statistics."""
+    from tunesmith.check import advise_file
+
+    advice = advise_file(file, task, format=format, input_col=input_col, output_col=output_col, system_prompt=system)
+    if as_json:
+        print(json.dumps(advice.to_dict(), indent=2, ensure_ascii=False))
+        return
+    console.print(f"[bold]recommendation:[/] {advice.recommendation}")
+    console.print(f"[bold]task:[/] {advice.task_kind}")
+    for reason in advice.reasons:
+        console.print(f"  - {reason}", markup=False, highlight=False)
+
+
 @config_app.command("check")
 def config_check(
     config: Path = typer.Argument(..., help="Run config YAML."),

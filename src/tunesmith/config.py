@@ -104,6 +104,7 @@ class TrainConfig(_Closed):
         None, ge=1, description="Stop after this many evals without a better eval loss."
     )
     seed: int = Field(0, description="Seed for weights init, data order and dropout.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in the run folder (the newest ones).")
 
 
 class EvalConfig(_Closed):
@@ -122,6 +123,17 @@ class EvalConfig(_Closed):
     gates: list[str] = Field(
         default_factory=list, description='Gates such as "accuracy>=0.85"; a failure exits 3.'
     )
+    few_shot_max_tokens: int = Field(
+        1024, ge=0, description="Token budget of the few-shot examples when `few_shot_k` is null (also capped by the context)."
+    )
+    json_schema: str | None = Field(
+        None, description="JSON Schema file for json tasks, relative to the config; null: inferred from the training answers."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Inference precision. `auto`: bf16 on CUDA with bf16 and on CPUs with AMX/AVX512-BF16, else fp32."
+    )
+    bootstrap_samples: int = Field(1000, ge=10, description="Bootstrap resamples for intervals and paired tests.")
+    seed: int = Field(0, description="Seed of the few-shot choice and of the bootstrap.")
 
 
 class ExportConfig(_Closed):

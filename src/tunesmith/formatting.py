@@ -161,6 +161,11 @@ def tokenize_conversation(
                 problems.append("end_of_turn_not_trained")
                 break
 
+    # Nothing predicts the first token, so it is never trained (and in a packed row it must not
+    # be predicted from the previous example).
+    if labels:
+        labels[0] = IGNORE_INDEX
+
     # 4. Drop the untrained tail (the newline after the last end-of-turn): it predicts nothing.
     last = max((t for t, label in enumerate(labels) if label != IGNORE_INDEX), default=-1)
     input_ids, labels = input_ids[: last + 1], labels[: last + 1]

@@ -39,6 +39,8 @@ class Conversation:
 
     messages: list[Message]
     source_line: int | None = None
+    # Top-level OpenAI fields carried through untouched (tools, parallel_tool_calls).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prompt_messages(self) -> list[Message]:
@@ -64,7 +66,7 @@ class Conversation:
         return None
 
     def to_openai(self) -> dict[str, Any]:
-        return {"messages": [m.to_openai() for m in self.messages]}
+        return {"messages": [m.to_openai() for m in self.messages], **self.extra}
 
     @classmethod
     def from_openai(cls, record: dict[str, Any], source_line: int | None = None) -> "Conversation":

@@ -1,0 +1,1076 @@
+"""`tunesmith data check` and `tunesmith advise`: every problem of a data file, at once.
+
+The check streams the file once. Per-row problems (format, roles, weights) come from the
+readers in `data.py`, each with its line. Everything that needs the whole file (duplicates,
+conflicting answers, near-duplicates, leakage, label balance) is kept as fixed-size numbers per
+row in compact arrays and worked out with numpy at the end: a million rows stay well under a
+GiB. Token counts only run with a model, because loading its tokenizer costs seconds.
+
+`advise` turns the same statistics into "fine-tune, prompt, or retrieve" with its reasons.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+import time
+import zlib
+from array import array
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunesmith.data import (
+    LABEL_MAX_DISTINCT,
+    conversation_line,
+    is_closed_label_set,
+    normalize_text,
+    open_source,
+)
+from tunesmith.errors import UserError
+from tunesmith.schema import Conversation, Message
+
+# OpenAI refuses fewer than 10 examples; the guide's sizes for advice.
+MIN_EXAMPLES = 10
+FEW_EXAMPLES = 300  # "fewer than a few hundred good examples: prompt engineering first"
+SWEET_SPOT = (500, 5000)
+IMBALANCE_RATIO = 10.0  # largest label / smallest label above which the set is called imbalanced
+# Findings kept per code (their count is always exact): a file broken on every line stays small.
+MAX_FINDINGS_PER_CODE = 1000
+
+# MinHash: 64 permutations, the low 16 bits of each minimum kept (b-bit MinHash). LSH bands of
+# 4 rows (16 bands) for high thresholds; narrower bands find the less similar pairs low
+# thresholds ask for (see `rows_per_band`).
+MINHASH_PERMUTATIONS = 64
+MINHASH_BATCH = 2048
+_rng = np.random.default_rng(20240601)
+_MINHASH_A = (_rng.integers(1, 2**63, MINHASH_PERMUTATIONS, dtype=np.uint64) * np.uint64(2) + np.uint64(1))
+_MINHASH_B = _rng.integers(0, 2**63, MINHASH_PERMUTATIONS, dtype=np.uint64)
+_WORD = re.compile(r"\w+")
+
+FIXES = {
+    "too_few_examples": f"collect at least {MIN_EXAMPLES} examples (OpenAI's minimum); a few hundred reviewed ones to fine-tune well",
+    "small_dataset": "start with prompt engineering (few-shot with these examples); fine-tune once you have 500+ reviewed examples",
+    "duplicate": "remove the repeated example: duplicates weigh it double in training",
+    "near_duplicate": "review the pair: keep one, or make them differ where it matters",
+    "conflicting_outputs": "make the answers agree, or add the context that decides between them",
+    "eval_leakage": "remove these inputs from the eval file (or from training): the score would measure memory",
+    "eval_unreadable": "run `tunesmith data check` on the eval file and fix it",
+    "over_max_length": "shorten the example, raise --max-length, or allow truncation knowing the dropped tokens",
+    "template_error": "fix the conversation so the model's chat template accepts it (often: roles must alternate)",
+    "label_imbalance": "collect more examples of the rare labels, or accept a model biased to the frequent ones",
+    "rare_label": "add examples of this label (at least ~10), or merge it into another",
+    "invalid_json_output": "fix the answer so it parses as JSON: the model will learn the broken format",
+    "pii": "remove or mask personal data before training: write a redacted copy with --redact OUT",
+    "unreadable": "",
+}
+
+
+@dataclass
+class Finding:
+    """One problem: its code, severity, what is wrong, how to fix it, and where (1-based lines)."""
+
+    code: str
+    severity: str
+    message: str
+    fix: str
+    line: int | None = None
+    related_lines: list[int] = field(default_factory=list)
+
+
+@dataclass
+class CheckReport:
+    path: str
+    format: str | None
+    rows: int
+    examples: int
+    errors: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # exact count per code, even past the cap
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def error_count(self) -> int:
+        return sum(n for code, n in self.counts.items() if self._severity.get(code) == "error")
+
+    @property
+    def warning_count(self) -> int:
+        return sum(n for code, n in self.counts.items() if self._severity.get(code) == "warning")
+
+    @property
+    def _severity(self) -> dict[str, str]:
+        return {f.code: f.severity for f in self.errors + self.warnings}
+
+    def exit_code(self, strict: bool = False) -> int:
+        """0 clean, 2 on errors, 1 on warnings when strict."""
+        if self.errors:
+            return 2
+        return 1 if strict and self.warnings else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "rows": self.rows,
+            "examples": self.examples,
+            "error_count": self.error_count,
+            "warning_count": self.warning_count,
+            "counts": self.counts,
+            "errors": [asdict(f) for f in self.errors],
+            "warnings": [asdict(f) for f in self.warnings],
+            "stats": self.stats,
+        }
+
+
+class _Findings:
+    """Collects findings, keeping at most MAX_FINDINGS_PER_CODE per code but counting all."""
+
+    def __init__(self, cap: int = MAX_FINDINGS_PER_CODE):
+        self.cap = cap
+        self.items: list[Finding] = []
+        self.counts: Counter[str] = Counter()
+
+    def add(self, code: str, severity: str, message: str, fix: str, line: int | None = None, related=(), count: int = 1):
+        self.counts[code] += count
+        if self.counts[code] - count < self.cap:
+            self.items.append(Finding(code, severity, message, fix, line, list(related)))
+
+
+# --------------------------------------------------------------------------------------------
+# PII: patterns, validators, redaction
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def iban_valid(text: str) -> bool:
+    """ISO 13616 mod-97 check: move the first four characters to the end, letters to 10..35."""
+    iban = text.replace(" ", "").upper()
+    if not 15 <= len(iban) <= 34 or not iban[:2].isalpha() or not iban[2:4].isdigit():
+        return False
+    rearranged = iban[4:] + iban[:4]
+    number = "".join(str(int(ch, 36)) for ch in rearranged)
+    return int(number) % 97 == 1
+
+
+def _digits(text: str) -> str:
+    return "".join(ch for ch in text if ch.isdigit())
+
+
+def _ip_v4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _ip_v6(text: str) -> bool:
+    if sum(1 for part in text.split(":") if part) < 3:
+        return False  # "::1", "a::b": too short to be someone's address, too likely to be code
+    try:
+        ipaddress.IPv6Address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _phone(text: str) -> bool:
+    n = len(_digits(text))
+    return 8 <= n <= 15 if text.startswith("+") else 10 <= n <= 15
+
+
+# (kind, placeholder, pattern, validator). Order matters: a span claimed by an earlier kind is
+# not matched again (a card number is not also a phone number).
+PII_PATTERNS: list[tuple[str, str, re.Pattern, Any]] = [
+    ("private_key", "[PRIVATE_KEY]", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----(?:.|\n)*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"), None),
+    (
+        "api_key",
+        "[API_KEY]",
+        re.compile(
+            r"\bsk-(?:proj-|ant-|live-|test-)?[A-Za-z0-9_-]{20,}"
+            r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"
+            r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b"
+            r"|\bgithub_pat_[A-Za-z0-9_]{22,}"
+            r"|\bxox[abprs]-[A-Za-z0-9-]{10,}"
+            r"|\bAIza[0-9A-Za-z_-]{35}"
+            r"|\bhf_[A-Za-z0-9]{30,}\b"
+        ),
+        None,
+    ),
+    ("bearer_token", "[TOKEN]", re.compile(r"(?<=[Bb]earer )[A-Za-z0-9._~+/-]{16,}=*"), None),
+    ("email", "[EMAIL]", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), None),
+    ("iban", "[IBAN]", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"), iban_valid),
+    ("credit_card", "[CREDIT_CARD]", re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])"), lambda t: luhn_valid(_digits(t))),
+    ("ssn", "[SSN]", re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"), None),
+    ("ipv6", "[IP_ADDRESS]", re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])"), _ip_v6),
+    ("ipv4", "[IP_ADDRESS]", re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])"), _ip_v4),
+    (
+        "phone",
+        "[PHONE]",
+        re.compile(
+            r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,6}(?!\w)"
+            r"|(?<![\w(])\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\w)"
+            r"|(?<!\w)0\d{9,10}(?!\w)"
+            r"|(?<!\w)0\d{2,4}[ -]\d{3,4}[ -]?\d{3,4}(?!\w)"
+        ),
+        _phone,
+    ),
+]
+PII_KINDS = [kind for kind, *_ in PII_PATTERNS]
+# Characters without which no pattern can match: most texts skip the regexes entirely.
+_PII_HINT = re.compile(r"[\d@]|sk-|AKIA|ASIA|gh[pousr]_|github_pat_|xox|AIza|hf_|PRIVATE KEY|[Bb]earer ")
+
+
+def find_pii(text: str) -> list[tuple[int, int, str]]:
+    """Non-overlapping (start, end, kind) spans of personal data and secrets in `text`."""
+    if not _PII_HINT.search(text):
+        return []
+    spans: list[tuple[int, int, str]] = []
+    for kind, _, pattern, validator in PII_PATTERNS:
+        for m in pattern.finditer(text):
+            start, end = m.span()
+            if start == end or any(start < e and s < end for s, e, _ in spans):
+                continue
+            if validator is not None and not validator(m.group()):
+                continue
+            spans.append((start, end, kind))
+    return sorted(spans)
+
+
+PLACEHOLDERS = {kind: placeholder for kind, placeholder, *_ in PII_PATTERNS}
+
+
+def redact_text(text: str, spans: list[tuple[int, int, str]] | None = None) -> str:
+    spans = find_pii(text) if spans is None else spans
+    for start, end, kind in reversed(spans):
+        text = text[:start] + PLACEHOLDERS[kind] + text[end:]
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Hashes and MinHash
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def _conversation_key(conv: Conversation) -> str:
+    return json.dumps(conv.to_openai(), ensure_ascii=False, sort_keys=True)
+
+
+def _prompt_key(conv: Conversation) -> str:
+    return "\x1e".join(f"{m.role}\x1f{normalize_text(m.content)}" for m in conv.prompt_messages)
+
+
+def _dedup_text(conv: Conversation) -> str:
+    """What near-duplicates compare: every non-system turn (a shared system prompt is not content)."""
+    return "\n".join(m.content for m in conv.messages if m.role != "system")
+
+
+def minhash_signatures(texts: list[str]) -> np.ndarray:
+    """(len(texts), 64) uint16 b-bit MinHash signatures over word 3-gram shingles.
+
+    A text with fewer than three words is one shingle; an empty text gets all-0xFFFF (and is
+    never called a near-duplicate). Words are hashed with crc32, shingles combined in numpy,
+    and rows processed in chunks of bounded shingle count, so long documents stay small.
+    """
+    out = np.full((len(texts), MINHASH_PERMUTATIONS), 0xFFFF, dtype=np.uint16)
+    chunk_rows: list[int] = []
+    chunk_hashes: list[list[int]] = []
+    chunk_words = 0
+    for i, text in enumerate(texts):
+        words = _WORD.findall(text.casefold())
+        if not words:
+            continue
+        chunk_rows.append(i)
+        chunk_hashes.append([zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in words])
+        chunk_words += len(words)
+        if chunk_words >= 32768:
+            out[chunk_rows] = _signatures(chunk_hashes)
+            chunk_rows, chunk_hashes, chunk_words = [], [], 0
+    if chunk_rows:
+        out[chunk_rows] = _signatures(chunk_hashes)
+    return out
+
+
+def _signatures(rows_word_hashes: list[list[int]]) -> np.ndarray:
+    """MinHash of rows given as lists of word hashes (each row non-empty)."""
+    lengths = np.fromiter((len(r) for r in rows_word_hashes), dtype=np.int64, count=len(rows_word_hashes))
+    wh = np.fromiter((h for r in rows_word_hashes for h in r), dtype=np.uint64, count=int(lengths.sum()))
+    starts = np.cumsum(lengths) - lengths
+    # One shingle per window of three words; a row shorter than three words is one shingle.
+    counts = np.maximum(lengths - 2, 1)
+    row_of = np.repeat(np.arange(len(lengths)), counts)
+    p = np.repeat(starts, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+    end = np.repeat(starts + lengths, counts)
+    golden, mix = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)
+    with np.errstate(over="ignore"):
+        h = wh[p] * golden
+        second = p + 1 < end
+        h[second] += wh[np.minimum(p + 1, len(wh) - 1)][second] * mix
+        third = p + 2 < end
+        h[third] += wh[np.minimum(p + 2, len(wh) - 1)][third]
+        permuted = _MINHASH_A[:, None] * h[None, :] + _MINHASH_B[:, None]
+    seg_starts = np.cumsum(counts) - counts
+    del row_of
+    mins = np.minimum.reduceat(permuted, seg_starts, axis=1)  # (64, rows)
+    return (mins & np.uint64(0xFFFF)).astype(np.uint16).T
+
+
+def rows_per_band(threshold: float) -> int:
+    """Rows per LSH band: a pair of similarity s becomes a candidate with 1-(1-s^r)^(64/r)."""
+    return 4 if threshold >= 0.75 else 2 if threshold >= 0.4 else 1
+
+
+def _band_keys(signatures: np.ndarray, band: int, rows_per_band: int) -> np.ndarray:
+    part = signatures[:, band * rows_per_band : (band + 1) * rows_per_band].astype(np.uint64)
+    key = np.zeros(len(signatures), dtype=np.uint64)
+    for j in range(rows_per_band):
+        key = (key << np.uint64(16)) | part[:, j]
+    return key
+
+
+def near_duplicates(signatures: np.ndarray, eligible: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, an earlier row with estimated Jaccard >= threshold (-1 if none), and the estimate.
+
+    LSH banding proposes candidates (rows sharing a band with the first row of the bucket);
+    the signatures' agreement estimates the similarity.
+    """
+    n = len(signatures)
+    match = np.full(n, -1, dtype=np.int64)
+    similarity = np.zeros(n, dtype=np.float32)
+    index = np.nonzero(eligible)[0]
+    if len(index) < 2:
+        return match, similarity
+    sig = signatures[index]
+    r = rows_per_band(threshold)
+    for band in range(MINHASH_PERMUTATIONS // r):
+        keys = _band_keys(sig, band, r)
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
+        group_first = order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))]
+        candidates = np.nonzero(~starts)[0]
+        if not len(candidates):
+            continue
+        member, first = order[candidates], group_first[candidates]
+        open_ = match[index[member]] < 0
+        member, first = member[open_], first[open_]
+        for chunk in range(0, len(member), 65536):
+            m, f = member[chunk : chunk + 65536], first[chunk : chunk + 65536]
+            agree = (sig[m] == sig[f]).mean(axis=1)
+            hit = agree >= threshold
+            match[index[m[hit]]] = index[f[hit]]
+            similarity[index[m[hit]]] = agree[hit]
+    return match, similarity
+
+
+def _percentiles(values: np.ndarray) -> dict[str, float] | None:
+    if not len(values):
+        return None
+    p10, median, p90 = np.percentile(values, [10, 50, 90])
+    return {
+        "min": int(values.min()),
+        "p10": float(p10),
+        "median": float(median),
+        "p90": float(p90),
+        "max": int(values.max()),
+        "mean": float(values.mean()),
+    }
+
+
+def _json_answer(text: str) -> tuple[bool, Any]:
+    """(looks like JSON, parsed value or None). Code fences around JSON are accepted."""
+    body = text.strip()
+    if body.startswith("```"):
+        body = body.strip("`")
+        body = body[4:] if body.lower().startswith("json") else body
+        body = body.strip()
+    if not body or body[0] not in "{[":
+        return False, None
+    try:
+        return True, json.loads(body)
+    except ValueError:
+        return True, None
+
+
+def size_advice(examples: int) -> str:
+    if examples < MIN_EXAMPLES:
+        return f"{examples} examples: too few to fine-tune (OpenAI requires {MIN_EXAMPLES}); use prompt engineering"
+    if examples < FEW_EXAMPLES:
+        return f"{examples} examples: fewer than a few hundred; try prompt engineering (few-shot) first"
+    if examples < SWEET_SPOT[0]:
+        return f"{examples} examples: enough to try LoRA; {SWEET_SPOT[0]:,}-{SWEET_SPOT[1]:,} reviewed examples is the sweet spot"
+    if examples <= SWEET_SPOT[1]:
+        return f"{examples} examples: the sweet spot ({SWEET_SPOT[0]:,}-{SWEET_SPOT[1]:,} reviewed examples)"
+    return f"{examples} examples: more than the sweet spot; quality beats quantity, review a sample"
+
+
+# --------------------------------------------------------------------------------------------
+# Token counts through the model's chat template
+
+
+class _TokenCounter:
+    """Counts total / prompt / answer tokens per example, rendering in batches for speed."""
+
+    def __init__(self, tokenizer, findings: _Findings, batch: int = 256):
+        self.tokenizer = tokenizer
+        self.findings = findings
+        self.batch = batch
+        self.pending: list[tuple[int, Conversation]] = []
+        self.total, self.prompt, self.answer = array("I"), array("I"), array("I")
+        self.lines = array("I")
+
+    @staticmethod
+    def _messages(messages: list[Message]) -> list[dict[str, Any]]:
+        out = []
+        for m in messages:
+            d: dict[str, Any] = {"role": m.role, "content": m.content}
+            if "tool_calls" in m.extra:
+                d["tool_calls"] = m.extra["tool_calls"]
+            out.append(d)
+        return out
+
+    def add(self, line: int, conv: Conversation) -> None:
+        self.pending.append((line, conv))
+        if len(self.pending) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        full_texts, prompt_texts, lines = [], [], []
+        for line, conv in self.pending:
+            try:
+                full = self.tokenizer.apply_chat_template(self._messages(conv.messages), tokenize=False)
+                prompt = self.tokenizer.apply_chat_template(
+                    self._messages(conv.prompt_messages), tokenize=False, add_generation_prompt=True
+                )
+            except Exception as e:  # jinja raises from inside the template; the template is data here
+                self.findings.add("template_error", "error", f"the chat template refuses this example ({e})", FIXES["template_error"], line)
+                continue
+            full_texts.append(full)
+            prompt_texts.append(prompt)
+            lines.append(line)
+        self.pending = []
+        if not full_texts:
+            return
+        full_ids = self.tokenizer(full_texts, add_special_tokens=False)["input_ids"]
+        prompt_ids = self.tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
+        for line, f, p in zip(lines, full_ids, prompt_ids):
+            total, prompt = len(f), min(len(p), len(f))
+            self.total.append(total)
+            self.prompt.append(prompt)
+            self.answer.append(total - prompt)
+            self.lines.append(line)
+
+
+# --------------------------------------------------------------------------------------------
+# The check
+
+
+def _read_eval(path: Path, format: str, input_col, output_col, system_prompt, want_signatures: bool):
+    """Input hashes (and input signatures) of an eval file, with lines; count of unreadable rows."""
+    _, rows = open_source(path, format, input_col, output_col, system_prompt)
+    hashes, lines, texts, signatures = array("Q"), array("I"), [], []
+    bad = 0
+    for row in rows:
+        if row.conversation is None or any(p.severity == "error" for p in row.problems):
+            bad += 1
+            continue
+        hashes.append(_hash64(normalize_text(row.conversation.input_text)))
+        lines.append(row.line)
+        if want_signatures:
+            texts.append(row.conversation.input_text)
+            if len(texts) >= MINHASH_BATCH:
+                signatures.append(minhash_signatures(texts))
+                texts = []
+    if want_signatures and texts:
+        signatures.append(minhash_signatures(texts))
+    sig = np.concatenate(signatures) if signatures else np.zeros((0, MINHASH_PERMUTATIONS), dtype=np.uint16)
+    return np.frombuffer(hashes, dtype=np.uint64), np.frombuffer(lines, dtype=np.uint32), sig, bad
+
+
+def check_file(
+    path: str | Path,
+    *,
+    format: str = "auto",
+    input_col: str | None = None,
+    output_col: str | None = None,
+    system_prompt: str | None = None,
+    model: str | None = None,
+    max_length: int | None = None,
+    eval_path: str | Path | None = None,
+    near_dup_threshold: float = 0.9,
+    redact_path: str | Path | None = None,
+    tokenizer: Any = None,
+) -> CheckReport:
+    """Check a data file and return every problem found, with lines and fixes.
+
+    Never raises for a bad file: an unreadable one is a report with one error. `tokenizer` may
+    be passed instead of `model` by a caller that already holds one.
+    """
+    from tunesmith.artifacts import atomic_path
+
+    if not 0.0 < near_dup_threshold <= 1.0:
+        raise UserError(f"near-duplicate threshold {near_dup_threshold} is outside (0, 1]", "use e.g. 0.9")
+    started = time.perf_counter()
+    path = Path(path)
+    findings = _Findings()
+    report = CheckReport(path=str(path), format=None, rows=0, examples=0)
+    try:
+        source, rows = open_source(path, format, input_col, output_col, system_prompt)
+    except UserError as e:
+        findings.add("unreadable", "error", e.message, e.hint or "", None)
+        return _finish(report, findings, started)
+    report.format = source.format
+    if source.input_col:
+        report.stats["columns"] = {"input": source.input_col, "output": source.output_col}
+    if tokenizer is None and model is not None:
+        from tunesmith.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+    counter = _TokenCounter(tokenizer, findings) if tokenizer is not None else None
+
+    # Per-example numbers, in compact arrays: this is what keeps a million rows small.
+    lines, conv_hash, prompt_hash, target_hash, input_hash = array("I"), array("Q"), array("Q"), array("Q"), array("Q")
+    input_words, answer_words, overlap = array("I"), array("I"), array("f")
+    signature_batches: list[np.ndarray] = []
+    input_signature_batches: list[np.ndarray] = []
+    dedup_texts: list[str] = []
+    input_texts: list[str] = []
+    want_input_signatures = eval_path is not None
+    labels: Counter[str] | None = Counter()
+    json_like = json_ok = questions = multi_turn = 0
+    key_sets: Counter[str] = Counter()
+    pii_counts: Counter[str] = Counter()
+    pii_lines: dict[str, list[int]] = {}
+    # Contents that repeat on every row (a system prompt) are scanned once.
+    pii_cache: dict[str, list[tuple[int, int, str]]] = {}
+    redacted_rows = 0
+
+    def consume(out) -> None:
+        nonlocal json_like, json_ok, questions, multi_turn, labels, redacted_rows
+        for row in rows:
+            report.rows += 1
+            for p in row.problems:
+                findings.add(p.code, p.severity, p.message, p.fix, p.line)
+            conv = row.conversation
+            if conv is None or any(p.severity == "error" for p in row.problems):
+                continue
+            report.examples += 1
+            line = row.line
+            lines.append(line)
+            conv_hash.append(_hash64(_conversation_key(conv)))
+            prompt_hash.append(_hash64(_prompt_key(conv)))
+            target = (conv.target or "").strip()
+            target_hash.append(_hash64(target))
+            user_text = conv.input_text
+            dedup_texts.append(_dedup_text(conv))
+            if len(dedup_texts) >= MINHASH_BATCH:
+                signature_batches.append(minhash_signatures(dedup_texts))
+                dedup_texts.clear()
+            if want_input_signatures:
+                input_hash.append(_hash64(normalize_text(user_text)))
+                input_texts.append(user_text)
+                if len(input_texts) >= MINHASH_BATCH:
+                    input_signature_batches.append(minhash_signatures(input_texts))
+                    input_texts.clear()
+
+            # Shape of the task, for the label check and for `advise`.
+            if labels is not None:
+                labels[target] += 1
+                if len(labels) > LABEL_MAX_DISTINCT:
+                    labels = None
+            looks_json, parsed = _json_answer(target)
+            if looks_json:
+                json_like += 1
+                if parsed is None:
+                    findings.add(
+                        "invalid_json_output", "warning", "the answer looks like JSON but does not parse",
+                        FIXES["invalid_json_output"], line,
+                    )
+                else:
+                    json_ok += 1
+                    if isinstance(parsed, dict) and len(key_sets) < 1000:
+                        key_sets[",".join(sorted(parsed))] += 1
+            prompt_words = _WORD.findall(user_text.casefold())
+            target_words = _WORD.findall(target.casefold())
+            input_words.append(len(prompt_words))
+            answer_words.append(len(target_words))
+            if target_words:
+                prompt_set = set(prompt_words)
+                overlap.append(sum(w in prompt_set for w in target_words) / len(target_words))
+            else:
+                overlap.append(0.0)
+            if "?" in user_text:
+                questions += 1
+            if sum(m.role == "user" for m in conv.messages) > 1:
+                multi_turn += 1
+
+            # PII, and the redacted copy.
+            redacted_messages = []
+            for m in conv.messages:
+                spans = pii_cache.get(m.content)
+                if spans is None:
+                    spans = find_pii(m.content)
+                    if m.role == "system" and len(pii_cache) < 1000:
+                        pii_cache[m.content] = spans
+                for _, _, kind in spans:
+                    pii_counts[kind] += 1
+                    seen = pii_lines.setdefault(kind, [])
+                    if len(seen) < 20 and (not seen or seen[-1] != line):
+                        seen.append(line)
+                if out is not None:
+                    redacted_messages.append(
+                        Message(m.role, redact_text(m.content, spans) if spans else m.content, m.weight, m.name, m.extra)
+                    )
+            if out is not None:
+                out.write(conversation_line(Conversation(redacted_messages, conv.source_line, conv.extra)) + "\n")
+                redacted_rows += 1
+
+            if counter is not None:
+                counter.add(line, conv)
+
+    try:
+        if redact_path is not None:
+            with atomic_path(Path(redact_path)) as tmp, open(tmp, "w", encoding="utf-8") as out:
+                consume(out)
+            report.stats["redacted"] = {"path": str(redact_path), "examples": redacted_rows, "skipped_rows": report.rows - redacted_rows}
+        else:
+            consume(None)
+    except UserError as e:
+        # A reader that cannot go on (a JSON array with a bad byte, a corrupt Parquet page):
+        # report it with what was read so far.
+        findings.add("unreadable", "error", e.message, e.hint or "", None)
+    if dedup_texts:
+        signature_batches.append(minhash_signatures(dedup_texts))
+    if input_texts:
+        input_signature_batches.append(minhash_signatures(input_texts))
+    if counter is not None:
+        counter.flush()
+
+    n = report.examples
+    line_arr = np.frombuffer(lines, dtype=np.uint32) if n else np.zeros(0, dtype=np.uint32)
+
+    # Size.
+    report.stats["size_advice"] = size_advice(n)
+    if n < MIN_EXAMPLES:
+        findings.add("too_few_examples", "error", f"only {n} valid examples (at least {MIN_EXAMPLES} needed)", FIXES["too_few_examples"])
+    elif n < FEW_EXAMPLES:
+        findings.add("small_dataset", "warning", f"{n} examples: fewer than a few hundred", FIXES["small_dataset"])
+
+    # Exact duplicates: stable sort by hash, every non-first member of a run repeats the first.
+    dup_first = np.full(n, -1, dtype=np.int64)
+    if n:
+        h = np.frombuffer(conv_hash, dtype=np.uint64)
+        order = np.argsort(h, kind="stable")
+        sh = h[order]
+        starts = np.r_[True, sh[1:] != sh[:-1]]
+        first_pos = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+        dups = np.nonzero(~starts)[0]
+        dup_first[order[dups]] = order[first_pos[dups]]
+        for i in np.sort(order[dups]):
+            findings.add("duplicate", "warning", f"repeats line {line_arr[dup_first[i]]} exactly", FIXES["duplicate"], int(line_arr[i]), [int(line_arr[dup_first[i]])])
+    report.stats["exact_duplicates"] = int((dup_first >= 0).sum())
+
+    # Same prompt, different answers.
+    conflicts = 0
+    if n:
+        ph = np.frombuffer(prompt_hash, dtype=np.uint64)
+        th = np.frombuffer(target_hash, dtype=np.uint64)
+        order = np.lexsort((np.arange(n), ph))
+        sp = ph[order]
+        starts = np.nonzero(np.r_[True, sp[1:] != sp[:-1]])[0]
+        ends = np.r_[starts[1:], n]
+        for s, e in zip(starts, ends):
+            if e - s > 1 and len(np.unique(th[order[s:e]])) > 1:
+                conflicts += 1
+                members = sorted(int(line_arr[i]) for i in order[s:e])
+                answers = len(np.unique(th[order[s:e]]))
+                findings.add(
+                    "conflicting_outputs", "warning",
+                    f"the same prompt appears on {e - s} lines with {answers} different answers",
+                    FIXES["conflicting_outputs"], members[0], members[1:21],
+                )
+    report.stats["conflicting_inputs"] = conflicts
+
+    # Near-duplicates (exact duplicates and empty texts excluded: they are reported otherwise).
+    signatures = np.concatenate(signature_batches) if signature_batches else np.zeros((0, MINHASH_PERMUTATIONS), np.uint16)
+    eligible = (dup_first < 0) & ~(signatures == 0xFFFF).all(axis=1) if n else np.zeros(0, bool)
+    match, similarity = near_duplicates(signatures, eligible, near_dup_threshold)
+    near = np.nonzero(match >= 0)[0]
+    for i in near:
+        findings.add(
+            "near_duplicate", "warning",
+            f"near-duplicate of line {line_arr[match[i]]} (estimated similarity {similarity[i]:.2f})",
+            FIXES["near_duplicate"], int(line_arr[i]), [int(line_arr[match[i]])],
+        )
+    report.stats["near_duplicates"] = {"count": int(len(near)), "threshold": near_dup_threshold}
+
+    # Labels.
+    if labels is not None and is_closed_label_set(len(labels), n):
+        counts = dict(labels.most_common())
+        ratio = max(counts.values()) / min(counts.values())
+        report.stats["labels"] = {"distinct": len(counts), "counts": counts, "imbalance_ratio": round(ratio, 2)}
+        if ratio >= IMBALANCE_RATIO:
+            top, bottom = next(iter(counts)), list(counts)[-1]
+            findings.add(
+                "label_imbalance", "warning",
+                f"labels are imbalanced: {top!r} has {counts[top]} examples, {bottom!r} {counts[bottom]} ({ratio:.0f}x)",
+                FIXES["label_imbalance"],
+            )
+        for label, count in counts.items():
+            if count < 5 and n >= 100:
+                findings.add("rare_label", "warning", f"label {label!r} has only {count} example(s)", FIXES["rare_label"])
+    else:
+        report.stats["labels"] = None
+
+    # Shape of inputs and answers.
+    report.stats["shape"] = {
+        "input_words": _percentiles(np.frombuffer(input_words, dtype=np.uint32)) if n else None,
+        "answer_words": _percentiles(np.frombuffer(answer_words, dtype=np.uint32)) if n else None,
+        "answer_overlap_with_prompt_median": float(np.median(np.frombuffer(overlap, dtype=np.float32))) if n else None,
+        "question_share": questions / n if n else 0.0,
+        "multi_turn_share": multi_turn / n if n else 0.0,
+        "json_answer_share": json_like / n if n else 0.0,
+        "json_parse_share": json_ok / json_like if json_like else None,
+        "json_top_keys_share": key_sets.most_common(1)[0][1] / json_ok if key_sets and json_ok else None,
+    }
+
+    # PII.
+    report.stats["pii"] = dict(pii_counts)
+    for kind in PII_KINDS:
+        if pii_counts.get(kind):
+            where = pii_lines[kind]
+            findings.add(
+                "pii", "warning", f"{pii_counts[kind]} {kind.replace('_', ' ')} match(es)",
+                FIXES["pii"], where[0], where[1:],
+            )
+
+    # Tokens.
+    if counter is not None:
+        total = np.frombuffer(counter.total, dtype=np.uint32).astype(np.int64)
+        prompt = np.frombuffer(counter.prompt, dtype=np.uint32).astype(np.int64)
+        answer = np.frombuffer(counter.answer, dtype=np.uint32).astype(np.int64)
+        token_stats: dict[str, Any] = {
+            "model": model or getattr(tokenizer, "name_or_path", None),
+            "total": _percentiles(total),
+            "prompt": _percentiles(prompt),
+            "assistant": _percentiles(answer),
+            "total_tokens": int(total.sum()),
+            "assistant_tokens": int(answer.sum()),
+        }
+        if max_length is not None:
+            over = np.nonzero(total > max_length)[0]
+            dropped = np.minimum(total[over] - max_length, answer[over])
+            token_stats.update(
+                max_length=max_length,
+                over_max_length=int(len(over)),
+                dropped_assistant_tokens=int(dropped.sum()),
+                examples_losing_whole_answer=int((prompt[over] >= max_length).sum()),
+            )
+            token_lines = np.frombuffer(counter.lines, dtype=np.uint32)
+            for i, d in zip(over, dropped):
+                whole = " (the whole answer)" if prompt[i] >= max_length else ""
+                findings.add(
+                    "over_max_length", "warning",
+                    f"{total[i]} tokens > max length {max_length}: truncation drops {d} of {answer[i]} answer tokens{whole}",
+                    FIXES["over_max_length"], int(token_lines[i]),
+                )
+        report.stats["tokens"] = token_stats
+    elif max_length is not None:
+        report.stats["tokens"] = {"note": "pass --model to count tokens against --max-length"}
+
+    # Leakage between this file and the eval file.
+    if eval_path is not None:
+        try:
+            eval_hash, eval_lines, eval_sig, eval_bad = _read_eval(
+                Path(eval_path), format, input_col, output_col, system_prompt, True
+            )
+        except UserError as e:
+            findings.add("eval_unreadable", "error", f"eval file: {e.message}", e.hint or FIXES["eval_unreadable"])
+        else:
+            if eval_bad:
+                findings.add("eval_unreadable", "warning", f"eval file: {eval_bad} row(s) with problems were skipped", FIXES["eval_unreadable"])
+            report.stats["leakage"] = _leakage(
+                findings, np.frombuffer(input_hash, dtype=np.uint64), line_arr,
+                np.concatenate(input_signature_batches) if input_signature_batches else np.zeros((0, MINHASH_PERMUTATIONS), np.uint16),
+                eval_hash, eval_lines, eval_sig, near_dup_threshold, str(eval_path),
+            )
+    return _finish(report, findings, started)
+
+
+def _leakage(findings, train_hash, train_lines, train_sig, eval_hash, eval_lines, eval_sig, threshold, eval_name) -> dict:
+    """Eval examples whose input is in training, exactly or nearly."""
+    exact = 0
+    leaked = np.zeros(len(eval_hash), dtype=bool)
+    if len(train_hash) and len(eval_hash):
+        order = np.argsort(train_hash, kind="stable")
+        pos = np.searchsorted(train_hash[order], eval_hash)
+        pos = np.minimum(pos, len(order) - 1)
+        hit = train_hash[order][pos] == eval_hash
+        for j in np.nonzero(hit)[0]:
+            exact += 1
+            leaked[j] = True
+            findings.add(
+                "eval_leakage", "warning", f"{eval_name} line {eval_lines[j]} has the same input as line {train_lines[order[pos[j]]]}",
+                FIXES["eval_leakage"], int(train_lines[order[pos[j]]]), [int(eval_lines[j])],
+            )
+    near = 0
+    if len(train_sig) and len(eval_sig):
+        usable = ~leaked & ~(eval_sig == 0xFFFF).all(axis=1)
+        r = rows_per_band(threshold)
+        for band in range(MINHASH_PERMUTATIONS // r):
+            tk, ek = _band_keys(train_sig, band, r), _band_keys(eval_sig, band, r)
+            order = np.argsort(tk, kind="stable")
+            pos = np.minimum(np.searchsorted(tk[order], ek), len(order) - 1)
+            candidates = np.nonzero(usable & (tk[order][pos] == ek))[0]
+            for j in candidates:
+                i = order[pos[j]]
+                agree = float((train_sig[i] == eval_sig[j]).mean())
+                if agree >= threshold:
+                    near += 1
+                    usable[j] = False
+                    findings.add(
+                        "eval_leakage", "warning",
+                        f"{eval_name} line {eval_lines[j]} is a near-duplicate of line {train_lines[i]} (estimated similarity {agree:.2f})",
+                        FIXES["eval_leakage"], int(train_lines[i]), [int(eval_lines[j])],
+                    )
+    return {"eval_examples": int(len(eval_hash)), "exact": exact, "near": near}
+
+
+def _finish(report: CheckReport, findings: _Findings, started: float) -> CheckReport:
+    report.counts = dict(findings.counts)
+    report.errors = [f for f in findings.items if f.severity == "error"]
+    report.warnings = [f for f in findings.items if f.severity == "warning"]
+    report.errors.sort(key=lambda f: (f.line is None, f.line or 0))
+    report.warnings.sort(key=lambda f: (f.line is None, f.line or 0))
+    elapsed = time.perf_counter() - started
+    report.stats["rows"] = report.rows
+    report.stats["examples"] = report.examples
+    report.stats["seconds"] = round(elapsed, 3)
+    report.stats["rows_per_s"] = round(report.rows / elapsed) if elapsed > 0 else None
+    return report
+
+
+def run(cfg) -> CheckReport:
+    """The pipeline's data check: the config's train file (and eval file), report saved in the run."""
+    from tunesmith.artifacts import CHECK_REPORT_FILE, write_json_atomic
+
+    report = check_file(
+        cfg.resolve(cfg.data.train),
+        format=cfg.data.format,
+        input_col=cfg.data.input_col,
+        output_col=cfg.data.output_col,
+        system_prompt=cfg.data.system_prompt,
+        model=cfg.model.name,
+        max_length=cfg.data.max_length,
+        eval_path=cfg.resolve(cfg.data.eval),
+    )
+    write_json_atomic(cfg.run_dir / CHECK_REPORT_FILE, report.to_dict())
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# The terminal report
+
+
+def render_report(report: CheckReport, console, per_code: int = 10) -> None:
+    """Print a check report: summary, then every problem kind with its lines and fix."""
+    from rich.table import Table
+
+    stats = report.stats
+    summary = Table(show_header=False, box=None, pad_edge=False)
+    summary.add_row("file", f"{report.path} ({report.format or 'unreadable'})")
+    summary.add_row("rows / examples", f"{report.rows} / {report.examples}")
+    if stats.get("columns"):
+        summary.add_row("columns", f"input={stats['columns']['input']} output={stats['columns']['output']}")
+    summary.add_row("size", stats.get("size_advice", ""))
+    if report.examples:
+        summary.add_row("duplicates", f"{stats['exact_duplicates']} exact, {stats['near_duplicates']['count']} near "
+                        f"(>= {stats['near_duplicates']['threshold']}), {stats['conflicting_inputs']} prompts with conflicting answers")
+    if stats.get("labels"):
+        labels = stats["labels"]
+        shown = ", ".join(f"{k or '(empty)'}: {v}" for k, v in list(labels["counts"].items())[:12])
+        more = " ..." if labels["distinct"] > 12 else ""
+        summary.add_row("labels", f"{labels['distinct']} distinct ({shown}{more}); imbalance {labels['imbalance_ratio']}x")
+    shape = stats.get("shape") or {}
+    if shape.get("json_answer_share"):
+        summary.add_row("JSON answers", f"{shape['json_answer_share']:.0%} look like JSON, "
+                        f"{(shape['json_parse_share'] or 0):.0%} of those parse")
+    if stats.get("pii"):
+        summary.add_row("PII", ", ".join(f"{k}: {v}" for k, v in stats["pii"].items()))
+    tokens = stats.get("tokens")
+    if tokens and "total" in tokens and tokens["total"]:
+        for part in ("total", "prompt", "assistant"):
+            p = tokens[part]
+            summary.add_row(f"{part} tokens", f"min {p['min']}  p10 {p['p10']:.0f}  median {p['median']:.0f}  p90 {p['p90']:.0f}  max {p['max']}")
+        if "max_length" in tokens:
+            summary.add_row("max length", f"{tokens['over_max_length']} example(s) over {tokens['max_length']}; "
+                            f"truncation would drop {tokens['dropped_assistant_tokens']} answer tokens")
+    elif tokens:
+        summary.add_row("tokens", tokens.get("note", ""))
+    if stats.get("leakage"):
+        lk = stats["leakage"]
+        summary.add_row("eval leakage", f"{lk['exact']} exact, {lk['near']} near of {lk['eval_examples']} eval examples")
+    if stats.get("redacted"):
+        summary.add_row("redacted copy", f"{stats['redacted']['path']} ({stats['redacted']['examples']} examples)")
+    summary.add_row("time", f"{stats.get('seconds')} s ({stats.get('rows_per_s')} rows/s)")
+    console.print(summary)
+
+    for title, items, style in (("errors", report.errors, "red"), ("warnings", report.warnings, "yellow")):
+        if not items:
+            continue
+        by_code: dict[str, list[Finding]] = {}
+        for f in items:
+            by_code.setdefault(f.code, []).append(f)
+        total = sum(report.counts[c] for c in by_code)
+        console.print(f"\n[bold {style}]{total} {title}[/]")
+        for code, group in by_code.items():
+            console.print(f"[{style}]{code}[/] ({report.counts[code]}): fix: {group[0].fix}", highlight=False)
+            for f in group[:per_code]:
+                where = f"line {f.line}: " if f.line is not None else ""
+                console.print(f"  {where}{f.message}", markup=False, highlight=False)
+            if report.counts[code] > per_code:
+                console.print(f"  ... and {report.counts[code] - per_code} more (--json lists up to {MAX_FINDINGS_PER_CODE})")
+    if not report.errors and not report.warnings:
+        console.print("\n[green]no problems found[/]")
+
+
+# --------------------------------------------------------------------------------------------
+# advise: when to fine-tune, and when not
+
+RAG_WORDS = ("document", "docs", "knowledge base", "manual", "faq", "wiki", "pdf", "policy", "policies", "retriev", "search our")
+CLASSIFY_WORDS = ("classif", "intent", "route", "routing", "label", "categor", "sentiment", "spam", "moderat", "detect")
+JSON_WORDS = ("json", "extract", "structured", "fields", "schema", "slot")
+
+
+@dataclass
+class Advice:
+    recommendation: str  # "fine-tune with LoRA", "prompt engineering first", "RAG", "fix the data first"
+    task_kind: str  # "classification", "structured JSON", "free-form generation", "document QA"
+    reasons: list[str]
+    stats: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def task_kind(stats: dict[str, Any], task: str | None = None) -> tuple[str, list[str]]:
+    """The kind of task from measured statistics (and the user's description), with the evidence."""
+    shape = stats.get("shape") or {}
+    text = (task or "").lower()
+    reasons = []
+    input_words = (shape.get("input_words") or {}).get("median", 0)
+    overlap = shape.get("answer_overlap_with_prompt_median") or 0.0
+    questions = shape.get("question_share", 0.0)
+    if input_words >= 150 and questions >= 0.5 and overlap >= 0.5:
+        reasons.append(
+            f"prompts are long (median {input_words:.0f} words), {questions:.0%} ask a question and answers "
+            f"copy {overlap:.0%} of their words from the prompt: questions about documents"
+        )
+        return "document QA", reasons
+    if any(w in text for w in RAG_WORDS) and questions >= 0.3:
+        reasons.append(f"the task mentions documents/knowledge and {questions:.0%} of prompts are questions")
+        return "document QA", reasons
+    labels = stats.get("labels")
+    json_share = shape.get("json_answer_share", 0.0)
+    if json_share >= 0.8:
+        reasons.append(f"{json_share:.0%} of answers are JSON")
+        return "structured JSON", reasons
+    if labels:
+        reasons.append(f"answers form a closed set of {labels['distinct']} labels")
+        return "classification", reasons
+    if any(w in text for w in CLASSIFY_WORDS):
+        reasons.append("the task description names a classification/routing task")
+        return "classification", reasons
+    if any(w in text for w in JSON_WORDS):
+        reasons.append("the task description names structured output")
+        return "structured JSON", reasons
+    answer_words = (shape.get("answer_words") or {}).get("median", 0)
+    reasons.append(f"answers are open text (median {answer_words:.0f} words)")
+    return "free-form generation", reasons
+
+
+def advise_report(report: CheckReport, task: str | None = None) -> Advice:
+    """The guide's "when to fine-tune, and when not" applied to a check report. Rules in docs/data.md."""
+    stats = report.stats
+    n = report.examples
+    kind, reasons = task_kind(stats, task)
+    reasons.append(stats.get("size_advice", f"{n} examples"))
+    shape = stats.get("shape") or {}
+
+    # Output-format consistency.
+    consistent = True
+    json_share = shape.get("json_answer_share") or 0.0
+    if kind == "structured JSON":
+        parse = shape.get("json_parse_share") or 0.0
+        keys = shape.get("json_top_keys_share")
+        if json_share < 0.95 or parse < 0.95:
+            consistent = False
+            reasons.append(f"only {json_share * parse:.0%} of answers are valid JSON: make the format uniform first")
+        elif keys is not None and keys < 0.8:
+            consistent = False
+            reasons.append(f"only {keys:.0%} of JSON answers share the same keys: make the schema uniform first")
+        else:
+            reasons.append("answers are valid JSON with consistent keys: a format a small tuned model learns well")
+    elif 0.2 <= json_share < 0.8:
+        consistent = False
+        reasons.append(f"{json_share:.0%} of answers are JSON and the rest are not: the output format is inconsistent")
+    conflicts = stats.get("conflicting_inputs", 0)
+    if n and conflicts / n > 0.05:
+        consistent = False
+        reasons.append(f"{conflicts} prompts have conflicting answers ({conflicts / n:.0%}): the labels disagree with themselves")
+    if kind == "classification" and stats.get("labels"):
+        ratio = stats["labels"]["imbalance_ratio"]
+        reasons.append(f"label imbalance {ratio}x" + (" (report per-label scores, not only accuracy)" if ratio >= IMBALANCE_RATIO else ""))
+
+    if report.errors:
+        recommendation = "fix the data first"
+        reasons.insert(0, f"the data check found {report.error_count} error(s): `tunesmith data check` lists them")
+    elif kind == "document QA":
+        recommendation = "RAG"
+        reasons.append(
+            "answers come from the documents in the prompt: retrieve the right passages at question time "
+            "(RAG) instead of teaching facts into weights; fine-tune later only for tone or format"
+        )
+    elif n < FEW_EXAMPLES:
+        recommendation = "prompt engineering first"
+        reasons.append("use these examples as few-shot prompts and measure; fine-tune once you have 500+ reviewed examples")
+    elif not consistent:
+        recommendation = "fix the data first"
+        reasons.append("a model learns the inconsistency too: clean the answers, then fine-tune")
+    else:
+        recommendation = "fine-tune with LoRA"
+        if kind in ("classification", "structured JSON"):
+            reasons.append("a closed output format with enough examples: LoRA on a small model usually beats prompting it")
+        else:
+            reasons.append("free-form answers benefit less: compare against the base model with few-shot prompts (tunesmith eval does)")
+    return Advice(recommendation, kind, reasons, stats)
+
+
+def advise_file(
+    path: str | Path,
+    task: str | None = None,
+    *,
+    format: str = "auto",
+    input_col: str | None = None,
+    output_col: str | None = None,
+    system_prompt: str | None = None,
+) -> Advice:
+    """`tunesmith advise`: check the file (without a model) and turn its statistics into advice."""
+    report = check_file(path, format=format, input_col=input_col, output_col=output_col, system_prompt=system_prompt)
+    return advise_report(report, task)

@@ -1,0 +1,666 @@
+"""`tunesmith eval`: the fine-tune against the base model with good prompts, and against truth.
+
+Subjects, all with the same chat template, the same held-out examples and the same greedy
+decoding:
+  base           the base model, system prompt only (zero-shot);
+  base-fewshot   the base model, system prompt + k training examples as prior turns;
+  tuned          the fine-tune (adapter merged on the base, or the full model folder);
+  against        optionally another run (`--against RUN_DIR`), e.g. the one in production.
+
+Generation is our own loop (left padding, KV cache, a prompt prefix shared by every example
+computed once, finished rows dropped from the batch), because it is where evaluation spends
+its time and `generate` cannot share the prefix. Scores and statistics live in metrics.py,
+the report files in report.py; this module reads top to bottom as the stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from tunesmith import artifacts
+from tunesmith import metrics as M
+from tunesmith.config import RunConfig
+from tunesmith.errors import GateFailed, UserError
+from tunesmith.schema import Conversation
+
+ALPHA = 0.05  # significance level of every paired test
+MIN_SHARED_PREFIX = 8  # tokens; below this, computing the prefix apart is not worth a forward
+BASELINES = ("base", "base-fewshot")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _read_split(path: Path, **reader_options: Any) -> list[Conversation]:
+    """A data file -> conversations (the data module's readers; canonical chat JSONL without them)."""
+    try:
+        from tunesmith.data import read_conversations
+    except ImportError:
+        read_conversations = None
+    if read_conversations is not None:
+        return list(read_conversations(path, **(reader_options or {"format": "openai"})))
+    conversations = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                conversations.append(Conversation.from_openai(json.loads(line), line_no))
+    return conversations
+
+
+def read_splits(cfg: RunConfig) -> tuple[list[Conversation], list[Conversation], dict[str, str]]:
+    """(eval, train, sources): the run's own split when training wrote one, else the config's files."""
+    run_dir = cfg.run_dir
+    eval_path, train_path = run_dir / artifacts.EVAL_SPLIT_FILE, run_dir / artifacts.TRAIN_SPLIT_FILE
+    options: dict[str, Any] = {}
+    if not eval_path.exists():
+        # No split written by a run yet: the config's own files, in their own format.
+        eval_path = cfg.resolve(cfg.data.eval)
+        train_path = cfg.resolve(cfg.data.train)
+        d = cfg.data
+        options = dict(format=d.format, input_col=d.input_col, output_col=d.output_col, system_prompt=d.system_prompt)
+    if eval_path is None or not eval_path.exists():
+        raise UserError(
+            f"no held-out split: {run_dir / artifacts.EVAL_SPLIT_FILE} does not exist and data.eval is not set",
+            "run `tunesmith train` first (it writes the split), or set data.eval to a held-out file",
+        )
+    if train_path is None or not train_path.exists():
+        raise UserError(f"training split {train_path} not found", "run `tunesmith train` first, or fix data.train")
+    sources = {"eval": str(eval_path), "eval_sha256": artifacts.sha256_file(eval_path), "train": str(train_path)}
+    return _read_split(eval_path, **options), _read_split(train_path, **options), sources
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def _turns(messages) -> list[dict[str, Any]]:
+    return [{k: v for k, v in m.to_openai().items() if k != "weight"} for m in messages if m.role != "system"]
+
+
+def system_prompt_of(conv: Conversation, default: str | None) -> str | None:
+    """The example's own system message, else the config's system prompt (as training does)."""
+    return next((m.content for m in conv.prompt_messages if m.role == "system"), default)
+
+
+def prompt_messages(conv: Conversation, system: str | None, shots: list[Conversation] = ()) -> list[dict[str, Any]]:
+    """System prompt, then each shot as a user turn and its answer, then the example's prompt."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for shot in shots:
+        messages += shot_turns(shot)
+    return messages + _turns(conv.prompt_messages)
+
+
+def shot_turns(shot: Conversation) -> list[dict[str, Any]]:
+    """A training example as prior turns: its prompt (without system) and its answer."""
+    return _turns(shot.prompt_messages) + [{"role": "assistant", "content": shot.target}]
+
+
+def render_ids(tokenizer, messages: list[dict[str, Any]], generation_prompt: bool = True) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def shot_order(train: list[Conversation], task: str, exclude_inputs: set[str], seed: int) -> list[int]:
+    """Training examples in the order shots are taken: seeded shuffle; for classification a
+    round-robin over labels (sorted), so k shots cover as many labels as k allows."""
+    rng = random.Random(seed)
+    candidates = [i for i, c in enumerate(train) if c.target and c.input_text not in exclude_inputs]
+    if task != "classification":
+        rng.shuffle(candidates)
+        return candidates
+    groups: dict[str, list[int]] = {}
+    for i in candidates:
+        groups.setdefault(M.normalize_label(train[i].target), []).append(i)
+    queues = []
+    for label in sorted(groups):
+        rng.shuffle(groups[label])
+        queues.append(groups[label])
+    order = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        order.extend(q[depth] for q in queues if depth < len(q))
+    return order
+
+
+def choose_shots(
+    tokenizer,
+    train: list[Conversation],
+    order: list[int],
+    *,
+    system: str | None,
+    k: int | None,
+    budget_tokens: int,
+) -> tuple[list[int], int]:
+    """(chosen train indices, their tokens): the first k of `order`, or, when k is None, as
+    many as fit `budget_tokens`. A shot's cost is what it adds to the rendered prompt."""
+    head = [{"role": "system", "content": system or ""}]
+    base_len = len(render_ids(tokenizer, head, generation_prompt=False))
+    chosen, used = [], 0
+    for i in order:
+        if k is not None and len(chosen) >= k:
+            break
+        cost = len(render_ids(tokenizer, head + shot_turns(train[i]), generation_prompt=False)) - base_len
+        if used + cost > budget_tokens:
+            break
+        chosen.append(i)
+        used += cost
+    return chosen, used
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]  # generated ids, end-of-turn included (empty when reused from a previous run)
+    latency_s: float  # from the batch's start until this answer ended: what its caller waited
+    compute_s: float  # its share of the batch's wall time: sums to the subject's total time
+    stopped: bool  # ended on an end-of-turn token (else it hit max_new_tokens)
+    new_tokens: int = -1
+
+    def __post_init__(self) -> None:
+        if self.new_tokens < 0:
+            self.new_tokens = len(self.token_ids)
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a turn: the generation config's eos ids, the tokenizer's, ChatML's."""
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return ids
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
+    if not prompts:
+        return 0
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def generate_greedy(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    stop_ids: set[int],
+    pad_id: int,
+    decode: Callable[[list[int]], str],
+    share_prefix: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Generation]:
+    """Greedy answers to token-id prompts, in the prompts' order, batched.
+
+    The prefix every prompt shares (system prompt, few-shot examples) runs once; its KV cache is
+    copied into each batch. Prompts run longest first, so a batch holds similar lengths and
+    little padding; padding sits between the shared prefix and each prompt's own tokens, masked
+    out, with position ids that skip it, so each row computes what it would compute alone.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    prefix_len = shared_prefix_length(prompts) if share_prefix else 0
+    prefix_cache = None
+    with torch.inference_mode():
+        if prefix_len >= MIN_SHARED_PREFIX:
+            prefix_cache = DynamicCache(config=model.config)
+            model(input_ids=torch.tensor([prompts[0][:prefix_len]], device=device), use_cache=True, logits_to_keep=1, **_cache_arg(model, prefix_cache))
+        else:
+            prefix_len = 0
+        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        results: list[Generation | None] = [None] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            own = [prompts[i][prefix_len:] for i in rows]
+            for i, gen in zip(rows, _generate_batch(model, own, prefix_cache, prefix_len, max_new_tokens, stop_ids, pad_id, decode)):
+                results[i] = gen
+            if on_batch:
+                on_batch(len(rows))
+    return results  # type: ignore[return-value]
+
+
+def _cache_arg(model, cache) -> dict[str, Any]:
+    """transformers 5.x renamed `past_key_values` to `cache`; pass whichever the model takes."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def _generate_batch(model, own, prefix_cache, prefix_len, max_new_tokens, stop_ids, pad_id, decode) -> list[Generation]:
+    import torch
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    rows, width = len(own), max(len(p) for p in own)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for r, ids in enumerate(own):
+        input_ids[r, width - len(ids) :] = torch.tensor(ids)
+        mask[r, width - len(ids) :] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    if prefix_cache is not None:
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(rows)
+        attention = torch.cat([torch.ones((rows, prefix_len), dtype=torch.long, device=device), mask], dim=1)
+    else:
+        cache = DynamicCache(config=model.config)
+        attention = mask
+    positions = (prefix_len + mask.cumsum(-1) - 1).clamp(min=0)
+
+    start = time.perf_counter()
+    logits = model(
+        input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1, **_cache_arg(model, cache)
+    ).logits[:, -1]
+    active = list(range(rows))  # batch row of each cache row still generating
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    ended_s, stopped = [0.0] * rows, [False] * rows
+    for step in range(max_new_tokens):
+        next_ids = logits.argmax(dim=-1)
+        next_list = next_ids.tolist()  # one device sync per step, not one per row
+        now = time.perf_counter() - start
+        keep = []
+        for j, r in enumerate(active):
+            token = next_list[j]
+            tokens[r].append(token)
+            if token in stop_ids:
+                stopped[r], ended_s[r] = True, now
+            elif step == max_new_tokens - 1:
+                ended_s[r] = now
+            else:
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            # Drop finished rows so the rest of the batch stops paying for them.
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            attention, positions, next_ids = attention[index], positions[index], next_ids[index]
+            active = [active[j] for j in keep]
+        attention = torch.cat([attention, torch.ones((len(active), 1), dtype=torch.long, device=device)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = model(
+            input_ids=next_ids[:, None], attention_mask=attention, position_ids=positions, use_cache=True, **_cache_arg(model, cache)
+        ).logits[:, -1]
+    wall_s = time.perf_counter() - start
+    out = []
+    for r in range(rows):
+        answer = tokens[r][:-1] if stopped[r] else tokens[r]
+        out.append(Generation(decode(answer).strip(), tokens[r], ended_s[r], wall_s / rows, stopped[r]))
+    return out
+
+
+# --------------------------------------------------------------------------- models
+
+
+def eval_dtype(precision: str):
+    """bf16 where the hardware runs it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32."""
+    import torch
+
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+
+
+def load_trained(run_dir: Path, run_cfg: RunConfig, dtype, device) -> tuple[Any, dict[str, Any]]:
+    """The fine-tune of a run: its adapter merged into a fresh copy of its base (merging once is
+    cheaper than LoRA's extra matmuls at every token), or its full model folder."""
+    import torch
+
+    from tunesmith.models import load_model
+
+    adapter, full = run_dir / artifacts.ADAPTER_DIR, run_dir / artifacts.FULL_MODEL_DIR
+    m = run_cfg.model
+    opts = dict(trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
+    if (adapter / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        # Merge in fp32, then cast: rounding the base before adding the update would lose it.
+        base = load_model(m.name, dtype=torch.float32, expected_fingerprint=m.expected_fingerprint, **opts)
+        model = PeftModel.from_pretrained(base.model, str(adapter)).merge_and_unload()
+        model.to(dtype=dtype, device=device).eval()
+        return model, {"kind": "adapter", "path": str(adapter), "base_fingerprint": base.fingerprint}
+    if (full / "config.json").exists():
+        loaded = load_model(str(full), dtype=dtype, device=device, **opts)
+        return loaded.model, {"kind": "full", "path": str(full), "fingerprint": loaded.fingerprint}
+    raise UserError(
+        f"{run_dir} has no trained model ({artifacts.ADAPTER_DIR}/ or {artifacts.FULL_MODEL_DIR}/)",
+        "run `tunesmith train` first, or evaluate the baselines only: --subjects base,base-fewshot",
+    )
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    against: Path | None = None,
+    gates: list[str] = (),
+    junit: Path | None = None,
+    subjects: list[str] | None = None,
+) -> dict:
+    """Evaluate every subject on the held-out split; write the report; enforce the gates.
+
+    `subjects` overrides eval.subjects (the pipeline's baseline stage runs the baselines alone).
+    Returns results.json's content. Raises GateFailed (exit 3) after writing everything when a
+    gate fails or the fine-tune is significantly worse than `against` on the primary metric.
+    """
+    import torch
+
+    from tunesmith import report
+    from tunesmith.models import load_model
+
+    ec = cfg.eval
+    run_dir = cfg.run_dir
+    out_dir = run_dir / artifacts.EVAL_DIR
+    gates = list(dict.fromkeys([*ec.gates, *gates]))
+    for gate in gates:  # a typo in a gate is reported before minutes of generation, not after
+        M.parse_gate(gate)
+    subjects = list(dict.fromkeys(subjects or ec.subjects)) + (["against"] if against is not None else [])
+    if against is not None and not (Path(against) / artifacts.CONFIG_FILE).exists():
+        raise UserError(f"--against {against}: no {artifacts.CONFIG_FILE} there", "pass the folder of another tunesmith run")
+
+    # 1. Data: held-out examples with a reference answer; the training answers define the task.
+    eval_all, train, sources = read_splits(cfg)
+    examples = [c for c in eval_all if c.target is not None]
+    skipped = len(eval_all) - len(examples)
+    if ec.max_examples:
+        examples = examples[: ec.max_examples]
+    if not examples:
+        raise UserError(f"{sources['eval']} holds no example with an assistant answer", "give each example an assistant turn")
+    train = [c for c in train if c.target is not None]
+    train_targets = [c.target for c in train]
+    golds = [c.target.strip() for c in examples]
+    task = M.infer_task(train_targets or golds) if ec.task == "auto" else ec.task
+    labels, schema, task_info = None, None, {}
+    if task == "classification":
+        labels = M.label_set(train_targets + golds)
+        unseen = sorted(set(M.label_set(golds)) - set(M.label_set(train_targets)), key=str)
+        task_info = {"labels": labels, "labels_only_in_eval": unseen}
+    elif task == "json":
+        schema_path = cfg.resolve(ec.json_schema)
+        if schema_path is not None:
+            if not schema_path.exists():
+                raise UserError(f"eval.json_schema {schema_path} not found", "give the path of a JSON Schema file")
+            schema, schema_source = json.loads(schema_path.read_text(encoding="utf-8")), str(schema_path)
+        else:
+            parsed = [v for ok, v in map(M.parse_json, train_targets) if ok]
+            schema, schema_source = M.infer_json_schema(parsed), "inferred from the training answers"
+        task_info = {"schema": schema, "schema_source": schema_source}
+
+    # 2. The base model first: both baselines share it, and the fine-tune is loaded after.
+    dtype = eval_dtype(ec.precision)
+    device = "cuda" if torch.cuda.is_available() else None
+    m = cfg.model
+    base = load_model(
+        m.name, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
+        allow_pickle=m.allow_pickle, expected_fingerprint=m.expected_fingerprint,
+    )
+    tokenizer = base.tokenizer
+    stop_ids = stop_token_ids(base.model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+
+    # 3. Prompts. Zero-shot prompts are what training saw; few-shot adds the same k training
+    #    examples before every held-out one (never a held-out example, never one whose input
+    #    is also a held-out input).
+    systems = [system_prompt_of(c, cfg.data.system_prompt) for c in examples]
+    zero_shot = [render_ids(tokenizer, prompt_messages(c, s)) for c, s in zip(examples, systems)]
+    context = int(getattr(base.model.config, "max_position_embeddings", 0) or 2048)
+    room = context - max(map(len, zero_shot)) - ec.max_new_tokens
+    few_shot_info: dict[str, Any] = {}
+    prompts = {"base": zero_shot, "tuned": zero_shot, "against": zero_shot}
+    if "base-fewshot" in subjects:
+        order = shot_order(train, task, {c.input_text for c in examples}, ec.seed)
+        budget = max(0, min(room, ec.few_shot_max_tokens if ec.few_shot_k is None else room))
+        common_system = systems[0] if len(set(systems)) == 1 else cfg.data.system_prompt
+        chosen, shot_tokens = choose_shots(tokenizer, train, order, system=common_system, k=ec.few_shot_k, budget_tokens=budget)
+        shots = [train[i] for i in chosen]
+        prompts["base-fewshot"] = [render_ids(tokenizer, prompt_messages(c, s, shots)) for c, s in zip(examples, systems)]
+        few_shot_info = {
+            "k": len(chosen),
+            "k_requested": ec.few_shot_k,
+            "tokens": shot_tokens,
+            "budget_tokens": budget,
+            "selection": ("round-robin over labels (sorted), each label's examples in seeded shuffle order"
+                          if task == "classification" else "seeded shuffle of the training split")
+                         + f", seed {ec.seed}, " + (f"first {ec.few_shot_k}" if ec.few_shot_k is not None
+                                                    else f"as many as fit {budget} tokens"),
+            "train_lines": [train[i].source_line for i in chosen],
+            "labels": [train[i].target.strip() for i in chosen] if task == "classification" else None,
+        }
+
+    # 4. Generate, subject by subject, with identical decoding.
+    generations: dict[str, list[Generation]] = {}
+    subject_info: dict[str, dict[str, Any]] = {}
+
+    def generate(name: str, model) -> None:
+        from rich.progress import Progress
+
+        with Progress(transient=True, console=_stderr()) as bar:
+            task_id = bar.add_task(f"eval {name}", total=len(examples))
+            generations[name] = generate_greedy(
+                model, prompts[name], max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size, stop_ids=stop_ids,
+                pad_id=pad_id, decode=decode, on_batch=lambda n: bar.advance(task_id, n),
+            )
+
+    # A baseline's answers are a function of the model, the prompts and the decoding: when the
+    # previous report has them for the same key (the pipeline's baseline stage, an eval rerun
+    # after retraining), they are reused instead of regenerated.
+    for name in BASELINES:
+        if name in subjects:
+            key = generation_key(base.fingerprint, prompts[name], ec, dtype, stop_ids)
+            subject_info[name] = {"model": m.name, "fingerprint": base.fingerprint, "generation_key": key}
+            previous = previous_generations(out_dir, name, key, len(examples))
+            if previous is not None:
+                generations[name] = previous
+                subject_info[name]["reused_from_previous_report"] = True
+            else:
+                generate(name, base.model)
+    del base
+    if "tuned" in subjects:
+        model, info = load_trained(run_dir, cfg, dtype, device)
+        generate("tuned", model)
+        subject_info["tuned"] = info
+        del model
+    if against is not None:
+        from tunesmith.config import load_config
+
+        other_dir = Path(against).resolve()
+        other = load_config(other_dir / artifacts.CONFIG_FILE, [f"output_dir={other_dir}"])
+        model, info = load_trained(other_dir, other, dtype, device)
+        generate("against", model)
+        subject_info["against"] = {**info, "run": str(other_dir)}
+        del model
+
+    # 5. Scores, intervals, paired tests, verdict.
+    primary = M.PRIMARY_METRIC[task]
+    columns, results_subjects = {}, {}
+    for name in subjects:
+        gens = generations[name]
+        cols = M.score(task, golds, [g.text for g in gens], labels=labels, schema=schema)
+        cols["output_tokens"] = np.array([g.new_tokens for g in gens], dtype=float)
+        cols["latency_s"] = np.array([g.latency_s for g in gens])
+        cols["compute_s"] = np.array([g.compute_s for g in gens])
+        columns[name] = cols
+        values = M.aggregate(task, cols)
+        intervals = M.bootstrap_ci(task, cols, samples=ec.bootstrap_samples, seed=ec.seed)
+        entry: dict[str, Any] = {
+            **subject_info[name],
+            "metrics": {k: {"value": v, "ci_low": intervals[k][0], "ci_high": intervals[k][1]} for k, v in values.items()},
+            "ended_on_end_of_turn": float(np.mean([g.stopped for g in gens])),
+        }
+        if task == "classification":
+            pc = M.per_class(cols["gold_idx"], cols["pred_idx"], len(labels))
+            entry["per_class"] = {
+                lab: {"precision": float(pc["precision"][i]), "recall": float(pc["recall"][i]), "f1": float(pc["f1"][i]), "support": int(pc["support"][i])}
+                for i, lab in enumerate(labels)
+            }
+            entry["confusion"] = pc["confusion"].tolist()
+        results_subjects[name] = entry
+    comparisons = {}
+    if "tuned" in subjects:
+        for name in subjects:
+            if name != "tuned":
+                comparisons[f"tuned_vs_{name}"] = M.compare(task, columns["tuned"], columns[name], samples=ec.bootstrap_samples, seed=ec.seed)
+    verdict = make_verdict(results_subjects, comparisons, primary)
+
+    # 6. Gates: thresholds on any metric, and "not significantly worse than --against".
+    metric_values = {s: {k: v["value"] for k, v in e["metrics"].items()} for s, e in results_subjects.items()}
+    gate_results = M.check_gates(gates, metric_values, "tuned" if "tuned" in subjects else subjects[-1])
+    if against is not None and "tuned" in subjects:
+        c = comparisons["tuned_vs_against"][primary]
+        worse = (-c["delta"] if primary not in M.LOWER_IS_BETTER else c["delta"]) > 0 and c["p_value"] < ALPHA
+        gate_results.append({
+            "gate": f"tuned not significantly worse than against on {primary}", "subject": "tuned", "metric": primary,
+            "op": "not worse", "threshold": None, "value": metric_values["tuned"][primary],
+            "against_value": metric_values["against"][primary], "p_value": c["p_value"], "passed": not worse,
+        })
+
+    # 7. Write every artifact, then the manifest, then (only then) fail the gate.
+    results = {
+        "task": task,
+        "task_source": "eval.task" if ec.task != "auto" else "inferred from the training answers",
+        "primary_metric": primary,
+        "examples": len(examples),
+        "skipped_without_answer": skipped,
+        "sources": sources,
+        "decoding": {"strategy": "greedy", "max_new_tokens": ec.max_new_tokens, "batch_size": ec.batch_size,
+                     "dtype": str(dtype).replace("torch.", ""), "stop_token_ids": sorted(stop_ids)},
+        "confidence": 0.95,
+        "bootstrap_samples": ec.bootstrap_samples,
+        "seed": ec.seed,
+        **task_info,
+        "few_shot": few_shot_info,
+        "subjects": results_subjects,
+        "comparisons": comparisons,
+        "verdict": verdict,
+        "gates": gate_results,
+        "passed": all(g["passed"] for g in gate_results),
+    }
+    predictions = []
+    for i, conv in enumerate(examples):
+        row: dict[str, Any] = {"index": i, "source_line": conv.source_line, "input": conv.input_text, "target": golds[i], "outputs": {}}
+        for name in subjects:
+            g, cols = generations[name][i], columns[name]
+            out: dict[str, Any] = {"text": g.text, "new_tokens": g.new_tokens, "latency_s": g.latency_s, "compute_s": g.compute_s, "stopped": g.stopped}
+            for key in ("correct", "exact", "parsed", "schema_valid", "token_f1", "rouge_l"):
+                if key in cols:
+                    out[key] = float(cols[key][i])
+            row["outputs"][name] = out
+        predictions.append(row)
+    report.write_all(out_dir, results, predictions, run_dir / artifacts.METRICS_FILE)
+    if junit is not None:
+        report.write_junit(Path(junit), results)
+    artifacts.update_manifest(run_dir, "eval", {
+        "finished_at": time.time(),
+        "task": task,
+        "examples": len(examples),
+        "eval_sha256": sources["eval_sha256"],
+        "primary_metric": primary,
+        "primary": {s: metric_values[s][primary] for s in subjects},
+        "verdict": verdict["text"],
+        "gates_passed": results["passed"],
+        "subjects": {s: {k: v for k, v in e.items() if k in ("kind", "path", "fingerprint", "base_fingerprint", "model", "run")}
+                     for s, e in results_subjects.items()},
+        "report": str(out_dir / "report.html"),
+    })
+    failed = [g for g in gate_results if not g["passed"]]
+    if failed:
+        raise GateFailed("; ".join(_gate_line(g) for g in failed))
+    return results
+
+
+def generation_key(fingerprint: str, prompts: list[list[int]], ec, dtype, stop_ids: set[int]) -> str:
+    """What a subject's greedy answers depend on: model, exact prompt tokens, decoding, batching
+    (batch composition changes rounding in bf16)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps([fingerprint, ec.max_new_tokens, ec.batch_size, str(dtype), sorted(stop_ids)]).encode())
+    for p in prompts:
+        digest.update(json.dumps(p).encode())
+    return digest.hexdigest()
+
+
+def previous_generations(out_dir: Path, name: str, key: str, count: int) -> list[Generation] | None:
+    """The answers of `name` in the last report, when they were made under the same key."""
+    try:
+        previous = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
+        if previous["subjects"][name].get("generation_key") != key:
+            return None
+        rows = [json.loads(x) for x in (out_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+        outs = [r["outputs"][name] for r in rows]
+        if len(outs) != count:
+            return None
+        return [Generation(o["text"], [], o["latency_s"], o["compute_s"], o["stopped"], o["new_tokens"]) for o in outs]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _gate_line(g: dict[str, Any]) -> str:
+    if g["op"] == "not worse":
+        return f"{g['gate']}: {g['value']:.4f} vs {g['against_value']:.4f} (p={g['p_value']:.3g})"
+    return f"{g['gate']}: {g['subject']}.{g['metric']} = {g['value']:.4f}"
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def make_verdict(subjects: dict[str, Any], comparisons: dict[str, Any], primary: str) -> dict[str, Any]:
+    """A plain sentence: does the fine-tune beat the best baseline, by how much, significantly?"""
+    value = {s: e["metrics"][primary]["value"] for s, e in subjects.items()}
+    others = [s for s in subjects if s != "tuned"]
+    if "tuned" not in subjects or not others:
+        best = max(value, key=lambda s: (value[s] if primary not in M.LOWER_IS_BETTER else -value[s]))
+        return {"text": f"No comparison with a fine-tune: the best subject on {primary} is {best} ({value[best]:.3f}).",
+                "best_baseline": None, "beats": None, "significant": None}
+    best = others[0]
+    for s in others[1:]:
+        if M.better(primary, value[s], value[best]):
+            best = s
+    c = comparisons[f"tuned_vs_{best}"][primary]
+    beats = M.better(primary, value["tuned"], value[best])
+    significant = c["p_value"] < ALPHA
+    numbers = (f"{value['tuned']:.3f} vs {value[best]:.3f} ({c['delta']:+.3f}, 95% CI of the difference "
+               f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]; {c['test']} p = {c['p_value']:.3g})")
+    if beats and significant:
+        text = f"The fine-tune beats the best baseline ({best}) on {primary}: {numbers}. The difference is significant at {ALPHA:.0%}."
+    elif beats:
+        text = (f"The fine-tune scores higher than the best baseline ({best}) on {primary}: {numbers}, but the difference "
+                f"is not significant at {ALPHA:.0%}: it may be noise; evaluate more examples.")
+    elif significant:
+        text = f"The fine-tune is worse than the best baseline ({best}) on {primary}: {numbers}. The difference is significant at {ALPHA:.0%}."
+    else:
+        text = f"The fine-tune does not beat the best baseline ({best}) on {primary}: {numbers}; not significant at {ALPHA:.0%}."
+    return {"text": text, "best_baseline": best, "beats": beats, "significant": significant,
+            "delta": c["delta"], "p_value": c["p_value"], "test": c["test"]}

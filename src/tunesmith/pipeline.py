@@ -1,0 +1,330 @@
+"""`tunesmith run CONFIG`: check -> split -> baseline -> train -> eval -> export, resumable.
+
+Each stage records a hash of its inputs (data content, its config section, the base model's
+fingerprint, upstream artifacts) in the run manifest when it finishes. A re-run skips every
+stage whose inputs hash is unchanged, so after a crash or a config edit only what changed is
+redone; an interrupted training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from tunesmith import artifacts
+from tunesmith.artifacts import read_manifest_or_empty, sha256_file, update_manifest, write_text_atomic
+from tunesmith.config import RunConfig, config_to_yaml
+from tunesmith.errors import UserError
+
+STAGES = ("check", "split", "baseline", "train", "eval", "export")
+console = Console(stderr=True)
+
+
+def _hash(*parts: Any) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _hash_path(path: Path | None) -> str | None:
+    """Content hash of a file, or of every file in a folder (names and contents)."""
+    if path is None or not path.exists():
+        return None
+    if path.is_file():
+        return sha256_file(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return _hash([(str(p.relative_to(path)), sha256_file(p)) for p in files])
+
+
+def _section(cfg: RunConfig, name: str) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")[name]
+
+
+def stage_inputs(stage: str, cfg: RunConfig, model_fingerprint: str) -> str:
+    """The identity of a stage's inputs: when it is unchanged, the stage's outputs are current."""
+    run = cfg.run_dir
+    data_files = (_hash_path(cfg.resolve(cfg.data.train)), _hash_path(cfg.resolve(cfg.data.eval)))
+    splits = (_hash_path(run / artifacts.TRAIN_SPLIT_FILE), _hash_path(run / artifacts.EVAL_SPLIT_FILE))
+    trained = _hash_path(run / artifacts.ADAPTER_DIR) or _hash_path(run / artifacts.FULL_MODEL_DIR)
+    model = _section(cfg, "model")
+    if stage == "check":
+        return _hash(stage, data_files, _section(cfg, "data"), model_fingerprint)
+    if stage == "split":
+        return _hash(stage, data_files, _section(cfg, "data"))
+    if stage == "baseline":
+        return _hash(stage, splits, _section(cfg, "eval"), model, model_fingerprint)
+    if stage == "train":
+        return _hash(stage, splits, _section(cfg, "train"), _section(cfg, "data"), model, model_fingerprint)
+    if stage == "eval":
+        return _hash(stage, splits, trained, _section(cfg, "eval"), model_fingerprint)
+    if stage == "export":
+        return _hash(stage, trained, _section(cfg, "export"), model_fingerprint)
+    raise ValueError(stage)
+
+
+def _stage_check(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
+    from tunesmith.check import check_file
+
+    train_path = cfg.resolve(cfg.data.train)
+    eval_path = cfg.resolve(cfg.data.eval)
+    report = check_file(
+        train_path,
+        format=cfg.data.format,
+        model=cfg.model.name,
+        max_length=cfg.data.max_length,
+        eval_path=eval_path,
+        input_col=cfg.data.input_col,
+        output_col=cfg.data.output_col,
+        system_prompt=cfg.data.system_prompt,
+    )
+    summary = report.to_dict()
+    artifacts.write_json_atomic(cfg.run_dir / artifacts.CHECK_REPORT_FILE, summary)
+    if report.errors:
+        first = report.errors[0]
+        raise UserError(
+            f"the data check found {len(report.errors)} error(s) in {train_path}, the first: {first}; "
+            f"training was not started (full report: {cfg.run_dir / artifacts.CHECK_REPORT_FILE})",
+            f"fix the data (tunesmith data check {train_path}) and run again",
+        )
+    return {"errors": len(report.errors), "warnings": len(report.warnings)}
+
+
+def _stage_split(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
+    from tunesmith.data import read_conversations, split_conversations, write_conversations
+
+    kwargs = dict(format=cfg.data.format, input_col=cfg.data.input_col, output_col=cfg.data.output_col, system_prompt=cfg.data.system_prompt)
+    train = read_conversations(cfg.resolve(cfg.data.train), **kwargs)
+    if cfg.data.eval:
+        held_out = read_conversations(cfg.resolve(cfg.data.eval), **kwargs)
+    else:
+        train, held_out = split_conversations(train, cfg.data.eval_fraction, cfg.data.split_seed)
+    if not held_out:
+        raise UserError("the evaluation split is empty", "set data.eval or a data.eval_fraction of 0.1-0.2")
+    write_conversations(cfg.run_dir / artifacts.TRAIN_SPLIT_FILE, train)
+    write_conversations(cfg.run_dir / artifacts.EVAL_SPLIT_FILE, held_out)
+    return {"train_examples": len(train), "eval_examples": len(held_out)}
+
+
+def _stage_baseline(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
+    from tunesmith import evaluate
+
+    subjects = [s for s in cfg.eval.subjects if s != "tuned"]
+    if not subjects:
+        return {"subjects": []}
+    evaluate.run(cfg, subjects=subjects)
+    return {"subjects": subjects}
+
+
+def _stage_train(cfg: RunConfig, fingerprint: str, resume: bool) -> dict[str, Any]:
+    from tunesmith import train
+
+    result = train.run(cfg, resume=resume)
+    return result if isinstance(result, dict) else {}
+
+
+def _stage_eval(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
+    from tunesmith import evaluate
+
+    result = evaluate.run(cfg, gates=cfg.eval.gates)
+    return {"verdict": result.get("verdict")} if isinstance(result, dict) else {}
+
+
+def _stage_export(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
+    from tunesmith import export
+
+    paths = [str(export.run(cfg.run_dir, fmt, gguf_types=cfg.export.gguf_types)) for fmt in cfg.export.formats]
+    return {"exported": paths}
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    from_stage: str | None = None,
+    until_stage: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run the pipeline stages in order, skipping those whose inputs are unchanged."""
+    from tunesmith.models import fingerprint, resolve_model_dir
+
+    for name in (from_stage, until_stage):
+        if name is not None and name not in STAGES:
+            raise UserError(f"unknown stage {name!r}", f"use one of: {', '.join(STAGES)}")
+    first = STAGES.index(from_stage) if from_stage else 0
+    last = STAGES.index(until_stage) if until_stage else len(STAGES) - 1
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / artifacts.CONFIG_FILE, config_to_yaml(cfg))
+    register_run(run_dir)
+
+    # The model fingerprint is part of most stages' inputs; resolving it first also converts the
+    # builtin model once, before any stage starts timing itself.
+    model_dir = resolve_model_dir(cfg.model.name, allow_pickle=cfg.model.allow_pickle)
+    model_fp = fingerprint(model_dir)
+    if cfg.model.expected_fingerprint and cfg.model.expected_fingerprint != model_fp:
+        raise UserError(
+            f"model {cfg.model.name!r} has fingerprint {model_fp[:16]}…, the config pins {cfg.model.expected_fingerprint[:16]}…",
+            "use the pinned model, or update model.expected_fingerprint deliberately",
+        )
+
+    stages: dict[str, Callable[[], dict[str, Any]]] = {
+        "check": lambda: _stage_check(cfg, model_fp),
+        "split": lambda: _stage_split(cfg, model_fp),
+        "baseline": lambda: _stage_baseline(cfg, model_fp),
+        "train": lambda: _stage_train(cfg, model_fp, resume=resume_training),
+        "eval": lambda: _stage_eval(cfg, model_fp),
+        "export": lambda: _stage_export(cfg, model_fp),
+    }
+    summary: dict[str, Any] = {}
+    for index, stage in enumerate(STAGES):
+        if index < first or index > last:
+            continue
+        if stage in ("baseline",) and not [s for s in cfg.eval.subjects if s != "tuned"]:
+            continue
+        if stage == "export" and not cfg.export.formats:
+            continue
+        inputs = stage_inputs(stage, cfg, model_fp)
+        record = read_manifest_or_empty(run_dir).get("pipeline", {}).get(stage, {})
+        if not force and record.get("status") == "done" and record.get("inputs") == inputs:
+            console.print(f"[dim]{stage}: unchanged, skipped[/dim]")
+            summary[stage] = {"skipped": True, **record.get("result", {})}
+            continue
+        # A training interrupted with the same inputs resumes from its last checkpoint.
+        resume_training = stage == "train" and not force and record.get("status") == "running" and record.get("inputs") == inputs
+        console.print(f"[bold]{stage}[/bold]{' (resuming)' if resume_training else ''}")
+        _record_stage(run_dir, stage, {"status": "running", "inputs": inputs, "started_at": time.time()})
+        start = time.perf_counter()
+        result = stages[stage]()
+        seconds = time.perf_counter() - start
+        # Outputs of this stage changed; record them with the inputs hash recomputed where the
+        # stage's own outputs are part of it (none are: inputs are computed from upstream only).
+        _record_stage(run_dir, stage, {"status": "done", "inputs": inputs, "seconds": round(seconds, 2), "result": result, "finished_at": time.time()})
+        summary[stage] = result
+    return summary
+
+
+def _record_stage(run_dir: Path, stage: str, record: dict[str, Any]) -> None:
+    pipeline = read_manifest_or_empty(run_dir).get("pipeline", {})
+    pipeline[stage] = record
+    update_manifest(run_dir, "pipeline", pipeline)
+
+
+# --- the run registry: `tunesmith runs` -------------------------------------------------------
+
+
+def _registry_path() -> Path:
+    return artifacts.tunesmith_home() / "runs.txt"
+
+
+def register_run(run_dir: Path) -> None:
+    """Remember a run folder so `tunesmith runs` finds it wherever it lives."""
+    path = _registry_path()
+    known = set(path.read_text().splitlines()) if path.exists() else set()
+    resolved = str(Path(run_dir).resolve())
+    if resolved not in known:
+        write_text_atomic(path, "".join(f"{p}\n" for p in sorted(known | {resolved})))
+
+
+def list_runs(extra_roots: list[Path] | None = None) -> list[dict[str, Any]]:
+    """Every known run with model, method, data, status, primary metric and time."""
+    folders = []
+    path = _registry_path()
+    if path.exists():
+        folders += [Path(p) for p in path.read_text().splitlines() if p]
+    for root in extra_roots or []:
+        if root.exists():
+            folders += [p.parent for p in root.glob("*/" + artifacts.MANIFEST_FILE)]
+    rows = []
+    seen = set()
+    for folder in folders:
+        folder = folder.resolve()
+        if folder in seen or not (folder / artifacts.MANIFEST_FILE).exists():
+            continue
+        seen.add(folder)
+        rows.append(run_summary(folder))
+    return rows
+
+
+def run_summary(folder: Path) -> dict[str, Any]:
+    import yaml
+
+    manifest = read_manifest_or_empty(folder)
+    config = {}
+    if (folder / artifacts.CONFIG_FILE).exists():
+        config = yaml.safe_load((folder / artifacts.CONFIG_FILE).read_text()) or {}
+    pipeline = manifest.get("pipeline", {})
+    done = [s for s in STAGES if pipeline.get(s, {}).get("status") == "done"]
+    running = [s for s in STAGES if pipeline.get(s, {}).get("status") == "running"]
+    status = f"running {running[0]}" if running else (f"done {done[-1]}" if done else "new")
+    results = _read_json(folder / artifacts.EVAL_DIR / "results.json")
+    primary = _primary_metric(results)
+    seconds = sum(pipeline.get(s, {}).get("seconds", 0) for s in STAGES)
+    return {
+        "path": str(folder),
+        "name": config.get("name", folder.name),
+        "model": config.get("model", {}).get("name"),
+        "method": config.get("train", {}).get("method"),
+        "data": config.get("data", {}).get("train"),
+        "status": status,
+        "primary_metric": primary,
+        "seconds": round(seconds, 1),
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _primary_metric(results: dict[str, Any]) -> dict[str, Any] | None:
+    """(name, tuned value) of the evaluation's primary metric, when there is one."""
+    name = results.get("primary_metric")
+    subjects = results.get("subjects", {})
+    tuned = subjects.get("tuned", {}) if isinstance(subjects, dict) else {}
+    metrics = tuned.get("metrics", {}) if isinstance(tuned, dict) else {}
+    value = metrics.get(name)
+    if isinstance(value, dict):
+        value = value.get("value")
+    return {"name": name, "value": value} if name else None
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def compare_runs(a: Path, b: Path) -> dict[str, Any]:
+    """Config keys and metrics that differ between two runs."""
+    import yaml
+
+    configs = []
+    for folder in (a, b):
+        path = Path(folder) / artifacts.CONFIG_FILE
+        if not path.exists():
+            raise UserError(f"{folder} has no {artifacts.CONFIG_FILE}", "pass two run folders that tunesmith wrote")
+        configs.append(_flatten(yaml.safe_load(path.read_text()) or {}))
+    keys = sorted(set(configs[0]) | set(configs[1]))
+    config_diff = {k: (configs[0].get(k), configs[1].get(k)) for k in keys if configs[0].get(k) != configs[1].get(k)}
+    metrics = []
+    for folder in (a, b):
+        results = _read_json(Path(folder) / artifacts.EVAL_DIR / "results.json")
+        flat = {}
+        for subject, data in (results.get("subjects") or {}).items():
+            for name, value in (data.get("metrics") or {}).items():
+                flat[f"{subject}.{name}"] = value.get("value") if isinstance(value, dict) else value
+        metrics.append(flat)
+    metric_keys = sorted(set(metrics[0]) | set(metrics[1]))
+    metric_diff = {k: (metrics[0].get(k), metrics[1].get(k)) for k in metric_keys if isinstance(metrics[0].get(k, 0), (int, float, type(None)))}
+    return {"config": config_diff, "metrics": metric_diff}

@@ -1,0 +1,467 @@
+"""`create_app(settings)`: the OpenAI-compatible HTTP API over one base and its adapters.
+
+Everything the routes need lives on `app.state` (settings, served models, engine, metrics):
+no module globals, so two apps in one process (tests) never share anything. Routes only
+translate HTTP to engine requests and back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tunesmith.errors import UserError
+from tunesmith.serve import protocol
+from tunesmith.serve.engine import Engine, SamplingParams, Sequence, ServedModel
+
+
+class ServeSettings(BaseModel):
+    """Server settings (the `tunesmith serve` options)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(default_factory=lambda: ["smollm2-135m-instruct"], description="Run folders, adapter folders (NAME=PATH to rename) or one base model reference.")
+    host: str = Field("127.0.0.1", description="Interface to bind; 127.0.0.1 keeps the server local.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port).")
+    api_key: str | None = Field(None, description="Require `Authorization: Bearer KEY` on /v1 routes.")
+    max_adapters: int = Field(4, ge=1, description="Adapters kept loaded at once (least recently used evicted).")
+    max_batch_size: int = Field(16, ge=1, description="Sequences decoded together in one step.")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_n: int = Field(4, ge=1, description="Largest n (choices per request).")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Longest prompt in tokens (default: the model's context minus max_tokens).")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body.")
+    allow_base_mismatch: bool = Field(False, description="Serve adapters whose recorded base fingerprint differs.")
+
+
+@dataclass
+class Metrics:
+    """Counters for /metrics (Prometheus text format)."""
+
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_buckets: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+    latency_counts: list[int] = field(default_factory=lambda: [0] * 11)
+    latency_sum_s: float = 0.0
+    latency_count: int = 0
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+        if route.startswith("/v1/") and route != "/v1/models":
+            self.latency_sum_s += seconds
+            self.latency_count += 1
+            index = next((i for i, b in enumerate(self.latency_buckets) if seconds <= b), len(self.latency_buckets))
+            self.latency_counts[index] += 1
+
+    def render(self, engine: Engine | None) -> str:
+        lines = ["# HELP tunesmith_requests_total HTTP requests by route and status.", "# TYPE tunesmith_requests_total counter"]
+        for (route, status), count in sorted(self.requests.items()):
+            lines.append(f'tunesmith_requests_total{{route="{route}",status="{status}"}} {count}')
+        lines += [
+            "# TYPE tunesmith_prompt_tokens_total counter",
+            f"tunesmith_prompt_tokens_total {self.prompt_tokens}",
+            "# TYPE tunesmith_completion_tokens_total counter",
+            f"tunesmith_completion_tokens_total {self.completion_tokens}",
+            "# HELP tunesmith_request_latency_seconds Completion request latency.",
+            "# TYPE tunesmith_request_latency_seconds histogram",
+        ]
+        cumulative = 0
+        for bound, count in zip(self.latency_buckets, self.latency_counts):
+            cumulative += count
+            lines.append(f'tunesmith_request_latency_seconds_bucket{{le="{bound}"}} {cumulative}')
+        lines.append(f'tunesmith_request_latency_seconds_bucket{{le="+Inf"}} {self.latency_count}')
+        lines.append(f"tunesmith_request_latency_seconds_sum {self.latency_sum_s:.6f}")
+        lines.append(f"tunesmith_request_latency_seconds_count {self.latency_count}")
+        if engine is not None:
+            lines += [
+                "# TYPE tunesmith_active_sequences gauge",
+                f"tunesmith_active_sequences {len(engine.active)}",
+                "# TYPE tunesmith_queued_sequences gauge",
+                f"tunesmith_queued_sequences {engine.queue_depth}",
+                "# TYPE tunesmith_decode_steps_total counter",
+                f"tunesmith_decode_steps_total {engine.stats['steps']}",
+                "# HELP tunesmith_decode_rows_total Sequences advanced, summed over decode steps (rows/steps = mean batch).",
+                "# TYPE tunesmith_decode_rows_total counter",
+                f"tunesmith_decode_rows_total {engine.stats['batched_rows']}",
+                "# TYPE tunesmith_loaded_adapters gauge",
+                f"tunesmith_loaded_adapters {len(engine.adapters)}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, protocol.error_body(message, type_, param, code)
+
+
+# ----------------------------------------------------------------------------------------------
+# What is served: one base, adapters over it
+
+
+@dataclass
+class ServedSet:
+    base_ref: str
+    base_id: str
+    models: dict[str, ServedModel]
+    expected_base_fingerprints: dict[str, str | None]
+
+
+def resolve_served(refs: list[str]) -> ServedSet:
+    """Sort the positional arguments into one base and named adapters (no weights loaded)."""
+    from tunesmith.artifacts import ADAPTER_DIR, CONFIG_FILE, FULL_MODEL_DIR, MANIFEST_FILE
+    from tunesmith.export import base_model_ref, read_run
+
+    explicit: list[tuple[str, str]] = []  # (id, ref): model arguments and full fine-tunes
+    implied: list[tuple[str, str]] = []  # the bases that adapters name
+    adapters: dict[str, ServedModel] = {}
+    expected: dict[str, str | None] = {}
+    for raw in refs:
+        name, _, ref = raw.partition("=") if "=" in raw and not Path(raw).exists() else ("", "", raw)
+        path = Path(ref).expanduser()
+        if path.is_dir() and (path / MANIFEST_FILE).exists() and (path / CONFIG_FILE).exists():
+            cfg, manifest = read_run(path)
+            if (path / FULL_MODEL_DIR / "config.json").exists():
+                explicit.append((name or cfg.name, str(path / FULL_MODEL_DIR)))
+                continue
+            if not (path / ADAPTER_DIR / "adapter_config.json").exists():
+                raise UserError(f"run {path} has no trained adapter", "train it first: tunesmith train CONFIG")
+            model_id = name or cfg.name
+            adapters[model_id] = ServedModel(model_id, path / ADAPTER_DIR, cfg.data.system_prompt, str(path))
+            expected[model_id] = (manifest.get("train") or {}).get("base_fingerprint")
+            implied.append((cfg.model.name, base_model_ref(cfg)))
+        elif path.is_dir() and (path / "adapter_config.json").exists():
+            adapter_cfg = json.loads((path / "adapter_config.json").read_text())
+            model_id = name or path.name
+            adapters[model_id] = ServedModel(model_id, path, None, str(path))
+            tunesmith_manifest = path / "tunesmith_manifest.json"
+            expected[model_id] = json.loads(tunesmith_manifest.read_text()).get("base_fingerprint") if tunesmith_manifest.exists() else None
+            if adapter_cfg.get("base_model_name_or_path"):
+                implied.append((adapter_cfg["base_model_name_or_path"], adapter_cfg["base_model_name_or_path"]))
+        else:
+            explicit.append((name or ref, ref))
+    # A base given as an argument wins over the bases the adapters name (the drift guard then
+    # checks each adapter against it by fingerprint).
+    bases = explicit or implied
+    if not bases:
+        raise UserError("nothing to serve", "pass a run folder, an adapter folder or a model reference")
+    distinct = {str(Path(ref).resolve()) if Path(ref).exists() else ref for _, ref in bases}
+    if len(distinct) > 1:
+        raise UserError(f"one server serves one base model; these arguments name several: {sorted(distinct)}", "start one server per base model")
+    base_id, base_ref = bases[0]
+    if base_id in adapters:
+        raise UserError(f"model id {base_id!r} is used twice", "rename one with NAME=PATH")
+    return ServedSet(base_ref, base_id, {base_id: ServedModel(base_id, None, None, base_ref), **adapters}, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(settings: ServeSettings, *, loaded: Any = None) -> Any:
+    """The FastAPI app. The base model is loaded now (a bad reference fails before binding);
+    `loaded` lets a caller pass an already loaded `tunesmith.models.LoadedModel`."""
+    from tunesmith.export import check_base_fingerprint
+    from tunesmith.models import load_model
+
+    served = resolve_served(settings.models)
+    if loaded is None:
+        loaded = load_model(served.base_ref)
+    warnings = []
+    for model_id, fingerprint in served.expected_base_fingerprints.items():
+        warning = check_base_fingerprint(fingerprint, loaded.fingerprint, base=served.base_ref, allow_base_mismatch=settings.allow_base_mismatch)
+        if warning:
+            warnings.append(f"{model_id}: {warning}")
+    engine = Engine(loaded.model, loaded.tokenizer, max_adapters=settings.max_adapters, max_batch_size=settings.max_batch_size)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="tunesmith", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.state.served = served
+    app.state.engine = engine
+    app.state.tokenizer = loaded.tokenizer
+    app.state.metrics = Metrics()
+    app.state.warnings = warnings
+    app.state.started = time.time()
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await _guard(request, call_next)
+            status = response.status_code
+            return response
+        finally:
+            request.app.state.metrics.observe(request.url.path, status, time.perf_counter() - started)
+
+    async def _guard(request: Request, call_next):
+        state = request.app.state
+        if request.url.path.startswith("/v1/") and state.settings.api_key:
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.settings.api_key.encode()):
+                return JSONResponse(protocol.error_body("invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"), status_code=401)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > state.settings.max_body_bytes:
+            return JSONResponse(protocol.error_body(f"request body over {state.settings.max_body_bytes} bytes", code="body_too_large"), status_code=400)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health(request: Request):
+        state = request.app.state
+        return {"status": "ok", "base": state.served.base_id, "models": sorted(state.served.models), "loaded_adapters": list(state.engine.adapters), "uptime_s": round(time.time() - state.started, 1)}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        return PlainTextResponse(request.app.state.metrics.render(request.app.state.engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        state = request.app.state
+        created = int(state.started)
+        data = [{"id": m.id, "object": "model", "created": created, "owned_by": "tunesmith", "parent": None if m.adapter_path is None else state.served.base_id} for m in state.served.models.values()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _read_body(request, protocol.ChatCompletionRequest)
+        state = request.app.state
+        served_model = _model(state, body.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        if served_model.default_system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": served_model.default_system})
+        prompt = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        grammar = None
+        fmt = body.response_format
+        if fmt is not None and fmt.type != "text":
+            schema = None
+            if fmt.type == "json_schema":
+                if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                    raise APIError(400, "response_format json_schema needs a schema", param="response_format")
+                schema = fmt.json_schema.schema_
+            try:
+                grammar = await asyncio.to_thread(state.engine.compile_grammar, schema)
+            except UserError as e:
+                raise APIError(400, e.message, param="response_format") from None
+        return await _generate(request, body, served_model, [list(prompt)], "chat.completion", grammar)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _read_body(request, protocol.CompletionRequest)
+        state = request.app.state
+        served_model = _model(state, body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise APIError(400, "prompt is empty", param="prompt")
+        ids = [list(state.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        return await _generate(request, body, served_model, ids, "text_completion", None)
+
+    async def _read_body(request: Request, model: type[BaseModel]) -> Any:
+        raw = await request.body()
+        if len(raw) > request.app.state.settings.max_body_bytes:
+            raise APIError(400, f"request body over {request.app.state.settings.max_body_bytes} bytes", code="body_too_large")
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise APIError(400, f"invalid request: {param}: {first['msg']}" if param else f"invalid request: {first['msg']}", param=param) from None
+
+    def _model(state: Any, model_id: str) -> ServedModel:
+        served_model = state.served.models.get(model_id)
+        if served_model is None:
+            raise APIError(404, f"The model `{model_id}` does not exist. Served: {', '.join(sorted(state.served.models))}", param="model", code="model_not_found")
+        return served_model
+
+    async def _generate(request: Request, body: Any, served_model: ServedModel, prompts: list[list[int]], kind: str, grammar: Any):
+        state = request.app.state
+        settings = state.settings
+        max_tokens = body.max_completion_tokens or body.max_tokens or settings.max_tokens_limit
+        if max_tokens > settings.max_tokens_limit:
+            raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of {settings.max_tokens_limit}", param="max_tokens")
+        if body.n > settings.max_n:
+            raise APIError(400, f"n {body.n} is above this server's limit of {settings.max_n}", param="n")
+        longest = max(len(p) for p in prompts)
+        limit = settings.max_prompt_tokens or max(1, state.engine.max_context - max_tokens)
+        if longest > limit:
+            raise APIError(400, f"prompt is {longest} tokens; this server accepts at most {limit} (with max_tokens {max_tokens})", param="messages" if kind == "chat.completion" else "prompt", code="context_length_exceeded")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        sequences = []
+        for p_index, prompt in enumerate(prompts):
+            for c_index in range(body.n):
+                seed = None if body.seed is None else body.seed + len(sequences)
+                params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(), seed=seed, grammar=grammar)
+                sequences.append(Sequence(served_model, prompt, params, loop, events, index=p_index * body.n + c_index))
+        # Each sequence reports on the shared queue tagged with its index.
+        for seq in sequences:
+            seq.events = _Tagged(events, seq.index)  # type: ignore[assignment]
+            state.engine.submit(seq)
+        request_id = protocol.new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(state, sequences, events, request_id, kind, body.model, include_usage), media_type="text/event-stream")
+        return await _collect(request, state, sequences, events, request_id, kind, body.model)
+
+    async def _collect(request: Request, state: Any, sequences: list[Sequence], events: asyncio.Queue, request_id: str, kind: str, model_id: str):
+        texts = {s.index: "" for s in sequences}
+        finish: dict[int, str] = {}
+        prompt_tokens = completion_tokens = 0
+        counted_prompts = set()
+        try:
+            while len(finish) < len(sequences):
+                try:
+                    index, event = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return JSONResponse(protocol.error_body("client disconnected"), status_code=499)
+                    continue
+                if event[0] == "delta":
+                    texts[index] += event[1]
+                elif event[0] == "done":
+                    finish[index] = event[1]
+                    if id(sequences[index].prompt_ids) not in counted_prompts:
+                        counted_prompts.add(id(sequences[index].prompt_ids))
+                        prompt_tokens += event[2]
+                    completion_tokens += event[3]
+                else:
+                    raise APIError(500, event[1], type_="server_error")
+        finally:
+            for seq in sequences:
+                seq.cancelled = True  # frees the slot if the client went away mid-generation
+        state.metrics.prompt_tokens += prompt_tokens
+        state.metrics.completion_tokens += completion_tokens
+        if kind == "chat.completion":
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": finish[i], "logprobs": None} for i in sorted(texts)]
+        else:
+            choices = [{"index": i, "text": texts[i], "finish_reason": finish[i], "logprobs": None} for i in sorted(texts)]
+        return {"id": request_id, "object": kind, "created": protocol.now(), "model": model_id, "choices": choices, "usage": protocol.usage(prompt_tokens, completion_tokens)}
+
+    async def _stream(state: Any, sequences: list[Sequence], events: asyncio.Queue, request_id: str, kind: str, model_id: str, include_usage: bool):
+        created = protocol.now()
+        chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+        done = 0
+        prompt_tokens = completion_tokens = 0
+        counted_prompts = set()
+
+        def chunk(index: int, text: str | None, reason: str | None, first: bool = False) -> str:
+            if kind == "chat.completion":
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+                choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+            else:
+                choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
+            payload = {"id": request_id, "object": chunk_kind, "created": created, "model": model_id, "choices": [choice]}
+            return f"data: {json.dumps(payload)}\n\n"
+
+        try:
+            if kind == "chat.completion":
+                for seq in sequences:
+                    yield chunk(seq.index, None, None, first=True)
+            while done < len(sequences):
+                index, event = await events.get()
+                if event[0] == "delta":
+                    yield chunk(index, event[1], None)
+                elif event[0] == "done":
+                    done += 1
+                    if id(sequences[index].prompt_ids) not in counted_prompts:
+                        counted_prompts.add(id(sequences[index].prompt_ids))
+                        prompt_tokens += event[2]
+                    completion_tokens += event[3]
+                    yield chunk(index, None, event[1])
+                else:
+                    yield f"data: {json.dumps(protocol.error_body(event[1], 'server_error'))}\n\n"
+                    done += 1
+            state.metrics.prompt_tokens += prompt_tokens
+            state.metrics.completion_tokens += completion_tokens
+            if include_usage:
+                payload = {"id": request_id, "object": chunk_kind, "created": created, "model": model_id, "choices": [], "usage": protocol.usage(prompt_tokens, completion_tokens)}
+                yield f"data: {json.dumps(payload)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            # Runs when the client disconnects too (the generator is closed): free the slots.
+            for seq in sequences:
+                seq.cancelled = True
+
+    return app
+
+
+class _Tagged:
+    """A view of a shared queue that tags each event with the sequence's choice index."""
+
+    def __init__(self, events: asyncio.Queue, index: int):
+        self._events, self._index = events, index
+
+    def put_nowait(self, event: tuple) -> None:
+        self._events.put_nowait((self._index, event))
+
+
+def serve(settings: ServeSettings) -> None:
+    """Run the server until interrupted (the `tunesmith serve` command)."""
+    import uvicorn
+
+    app = create_app(settings)
+    for warning in app.state.warnings:
+        print(f"warning: {warning}")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)
+
+
+class ServerThread:
+    """uvicorn serving `app` from a background thread on a socket already bound (port 0 works):
+    for tests and benchmarks that need a real HTTP server without a fixed port."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+
+        self.app = app
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.host, self.port = self.socket.getsockname()[:2]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "ServerThread":
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server thread died while starting")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.socket.close()
+
+
+def run_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> ServerThread:
+    return ServerThread(app, host, port).start()

@@ -1,0 +1,732 @@
+"""`tunesmith train`: LoRA, QLoRA and full fine-tuning in one plain-torch loop.
+
+Read top to bottom: distributed setup, data (tokenised and checked before any model is
+loaded, so a bad mask costs seconds, not a model load), model, optimizer, the data plan,
+resume, the loop, the artifacts. The data plan is a pure function of (seed, dataset, config),
+so the data position in a checkpoint is just the step number, and resuming is exact.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from tunesmith import artifacts
+from tunesmith.config import RunConfig
+from tunesmith.errors import UserError
+from tunesmith.formatting import (
+    IGNORE_INDEX,
+    Example,
+    collate,
+    length_grouped_batches,
+    mask_text,
+    packed_batches,
+    preflight,
+    read_chat_jsonl,
+)
+
+CHECKPOINT_WEIGHTS = "trainable.safetensors"
+CHECKPOINT_OPTIMIZER = "optimizer.pt"
+CHECKPOINT_RNG = "rng.pt"
+CHECKPOINT_STATE = "state.json"
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+def data_paths(cfg: RunConfig) -> tuple[Path, Path | None, str]:
+    """(train, eval, format): the split stage's files when present, else the config's."""
+    run_dir = cfg.run_dir
+    split_train, split_eval = run_dir / artifacts.TRAIN_SPLIT_FILE, run_dir / artifacts.EVAL_SPLIT_FILE
+    if split_train.exists():
+        return split_train, split_eval if split_eval.exists() else None, "openai"
+    train = cfg.resolve(cfg.data.train)
+    if not train.exists():
+        raise UserError(f"training data {train} not found", "fix data.train in the config (relative to the config file)")
+    eval_path = cfg.resolve(cfg.data.eval)
+    if eval_path is not None and not eval_path.exists():
+        raise UserError(f"eval data {eval_path} not found", "fix data.eval in the config, or remove it")
+    return train, eval_path, cfg.data.format
+
+
+def read_conversations(cfg: RunConfig, path: Path, fmt: str):
+    """Conversations of a data file, through data.py's readers (any supported format)."""
+    try:
+        from tunesmith.data import read_conversations as read_any
+    except ImportError:  # data.py not installed alongside: canonical OpenAI chat JSONL only
+        return read_chat_jsonl(path)
+    if fmt == "openai":  # the split stage's files already carry the system prompt
+        return read_any(path, format="openai")
+    return read_any(path, format=fmt, input_col=cfg.data.input_col, output_col=cfg.data.output_col, system_prompt=cfg.data.system_prompt)
+
+
+def load_examples(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example], dict[str, Any]]:
+    """Tokenise and pre-flight both splits; raise one UserError for every bad example."""
+    train_path, eval_path, fmt = data_paths(cfg)
+    train_examples, train_report = preflight(tokenizer, read_conversations(cfg, train_path, fmt), cfg.data, str(train_path))
+    eval_examples: list[Example] = []
+    if eval_path is not None:
+        eval_examples, _ = preflight(tokenizer, read_conversations(cfg, eval_path, fmt), cfg.data, str(eval_path))
+    info = {
+        "train_file": str(train_path),
+        "train_sha256": artifacts.sha256_file(train_path),
+        "eval_file": str(eval_path) if eval_path else None,
+        "eval_sha256": artifacts.sha256_file(eval_path) if eval_path else None,
+        "train_examples": len(train_examples),
+        "eval_examples": len(eval_examples),
+        "train_tokens_per_epoch": train_report.tokens,
+        "trained_tokens_per_epoch": train_report.trained_tokens,
+        "truncated_examples": len(train_report.truncated_lines),
+    }
+    if not train_examples:
+        raise UserError(f"{train_path} holds no examples", "check the data file")
+    return train_examples, eval_examples, info
+
+
+def show_mask(cfg: RunConfig, count: int, console) -> None:
+    """Print `count` training examples with their trained tokens highlighted."""
+    from tunesmith.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
+    train_path, _, fmt = data_paths(cfg)
+    examples, report = preflight(tokenizer, read_conversations(cfg, train_path, fmt), cfg.data, str(train_path))
+    for example in examples[:count]:
+        console.rule(f"line {example.source_line}: {len(example)} tokens, {example.trained_tokens} trained")
+        console.print(mask_text(tokenizer, example))
+    console.rule()
+    console.print(
+        f"{report.examples} examples, {report.tokens} tokens, {report.trained_tokens} trained "
+        f"({report.trained_tokens / max(report.tokens, 1):.1%}); truncated: {len(report.truncated_lines)}"
+    )
+
+
+# --- the data plan ---------------------------------------------------------------------------
+
+
+class DataPlan:
+    """Which examples every optimizer step sees: a pure function of seed, data and config.
+
+    A step is `grad_accum` micro-batches; a micro-batch is `batch_size * world` rows, of which
+    each rank takes its contiguous share. So 2 processes with batch 2 see exactly the batches
+    of 1 process with batch 4.
+    """
+
+    def __init__(self, examples: list[Example], cfg: RunConfig, world: int, rank: int):
+        self.examples, self.cfg, self.world, self.rank = examples, cfg, world, rank
+        self.global_batch = cfg.train.batch_size * world
+        self.lengths = [len(e) for e in examples]
+        self._epoch_cache: dict[int, list[list[list[int]]]] = {}
+        micro = len(self.epoch_batches(0))
+        self.steps_per_epoch = math.ceil(micro / cfg.train.grad_accum)
+        t = cfg.train
+        self.total_steps = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * self.steps_per_epoch))
+
+    def epoch_batches(self, epoch: int) -> list[list[list[int]]]:
+        if epoch not in self._epoch_cache:
+            t = self.cfg.train
+            if t.packing:
+                batches = packed_batches(self.lengths, self.global_batch, self.cfg.data.max_length, seed=t.seed, epoch=epoch)
+            else:
+                batches = length_grouped_batches(self.lengths, self.global_batch, seed=t.seed, epoch=epoch)
+            if self.world > 1:
+                # Every rank needs rows: the last batch borrows from the first (as DistributedSampler does).
+                flat = [row for batch in batches for row in batch]
+                last = batches[-1]
+                while len(last) < self.global_batch:
+                    last.append(flat[len(last) % len(flat)])
+            self._epoch_cache = {epoch: batches}
+        return self._epoch_cache[epoch]
+
+    def step(self, step: int) -> list[list[list[int]]]:
+        """The global micro-batches of optimizer step `step` (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        ga = self.cfg.train.grad_accum
+        return self.epoch_batches(epoch)[within * ga : (within + 1) * ga]
+
+    def shard(self, global_batch: list[list[int]]) -> list[list[int]]:
+        per_rank = math.ceil(len(global_batch) / self.world)
+        return global_batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def trained_tokens(self, global_batches: list[list[list[int]]]) -> int:
+        return sum(self.examples[i].trained_tokens for batch in global_batches for row in batch for i in row)
+
+    def tokens(self, global_batches: list[list[list[int]]]) -> int:
+        return sum(len(self.examples[i]) for batch in global_batches for row in batch for i in row)
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+def use_bf16(precision: str, device) -> bool:
+    """bf16 autocast where the hardware runs it fast: CUDA with bf16, CPU with AVX512-BF16/AMX."""
+    import torch
+
+    if precision == "fp32":
+        return False
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if precision == "bf16" and not supported and device.type == "cuda":
+        raise UserError("train.precision is bf16 but this GPU has no bf16", "set train.precision: fp32")
+    return supported or precision == "bf16"
+
+
+def load_for_training(cfg: RunConfig, device, bf16: bool):
+    """(model, loaded): the model ready to train (PEFT-wrapped for lora/qlora), on `device`."""
+    import torch
+
+    from tunesmith.models import load_model
+
+    t = cfg.train
+    common = dict(trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle, expected_fingerprint=cfg.model.expected_fingerprint)
+    if t.method == "full":
+        # Full fine-tuning keeps fp32 master weights; bf16 is only the autocast compute.
+        loaded = load_model(cfg.model.name, dtype=torch.float32, device=device, **common)
+        model = loaded.model
+        model.requires_grad_(True)
+    else:
+        # bitsandbytes (imported by peft when installed) warns at import about an optional
+        # kernel download it cannot do offline; the NF4 CPU path works without it.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+        from peft import LoraConfig, get_peft_model
+
+        if t.method == "qlora":
+            quant = qlora_config(bf16)
+            loaded = load_model(cfg.model.name, dtype=torch.bfloat16 if bf16 else torch.float32, quantization_config=quant, device=device, **common)
+        else:
+            # The frozen base is stored in the compute dtype: no per-step weight casts, half the memory.
+            loaded = load_model(cfg.model.name, dtype=torch.bfloat16 if bf16 else torch.float32, device=device, **common)
+        lora = t.lora
+        peft_config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            use_rslora=lora.use_rslora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        # peft keeps adapter weights in fp32 over a bf16 base (autocast_adapter_dtype), so the
+        # LoRA update and the optimizer state stay accurate.
+        model = get_peft_model(loaded.model, peft_config)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    return model, loaded
+
+
+def qlora_config(bf16: bool):
+    import torch
+
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise UserError("train.method qlora needs bitsandbytes", 'pip install "bitsandbytes>=0.50"') from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def causal_lm(model):
+    """The HF *ForCausalLM inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def loss_at_trained_positions(model, input_ids, labels, position_ids, shared_prefix_len: int = 0):
+    """Summed cross-entropy over trained positions only.
+
+    The backbone gives hidden states; the vocabulary projection runs only on positions whose
+    next token is trained (a few percent of them in domain fine-tuning, and the projection
+    is a large share of a small model's compute). With `shared_prefix_len` K > 0, every row
+    starts with the same K tokens: they run once with batch 1, and their keys/values are
+    repeated over the batch, so gradients flow back through the prefix as in the plain path.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    lm = causal_lm(model)
+    backbone, head = lm.get_decoder(), lm.get_output_embeddings()
+    k = shared_prefix_len
+    if k > 0:
+        prefix = backbone(input_ids=input_ids[:1, :k], position_ids=position_ids[:1, :k], use_cache=True)
+        # transformers 5 names the cache `cache`; 4.x `past_key_values`.
+        cache_kw = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+        cache = prefix[cache_kw]
+        cache.batch_repeat_interleave(input_ids.shape[0])
+        hidden = backbone(
+            input_ids=input_ids[:, k:], position_ids=position_ids[:, k:], use_cache=True, **{cache_kw: cache}
+        ).last_hidden_state
+        labels = labels[:, k:]
+    else:
+        hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    trained = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][trained]).float()
+    return F.cross_entropy(logits, targets[trained], reduction="sum")
+
+
+def make_loss_module(model):
+    """The model wrapped as one module whose forward is the loss, so DDP and compile see it whole."""
+    import torch
+
+    class _Loss(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, labels, position_ids, shared_prefix_len: int = 0):
+            return loss_at_trained_positions(self.model, input_ids, labels, position_ids, shared_prefix_len)
+
+    return _Loss(model)
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int):
+    t = cfg.train
+    warmup = int(t.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if t.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def trainable_state(model) -> dict:
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, rng_states: list, state: dict, keep: int) -> None:
+    """Write checkpoints/step-N atomically (temp folder + rename), then prune old ones."""
+    import torch
+    from safetensors.torch import save_file
+
+    target = folder / f"step-{state['step']}"
+    with artifacts.atomic_path(target) as tmp:
+        tmp.mkdir()
+        save_file(trainable_state(model), str(tmp / CHECKPOINT_WEIGHTS))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / CHECKPOINT_OPTIMIZER)
+        torch.save({"ranks": rng_states}, tmp / CHECKPOINT_RNG)
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2))
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a crash mid-write leaves only a hidden temp folder)."""
+    if not folder.exists():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG; return the loop state.
+
+    Only files tunesmith wrote are read, and the pickled ones with weights_only=True.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / CHECKPOINT_WEIGHTS))
+    params = dict(model.named_parameters())
+    missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
+    if missing:
+        raise UserError(f"checkpoint {path} does not match the model ({len(missing)} missing weights)", "resume with the config that wrote it")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    opt = torch.load(path / CHECKPOINT_OPTIMIZER, weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    rngs = torch.load(path / CHECKPOINT_RNG, weights_only=True)["ranks"]
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    return json.loads((path / CHECKPOINT_STATE).read_text())
+
+
+# --- records --------------------------------------------------------------------------------
+
+
+def write_loss_plot(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None]
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (trained tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with artifacts.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
+
+
+# --- distributed ----------------------------------------------------------------------------
+
+
+def init_distributed():
+    """(world, rank, local_rank, device) under torchrun; (1, 0, 0, device) otherwise."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return world, rank, local_rank, device
+
+
+def all_sum(values: list[float], world: int, device) -> list[float]:
+    if world == 1:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate_loss(loss_module, examples: list[Example], cfg: RunConfig, pad_id: int, device, bf16: bool, world: int, rank: int) -> float | None:
+    """Token-mean cross-entropy on the eval split (trained positions only), sharded over ranks."""
+    import torch
+
+    if not examples:
+        return None
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    size = cfg.train.batch_size
+    batches = [[[i] for i in order[b : b + size]] for b in range(0, len(order), size)]
+    total, tokens = 0.0, 0
+    was_training = loss_module.training
+    loss_module.eval()
+    with torch.no_grad():
+        for batch in batches[rank::world]:
+            tensors = collate(examples, batch, pad_id)
+            with autocast(device, bf16):
+                loss = loss_module(
+                    tensors["input_ids"].to(device), tensors["labels"].to(device), tensors["position_ids"].to(device)
+                )
+            total += float(loss)
+            tokens += tensors["trained_tokens"]
+    loss_module.train(was_training)
+    total, tokens = all_sum([total, tokens], world, device)
+    return total / max(tokens, 1)
+
+
+def autocast(device, bf16: bool):
+    import torch
+
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def want_compile(setting: str, device, total_steps: int) -> bool:
+    """`auto`: compile on CUDA, and on CPU for runs long enough to repay the first-step cost."""
+    if setting != "auto":
+        return setting == "on"
+    return device.type == "cuda" or (total_steps >= 200 and shutil.which("c++") is not None)
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+
+def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]:
+    """Train per `cfg`; write the adapter or model, metrics, loss plot, checkpoints, manifest."""
+    import torch
+    import torch.distributed as dist
+    from rich.console import Console
+
+    started = time.time()
+    t = cfg.train
+    world, rank, local_rank, device = init_distributed()
+    main_rank = rank == 0
+    console = console or Console(stderr=True)
+    if not main_rank:
+        console = Console(quiet=True)
+    run_dir = cfg.run_dir
+    ckpt_dir = run_dir / artifacts.CHECKPOINTS_DIR
+    metrics_path = run_dir / artifacts.METRICS_FILE
+
+    # 1. Data first: the pre-flight mask check fails in seconds, before a model load.
+    from tunesmith.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
+    train_examples, eval_examples, data_info = load_examples(cfg, tokenizer)
+    pad_id = tokenizer.pad_token_id
+
+    # 2. Seeds before the model: LoRA init draws from the torch RNG.
+    random.seed(t.seed + rank)
+    torch.manual_seed(t.seed)
+    bf16 = use_bf16(t.precision, device)
+    model, loaded = load_for_training(cfg, device, bf16)
+    torch.manual_seed(t.seed + rank)  # dropout differs per rank, as with a larger batch
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_count = sum(p.numel() for p in trainable)
+
+    # 3. Wrap: the loss module (one forward for DDP and compile), DDP across ranks, compile.
+    plan = DataPlan(train_examples, cfg, world, rank)
+    loss_module = make_loss_module(model)
+    train_module = loss_module
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_module = DDP(loss_module, device_ids=[device] if device.type == "cuda" else None)
+    compiled = want_compile(t.compile, device, plan.total_steps)
+    if compiled:
+        train_module = torch.compile(train_module, dynamic=True)
+    shared_prefix = t.shared_prefix and not t.packing and not t.gradient_checkpointing
+
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, plan.total_steps))
+
+    # 4. Resume, or start clean (stale checkpoints of an earlier run would be resumed later).
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "trained_tokens": 0, "train_time_s": 0.0, "best_eval_loss": None, "evals_without_improvement": 0}
+    if resume:
+        found = list_checkpoints(ckpt_dir)
+        if not found:
+            console.print(f"no checkpoint in {ckpt_dir}: starting from step 0")
+            resume = False
+    if resume:
+        state = load_checkpoint(found[-1], model, optimizer, scheduler, rank)
+        if state.get("train_sha256") not in (None, data_info["train_sha256"]):
+            raise UserError("the training data changed since the checkpoint was written", "resume with the same data, or start again without --resume")
+        console.print(f"resuming from {found[-1].name}")
+        metrics = read_metrics(metrics_path, up_to_step=state["step"])
+    else:
+        metrics = []
+        if main_rank:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if main_rank:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        artifacts.write_text_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
+    metrics_file = open(metrics_path, "a", encoding="utf-8") if main_rank else None
+
+    def checkpoint() -> None:
+        rngs = [rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state())
+        if main_rank:
+            save_checkpoint(ckpt_dir, model, optimizer, scheduler, rngs, {**state, "train_sha256": data_info["train_sha256"]}, t.keep_checkpoints)
+        if world > 1:
+            dist.barrier()
+
+    def log(row: dict) -> None:
+        metrics.append(row)
+        if metrics_file:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+
+    console.print(
+        f"training {t.method} on {data_info['train_examples']} examples: {plan.total_steps} steps, "
+        f"{trainable_count:,} trainable parameters, {'bf16' if bf16 else 'fp32'}, world {world}"
+        + (", compiled" if compiled else "")
+    )
+
+    # 5. The loop. The loss of a step is the mean over all trained tokens of its global batch
+    #    (every micro-batch and rank), so accumulation and DDP change nothing in the maths.
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("step {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not main_rank,
+    )
+    last_eval = None
+    stop_early = False
+    if eval_examples and state["step"] == 0:
+        # Step 0: the base model's eval loss, so the curve shows what training changed.
+        state["initial_eval_loss"] = state["best_eval_loss"] = evaluate_loss(loss_module, eval_examples, cfg, pad_id, device, bf16, world, rank)
+        log({"step": 0, "eval_loss": state["initial_eval_loss"]})
+    with progress:
+        task = progress.add_task("train", total=plan.total_steps, completed=state["step"], loss="-", tps="-")
+        while state["step"] < plan.total_steps and not stop_early:
+            step = state["step"]
+            step_start = time.perf_counter()
+            global_batches = plan.step(step)
+            step_trained = plan.trained_tokens(global_batches)
+            loss_sum = 0.0
+            for m, global_batch in enumerate(global_batches):
+                tensors = collate(train_examples, plan.shard(global_batch), pad_id)
+                sync = m == len(global_batches) - 1 or world == 1
+                with (nullcontext() if sync else train_module.no_sync()), autocast(device, bf16):
+                    loss = train_module(
+                        tensors["input_ids"].to(device),
+                        tensors["labels"].to(device),
+                        tensors["position_ids"].to(device),
+                        tensors["shared_prefix_len"] if shared_prefix else 0,
+                    )
+                # DDP averages gradients over ranks; scaling by world makes it the global token mean.
+                (loss * world / step_trained).backward()
+                loss_sum += float(loss.detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm else float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            (loss_sum,) = all_sum([loss_sum], world, device)
+            elapsed = time.perf_counter() - step_start
+            step_tokens = plan.tokens(global_batches)
+            state["step"] = step + 1
+            state["tokens"] += step_tokens
+            state["trained_tokens"] += step_trained
+            state["train_time_s"] += elapsed
+            row = {
+                "step": step + 1,
+                "loss": loss_sum / step_trained,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": step_tokens / elapsed,
+                "trained_tokens_per_s": step_trained / elapsed,
+            }
+            done = state["step"] == plan.total_steps
+            if eval_examples and (done or (t.eval_every and state["step"] % t.eval_every == 0)):
+                last_eval = evaluate_loss(loss_module, eval_examples, cfg, pad_id, device, bf16, world, rank)
+                row["eval_loss"] = last_eval
+                best = state["best_eval_loss"]
+                if best is None or last_eval < best:
+                    state["best_eval_loss"], state["evals_without_improvement"] = last_eval, 0
+                else:
+                    state["evals_without_improvement"] += 1
+                    if t.early_stopping_patience and state["evals_without_improvement"] >= t.early_stopping_patience:
+                        stop_early = True
+                        console.print(f"early stop at step {state['step']}: no better eval loss in {t.early_stopping_patience} evals")
+            log(row)
+            progress.update(task, completed=state["step"], loss=f"{row['loss']:.4f}", tps=f"{row['tokens_per_s']:.0f}")
+            if done or stop_early or (t.save_every and state["step"] % t.save_every == 0):
+                checkpoint()
+    if metrics_file:
+        metrics_file.close()
+    if eval_examples and last_eval is None:
+        last_eval = evaluate_loss(loss_module, eval_examples, cfg, pad_id, device, bf16, world, rank)
+
+    # 6. Artifacts (rank 0): the adapter or model in standard formats, the plot, the manifest.
+    if main_rank:
+        if t.method == "full":
+            out = run_dir / artifacts.FULL_MODEL_DIR
+            with artifacts.atomic_path(out) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+        else:
+            out = run_dir / artifacts.ADAPTER_DIR
+            with artifacts.atomic_path(out) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+        write_loss_plot(metrics, run_dir / artifacts.LOSS_PLOT_FILE)
+    summary = {
+        "method": t.method,
+        "output": str(out) if main_rank else None,
+        "steps": state["step"],
+        "total_steps": plan.total_steps,
+        "stopped_early": stop_early,
+        "final_loss": next((m["loss"] for m in reversed(metrics) if "loss" in m), None),
+        "initial_eval_loss": state.get("initial_eval_loss"),
+        "final_eval_loss": last_eval,
+        "best_eval_loss": state["best_eval_loss"],
+        "tokens_trained": state["tokens"],
+        "trained_tokens": state["trained_tokens"],
+        "train_time_s": state["train_time_s"],
+        "tokens_per_s": state["tokens"] / max(state["train_time_s"], 1e-9),
+        "trainable_parameters": trainable_count,
+    }
+    if main_rank:
+        versions = artifacts.library_versions()
+        for dist_name in ("bitsandbytes", "accelerate"):
+            try:
+                import importlib.metadata as md
+
+                versions[dist_name] = md.version(dist_name)
+            except Exception:  # noqa: BLE001 - optional libraries
+                pass
+        artifacts.update_manifest(
+            run_dir,
+            "train",
+            {
+                **summary,
+                "base_model": {"reference": cfg.model.name, "path": str(loaded.path), "fingerprint": loaded.fingerprint},
+                "data": data_info,
+                "config": cfg.model_dump(mode="json"),
+                "versions": versions,
+                "seed": t.seed,
+                "precision": "bf16" if bf16 else "fp32",
+                "compiled": compiled,
+                "world_size": world,
+                "hardware": artifacts.hardware_summary(),
+                "wall_time_s": time.time() - started,
+                "resumed": resume,
+            },
+        )
+        console.print(
+            f"done: {state['step']} steps, loss {summary['final_loss'] or float('nan'):.4f}"
+            + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
+            + f", {summary['tokens_per_s']:.0f} tokens/s -> {out}"
+        )
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary

@@ -1,0 +1,223 @@
+"""`tunesmith eval` on the tiny model: generation, subjects, reports, gates, determinism."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunesmith import artifacts, evaluate
+from tunesmith.config import load_config
+from tunesmith.errors import GateFailed, UserError
+from tunesmith.starter import SYSTEM_PROMPT, support_tickets
+
+from conftest import SHARED_DATA
+
+
+def make_adapter(model_dir: Path, out: Path, seed: int) -> None:
+    """A random (non-zero) LoRA adapter on the tiny model, saved as a PEFT folder."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(out)
+
+
+def make_run(root: Path, model_dir: Path, *, task: str = "classification", n_train: int = 40, n_eval: int = 12,
+             adapter_seed: int | None = 0, eval_settings: str = "") -> Path:
+    """A project folder with config.yaml and a run folder holding the split (and an adapter)."""
+    run = root / "runs" / "r"
+    (run / "data").mkdir(parents=True)
+    records = support_tickets(n_train + n_eval, seed=3)
+    if task == "classification":
+        for r in records:
+            r["messages"][-1]["content"] = json.loads(r["messages"][-1]["content"])["team"]
+    for name, part in (("train", records[:n_train]), ("eval", records[n_train:])):
+        (run / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    if adapter_seed is not None:
+        make_adapter(model_dir, run / artifacts.ADAPTER_DIR, adapter_seed)
+    (root / "config.yaml").write_text(
+        f"model: {{name: {model_dir}}}\ndata: {{train: unused.jsonl}}\noutput_dir: runs/r\n"
+        f"eval: {{max_new_tokens: 8, bootstrap_samples: 100, precision: fp32{eval_settings}}}\n"
+    )
+    return root / "config.yaml"
+
+
+def test_batched_generation_equals_one_at_a_time_generate(tiny_model_dir):
+    from tunesmith.models import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    tok = loaded.tokenizer
+    convs = [evaluate.Conversation.from_openai(r) for r in support_tickets(7, seed=5)]
+    prompts = [evaluate.render_ids(tok, evaluate.prompt_messages(c, SYSTEM_PROMPT)) for c in convs]
+    prompts[3] = prompts[3][:20]  # a much shorter prompt: lots of padding in its batch
+    stop = evaluate.stop_token_ids(loaded.model, tok)
+    expected = []
+    for ids in prompts:
+        out = loaded.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=10, do_sample=False)
+        expected.append(out[0, len(ids):].tolist())
+    for share_prefix in (True, False):
+        gens = evaluate.generate_greedy(loaded.model, prompts, max_new_tokens=10, batch_size=3, stop_ids=stop,
+                                        pad_id=tok.pad_token_id, decode=tok.decode, share_prefix=share_prefix)
+        got = [g.token_ids for g in gens]
+        # generate pads finished rows with pad after eos; we stop there.
+        assert got == [e[: len(g)] for e, g in zip(expected, got)]
+        for g, e in zip(gens, expected):
+            assert g.stopped == (g.token_ids[-1] in stop)
+            assert len(g.token_ids) == 10 or g.stopped
+            assert all(t == tok.pad_token_id for t in e[len(g.token_ids):])
+    assert evaluate.shared_prefix_length(prompts) > evaluate.MIN_SHARED_PREFIX  # the prefix path ran
+
+
+def test_few_shot_choice_is_stratified_and_stated(tmp_path, tiny_model_dir):
+    config = make_run(tmp_path, tiny_model_dir, adapter_seed=None, eval_settings=", few_shot_k: 4, max_examples: 3")
+    cfg = load_config(config, ["eval.subjects=[base-fewshot]"])
+    metrics_file = cfg.run_dir / artifacts.METRICS_FILE
+    metrics_file.parent.mkdir(parents=True)
+    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 0, "eval_loss": 3.0}, {"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0, "eval_loss": 2.2}]))
+    results = evaluate.run(cfg)
+    html = (cfg.run_dir / "eval/report.html").read_text()
+    assert "Training loss" in html and '<img alt="loss"' in html and '<img alt="confusion"' in html
+    shots = results["few_shot"]
+    assert shots["k"] == 4 and sorted(shots["labels"]) == ["account", "billing", "shipping", "technical"]
+    train = [json.loads(x) for x in (cfg.run_dir / "data/train.jsonl").read_text().splitlines()]
+    eval_inputs = {json.loads(x)["messages"][1]["content"] for x in (cfg.run_dir / "data/eval.jsonl").read_text().splitlines()}
+    assert all(train[line - 1]["messages"][1]["content"] not in eval_inputs for line in shots["train_lines"])
+    assert "round-robin over labels" in (cfg.run_dir / "eval/report.md").read_text()
+
+
+def test_eval_cli_reports_gates_and_exit_codes(cli, tmp_path, tiny_model_dir):
+    config = make_run(tmp_path, tiny_model_dir)
+    junit = tmp_path / "junit.xml"
+    result = cli("eval", str(config), "--gate", "accuracy>=0", "--gate", "base.out_of_label_rate<=1", "--junit", str(junit))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "runs/r/eval"
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "report.html", "report.md", "results.json"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "classification" and list(results["subjects"]) == ["base", "base-fewshot", "tuned"]
+    for entry in results["subjects"].values():
+        m = entry["metrics"]["accuracy"]
+        assert m["ci_low"] <= m["value"] <= m["ci_high"]
+        assert {"macro_f1", "out_of_label_rate", "mean_latency_s", "tokens_per_s"} <= set(entry["metrics"])
+    assert set(results["comparisons"]) == {"tuned_vs_base", "tuned_vs_base-fewshot"}
+    assert results["verdict"]["best_baseline"] in ("base", "base-fewshot") and "tuned" not in results["verdict"]["best_baseline"]
+    predictions = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == results["examples"] == 12
+    assert all(set(p["outputs"]) == {"base", "base-fewshot", "tuned"} for p in predictions)
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<script" not in html and "http" not in html.split("<body>")[0]
+    assert results["verdict"]["text"] in (out / "report.md").read_text().replace("\n", " ")
+    assert 'failures="0"' in junit.read_text()
+    assert artifacts.read_manifest(tmp_path / "runs/r")["eval"]["primary"].keys() == {"base", "base-fewshot", "tuned"}
+    assert " ".join(results["verdict"]["text"].split()) in " ".join(result.stdout.split())
+
+    # The tiny random model never answers a label: a real threshold fails with exit 3, after
+    # the reports are written, and the JUnit file names the failing gate. Run by RUN_DIR.
+    (tmp_path / "runs/r/config.yaml").write_text(config.read_text())
+    (out / "results.json").unlink()
+    result = cli("eval", str(tmp_path / "runs/r"), "--subjects", "base,tuned", "--max-examples", "4",
+                 "--gate", "accuracy>=0.5", "--junit", str(junit))
+    assert result.returncode == 3, result.stderr
+    assert "gate failed" in result.stderr and "accuracy>=0.5" in result.stderr
+    assert json.loads((out / "results.json").read_text())["passed"] is False
+    assert 'failures="1"' in junit.read_text() and "<failure" in junit.read_text()
+
+    result = cli("eval", str(config), "--gate", "accuracy>>0.5")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_determinism_and_json_task(tmp_path, tiny_model_dir):
+    config = make_run(tmp_path, tiny_model_dir, task="json", n_eval=8)
+    cfg = load_config(config)
+    first = evaluate.run(cfg)
+    texts = [{s: o["text"] for s, o in json.loads(x)["outputs"].items()}
+             for x in (cfg.run_dir / "eval/predictions.jsonl").read_text().splitlines()]
+    assert not any(e.get("reused_from_previous_report") for e in first["subjects"].values())
+    # A second run over the previous report reuses the baselines' answers (same model, prompts,
+    # decoding) and regenerates the fine-tune's.
+    reused = evaluate.run(load_config(config))
+    assert [reused["subjects"][s].get("reused_from_previous_report", False) for s in reused["subjects"]] == [True, True, False]
+    # Determinism: everything generated again from scratch gives identical answers.
+    import shutil
+
+    shutil.rmtree(cfg.run_dir / "eval")
+    second = evaluate.run(load_config(config))
+    assert not any(e.get("reused_from_previous_report") for e in second["subjects"].values())
+    again = [{s: o["text"] for s, o in json.loads(x)["outputs"].items()}
+             for x in (cfg.run_dir / "eval/predictions.jsonl").read_text().splitlines()]
+    assert texts == again
+    assert first["task"] == "json" and first["schema_source"] == "inferred from the training answers"
+    assert first["schema"]["properties"]["priority"]["enum"] == ["high", "low", "normal", "urgent"]
+    for s in first["subjects"]:
+        values = {k: v["value"] for k, v in first["subjects"][s]["metrics"].items()}
+        assert values.keys() >= {"exact_match", "parse_rate", "schema_valid_rate", "field_f1"}
+        assert {k: v["value"] for k, v in second["subjects"][s]["metrics"].items() if "latency" not in k and "per_s" not in k} == {
+            k: v for k, v in values.items() if "latency" not in k and "per_s" not in k
+        }
+    # The adapter changes the model: tuned and base answer differently somewhere.
+    assert any(t["tuned"] != t["base"] for t in texts)
+
+
+def test_against_another_run(tmp_path, tiny_model_dir):
+    config = make_run(tmp_path / "new", tiny_model_dir, eval_settings=", max_examples: 6")
+    other_config = make_run(tmp_path / "old", tiny_model_dir, adapter_seed=1)
+    other_run = tmp_path / "old/runs/r"
+    (other_run / "config.yaml").write_text(other_config.read_text())
+    cfg = load_config(config, ["eval.subjects=[tuned]"])
+    try:
+        results = evaluate.run(cfg, against=other_run)
+    except GateFailed:
+        results = json.loads((cfg.run_dir / "eval/results.json").read_text())
+    assert list(results["subjects"]) == ["tuned", "against"]
+    assert results["subjects"]["against"]["path"] == str(other_run.resolve() / artifacts.ADAPTER_DIR)
+    gate = results["gates"][-1]
+    assert gate["op"] == "not worse" and gate["passed"] == (not (gate["value"] < gate["against_value"] and gate["p_value"] < 0.05))
+    assert "tuned_vs_against" in results["comparisons"]
+
+
+def test_missing_trained_model_is_a_user_error(tmp_path, tiny_model_dir):
+    config = make_run(tmp_path, tiny_model_dir, adapter_seed=None, eval_settings=", max_examples: 2")
+    with pytest.raises(UserError, match="no trained model"):
+        evaluate.run(load_config(config, ["eval.subjects=[base,tuned]"]))
+    (tmp_path / "eval.jsonl").write_text((tmp_path / "runs/r/data/eval.jsonl").read_text())
+    (tmp_path / "train.jsonl").write_text((tmp_path / "runs/r/data/train.jsonl").read_text())
+    (tmp_path / "runs/r/data/eval.jsonl").unlink()
+    with pytest.raises(UserError, match="no held-out split"):
+        evaluate.run(load_config(config))
+    # Without a run split, the config's own files are the split.
+    results = evaluate.run(load_config(config, ["data.train=train.jsonl", "data.eval=eval.jsonl", "eval.subjects=[base]"]))
+    assert results["sources"]["eval"] == str(tmp_path / "eval.jsonl") and results["examples"] == 2
+
+
+@pytest.mark.slow
+def test_smollm2_base_vs_fewshot_on_sms_spam(tmp_path, smollm2_dir):
+    """SmolLM2 on a handful of real SMS: the few-shot prompt holds real examples and the report
+    shows both baselines with intervals."""
+    path = SHARED_DATA / "sms_spam" / "SMSSpamCollection"
+    if not path.exists():
+        pytest.skip(f"{path} is absent (shared datasets not installed)")
+    import csv
+
+    with open(path, encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)][1:]
+    system = "Classify the SMS as spam or ham. Answer with one word: spam or ham."
+    records = [{"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": label}]} for label, text in rows]
+    spam = [r for r in records if r["messages"][1]["content"] == "spam"]
+    ham = [r for r in records if r["messages"][1]["content"] == "ham"]
+    run = tmp_path / "runs/r"
+    (run / "data").mkdir(parents=True)
+    (run / "data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spam[:10] + ham[:10]))
+    (run / "data/eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spam[10:14] + ham[10:14]))
+    (tmp_path / "config.yaml").write_text(json.dumps({
+        "model": {"name": str(smollm2_dir)}, "data": {"train": "unused", "system_prompt": system}, "output_dir": "runs/r",
+        "eval": {"subjects": ["base", "base-fewshot"], "max_new_tokens": 4, "few_shot_k": 4, "bootstrap_samples": 200},
+    }))
+    results = evaluate.run(load_config(tmp_path / "config.yaml"))
+    assert results["task"] == "classification" and results["labels"] == ["ham", "spam"]
+    assert results["few_shot"]["k"] == 4 and sorted(set(results["few_shot"]["labels"])) == ["ham", "spam"]
+    for entry in results["subjects"].values():
+        assert entry["ended_on_end_of_turn"] > 0  # the real model stops at <|im_end|>
+    assert "No comparison with a fine-tune" in results["verdict"]["text"]

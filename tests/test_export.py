@@ -1,0 +1,183 @@
+"""Export: every artifact is read back by the tool that consumes it and compared with the trained
+model (tiny Llama + a random non-zero LoRA)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_adapter_run
+from safetensors.torch import load_file, save_file
+
+from tunesmith import export
+from tunesmith.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    return make_adapter_run(tmp_path_factory.mktemp("export") / "run", tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def trained(run_dir):
+    return export.load_run_model(run_dir)
+
+
+def test_merged_logits_equal_base_plus_adapter(run_dir, trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = export.run(run_dir, "merged")
+    folder = run_dir / "export" / "merged"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "tunesmith_manifest.json"} <= {p.name for p in folder.iterdir()}
+    # Plain transformers, no peft: what a user of the merged folder gets.
+    merged = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.chat_template == trained.tokenizer.chat_template
+    ids = torch.tensor([export.prompt_ids(tokenizer, export.PROBE_CONVERSATIONS)[2]])
+    with torch.inference_mode():
+        merged_logits = merged(input_ids=ids).logits
+        adapter_logits = trained.model(input_ids=ids).logits
+        with trained.model.disable_adapter():
+            base_logits = trained.model(input_ids=ids).logits
+    # fp32 merge reorders one matmul: differences stay at rounding level (1e-4 stated tolerance).
+    assert torch.allclose(merged_logits, adapter_logits, atol=1e-4, rtol=0)
+    assert (adapter_logits - base_logits).abs().max() > 1e-2, "the adapter must change the model for this test to mean anything"
+    assert report["parity"]["mismatches"] == [] and report["parity"]["matching"] == report["parity"]["prompts"]
+    assert export.parity_problems(report) == []
+
+
+def test_adapter_export_carries_fingerprint_and_lint(run_dir, trained):
+    report = export.run(run_dir, "adapter")
+    folder = run_dir / "export" / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tunesmith_manifest.json"} <= {p.name for p in folder.iterdir()}
+    manifest = json.loads((folder / "tunesmith_manifest.json").read_text())
+    assert manifest["base_fingerprint"] == trained.base_fingerprint
+    assert report["lint"] == []  # r=4 on llama: servable by vLLM and Ollama as is
+    assert report["parity"]["mismatches"] == []
+    assert "adapter" in json.loads((run_dir / "manifest.json").read_text())["export"]
+
+
+def test_lint_names_every_serving_problem():
+    problems = export.lint_adapter_config(
+        {"r": 64, "use_dora": True, "modules_to_save": ["lm_head"], "target_modules": ["q_proj", "embed_tokens"]}, "qwen2"
+    )
+    text = "\n".join(problems)
+    assert len(problems) == 5
+    assert "--max-lora-rank 64" in text and "DoRA" in text and "modules_to_save" in text and "embed_tokens" in text and "Ollama" in text
+    assert export.lint_adapter_config({"r": 16, "target_modules": "all-linear"}, "llama") == []
+    assert "--max-lora-rank 32" in export.lint_adapter_config({"r": 8, "rank_pattern": {"q_proj": 24}}, "llama")[0]
+
+
+def test_gguf_tensors_match_after_dequantization(run_dir, trained):
+    import gguf
+
+    report = export.run(run_dir, "gguf", gguf_types=["f16", "q8_0"])
+    folder = run_dir / "export" / "gguf"
+    merged = export.merged_model(trained)
+    expected = export.hf_to_gguf_arrays(merged)
+    for gguf_type, qtype in (("f16", "F16"), ("q8_0", "Q8_0")):
+        path = folder / f"tiny-run-{gguf_type}.gguf"
+        reader = gguf.GGUFReader(str(path))
+        assert reader.fields["general.architecture"].contents() == "llama"
+        assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == trained.tokenizer.eos_token_id
+        assert len(reader.fields["tokenizer.ggml.tokens"].data) == merged.config.vocab_size
+        assert reader.fields["tokenizer.chat_template"].contents() == trained.tokenizer.chat_template
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        assert types["blk.0.attn_q.weight"] == qtype and types["blk.0.attn_norm.weight"] == "F32"
+        assert "output.weight" not in types  # tied embeddings: llama.cpp reuses token_embd
+        for tensor in reader.tensors:
+            got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(expected[tensor.name].shape)
+            assert (np.abs(got - expected[tensor.name]) <= export.gguf_tolerance(tensor.tensor_type.name, expected[tensor.name])).all(), tensor.name
+        entry = report["files"][path.name]
+        assert entry["tensors"]["problems"] == [] and entry["tensors"]["tensors"] == len(expected)
+        # Read back by transformers' GGUF loader (it undoes the q/k permutation): same greedy tokens.
+        assert entry["parity"]["mismatches"] == [] and entry["parity"]["tokenizer_matches"]
+    # q/k permutation round-trips; with it wrong, the f16 file would not match the logits at f16 noise.
+    assert report["files"]["tiny-run-f16.gguf"]["parity"]["max_logit_diff"] < 1e-2
+
+
+def test_gguf_lora_adapter_adds_up_to_the_merged_weights(run_dir, trained):
+    import gguf
+
+    if not (run_dir / "export" / "gguf").exists():
+        export.run(run_dir, "gguf", gguf_types=["f16"])
+    reader = gguf.GGUFReader(str(run_dir / "export" / "gguf" / "tiny-run-lora-f32.gguf"))
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    lora = {t.name: np.array(t.data) for t in reader.tensors}
+    rank = lora["blk.0.attn_q.weight.lora_a"].shape[0]
+    scale = float(reader.fields["adapter.lora.alpha"].contents()) / rank  # what llama.cpp computes
+    from transformers import AutoModelForCausalLM
+
+    base = export.hf_to_gguf_arrays(AutoModelForCausalLM.from_pretrained(trained.base_path))
+    merged = export.hf_to_gguf_arrays(export.merged_model(trained))
+    for name in ("blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.1.ffn_down.weight"):
+        rebuilt = base[name] + scale * lora[name + ".lora_b"] @ lora[name + ".lora_a"]
+        assert np.allclose(rebuilt, merged[name], atol=1e-5), name
+
+
+def test_ollama_modelfile_template_renders_like_the_chat_template(run_dir, trained):
+    report = export.run(run_dir, "ollama", gguf_types=["q8_0"])
+    folder = run_dir / "export" / "ollama"
+    modelfile = (folder / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./tiny-run-q8_0.gguf\n")
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert (folder / "tiny-run-q8_0.gguf").exists()
+    assert report["ollama_create"].startswith("ollama create tiny-run -f ")
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    system = modelfile.split('SYSTEM """', 1)[1].split('"""', 1)[0]
+    conversations = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"}],
+        [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}, {"role": "user", "content": "3"}],
+    ]
+    for conversation in conversations:
+        expected = trained.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        messages = [{"Role": m["role"], "Content": m["content"]} for m in export.ollama_messages(conversation, system)]
+        assert export.render_go_template(template, {"Messages": messages}) == expected
+    assert report["template_parity"]["mismatches"] == []
+
+
+def test_go_renderer_handles_ollama_syntax():
+    # Ollama's own ChatML template style: trim markers, range over .Messages, $last.
+    template = (
+        "{{- range $i, $_ := .Messages }}\n{{- $last := eq (len (slice $.Messages $i)) 1 -}}\n"
+        "<|im_start|>{{ .Role }}\n{{ .Content }}{{ if not $last }}<|im_end|>\n{{ end }}\n"
+        '{{- if and (ne .Role "assistant") $last }}<|im_end|>\n<|im_start|>assistant\n{{ end }}\n{{- end }}'
+    )
+    messages = [{"Role": "user", "Content": "hi"}, {"Role": "assistant", "Content": "yo"}, {"Role": "user", "Content": "ok"}]
+    out = export.render_go_template(template, {"Messages": messages})
+    assert out == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n<|im_start|>user\nok<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_drift_guard_refuses_a_changed_base(tiny_model_dir, tmp_path, cli):
+    from tunesmith.models import fingerprint
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    run_dir = make_adapter_run(tmp_path / "run", base)
+    trained_fp = fingerprint(base)
+    # The same architecture with one weight nudged: the adapter still loads, silently wrong.
+    weights = load_file(base / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 0.01
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    changed_fp = fingerprint(base)
+    with pytest.raises(UserError) as err:
+        export.load_run_model(run_dir)
+    assert trained_fp in err.value.message and changed_fp in err.value.message
+    loaded = export.load_run_model(run_dir, allow_base_mismatch=True)
+    assert "allowed" in loaded.manifest["base_mismatch_warning"]
+    result = cli("export", str(run_dir), "--format", "adapter")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and trained_fp in result.stderr and "--allow-base-mismatch" in result.stderr
+
+
+def test_gguf_refuses_other_architectures(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(UserError, match="Llama family"):
+        export.write_gguf(model, None, tmp_path / "x.gguf", "f16", "x")

@@ -1,0 +1,175 @@
+import pytest
+
+from tunesmith.config import DataConfig
+from tunesmith.errors import UserError
+from tunesmith.formatting import (
+    IGNORE_INDEX,
+    collate,
+    length_grouped_batches,
+    packed_batches,
+    preflight,
+    tokenize_conversation,
+    tokenize_dataset,
+)
+from tunesmith.schema import Conversation
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from tunesmith.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+def conv(*turns, line=1):
+    """conv(("user", "hi"), ("assistant", "yo", 0), ...) -> Conversation."""
+    messages = [{"role": t[0], "content": t[1], **({"weight": t[2]} if len(t) > 2 else {})} for t in turns]
+    return Conversation.from_openai({"messages": messages}, line)
+
+
+def trained_text(tokenizer, example) -> str:
+    return tokenizer.decode([i for i, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+
+
+def trained_runs(tokenizer, example) -> list[str]:
+    """The trained tokens as contiguous runs of text."""
+    runs, current = [], []
+    for i, label in zip(example.input_ids, example.labels):
+        if label != IGNORE_INDEX:
+            current.append(i)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+def test_single_turn_trains_answer_and_end_of_turn_only(tokenizer):
+    c = conv(("system", "You route tickets."), ("user", "my parcel is late"), ("assistant", '{"team": "shipping"}'))
+    example, problems = tokenize_conversation(tokenizer, c, max_length=512)
+    assert problems == []
+    assert trained_runs(tokenizer, example) == ['{"team": "shipping"}<|im_end|>']
+    # Labels equal the input ids where trained; the ids are the template's own tokenisation.
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(example.input_ids, example.labels))
+    full = tokenizer.apply_chat_template(c.to_openai()["messages"], tokenize=True)
+    full = full["input_ids"] if hasattr(full, "keys") else full
+    assert example.input_ids == list(full)[: len(example.input_ids)]
+    assert example.input_ids[-1] == tokenizer.eos_token_id  # the untrained newline after it is dropped
+
+
+def test_multi_turn_with_weight_zero(tokenizer):
+    c = conv(
+        ("user", "hello"),
+        ("assistant", "Hi there", 1),
+        ("user", "and now?"),
+        ("assistant", "context only", 0),
+        ("user", "last one"),
+        ("assistant", "final answer"),
+    )
+    example, problems = tokenize_conversation(tokenizer, c, max_length=512)
+    assert problems == []
+    assert trained_runs(tokenizer, example) == ["Hi there<|im_end|>", "final answer<|im_end|>"]
+    # The template's default system prompt (no system message) is context, never trained.
+    assert "helpful" in tokenizer.decode(example.input_ids) and "helpful" not in trained_text(tokenizer, example)
+
+
+def test_config_system_prompt_is_added_and_not_trained(tokenizer):
+    c = conv(("user", "hi"), ("assistant", "yes"))
+    example, _ = tokenize_conversation(tokenizer, c, max_length=512, system_prompt="Answer in JSON.")
+    assert "Answer in JSON." in tokenizer.decode(example.input_ids)
+    assert trained_text(tokenizer, example) == "yes<|im_end|>"
+
+
+def test_preflight_collects_every_problem_with_lines(tokenizer):
+    convs = [
+        conv(("user", "a"), ("assistant", "fine"), line=1),
+        conv(("user", "no answer here"), line=2),
+        conv(("user", "b"), ("assistant", "only context", 0), line=3),
+        conv(("user", "c " * 20), ("assistant", "long answer " * 80), line=4),
+        conv(("user", "d"), ("assistant", "fine too"), line=5),
+    ]
+    with pytest.raises(UserError) as err:
+        preflight(tokenizer, convs, DataConfig(train="x", max_length=200), "data.jsonl")
+    message = err.value.message
+    assert "3 of 5" in message
+    assert "no trained token (lines 2, 3)" in message
+    assert "would cut assistant tokens (line 4)" in message
+    assert "data.truncate" in err.value.hint
+
+    # With truncation allowed, line 4 is cut and reported instead.
+    examples, report = preflight(tokenizer, [convs[0], convs[3]], DataConfig(train="x", max_length=200, truncate=True), "d")
+    assert report.truncated_lines == [4]
+    assert len(examples[1]) == 200 and examples[1].cut_trained_tokens > 0
+
+
+def test_preflight_catches_untrained_end_of_turn_and_unstable_templates(tokenizer):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    # A template that never closes assistant turns with the eos token: the model would not learn to stop.
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "{% if m['role'] != 'assistant' %}<|im_end|>{% endif %}\n{% endfor %}"
+    )
+    _, problems = tokenize_conversation(tok, conv(("user", "a"), ("assistant", "b")), max_length=512)
+    assert "end_of_turn_not_trained" in problems
+    # A template whose render of earlier messages changes when later ones are added.
+    tok.chat_template = "{{ messages|length }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    _, problems = tokenize_conversation(tok, conv(("user", "a"), ("assistant", "b")), max_length=512)
+    assert "template_not_incremental" in problems
+
+
+def test_length_grouped_batches_cover_every_example_once_and_repeat_per_seed():
+    lengths = [5, 50, 7, 48, 6, 49, 8, 47, 9, 46, 10]
+    batches = length_grouped_batches(lengths, 4, seed=1, epoch=0)
+    flat = sorted(i for batch in batches for row in batch for i in row)
+    assert flat == list(range(len(lengths)))
+    assert batches == length_grouped_batches(lengths, 4, seed=1, epoch=0)
+    assert batches != length_grouped_batches(lengths, 4, seed=1, epoch=1)
+    # Grouped: the longest batch holds the 4 longest examples.
+    assert sorted(max(batches, key=lambda b: min(lengths[r[0]] for r in b)), key=lambda r: r[0]) == [[1], [3], [5], [7]]
+
+
+def test_packing_restarts_positions_and_fits_rows(tokenizer):
+    convs = [conv(("user", f"question {i}"), ("assistant", "answer " * (i + 1)), line=i + 1) for i in range(6)]
+    examples, _ = tokenize_dataset(tokenizer, convs, max_length=512)
+    lengths = [len(e) for e in examples]
+    batches = packed_batches(lengths, 2, max(lengths) * 2, seed=0, epoch=0)
+    rows = [row for batch in batches for row in batch]
+    assert sorted(i for row in rows for i in row) == list(range(6))
+    assert all(sum(lengths[i] for i in row) <= max(lengths) * 2 for row in rows)
+    packed = next(row for row in rows if len(row) > 1)
+    tensors = collate(examples, [packed], tokenizer.pad_token_id)
+    positions = tensors["position_ids"][0].tolist()
+    second_start = lengths[packed[0]]
+    assert positions[0] == 0 and positions[second_start] == 0 and positions[second_start - 1] == second_start - 1
+    assert tensors["shared_prefix_len"] == 0  # never with packing
+    assert tensors["trained_tokens"] == sum(examples[i].trained_tokens for i in packed)
+
+
+def test_shared_prefix_stops_before_first_trained_prediction(tokenizer):
+    convs = [conv(("system", "Same system prompt for all."), ("user", f"u{i}"), ("assistant", f"a{i}")) for i in range(3)]
+    examples, _ = tokenize_dataset(tokenizer, convs, max_length=512)
+    tensors = collate(examples, [[0], [1], [2]], tokenizer.pad_token_id)
+    k = tensors["shared_prefix_len"]
+    ids = tensors["input_ids"]
+    assert k > 0 and bool((ids[:, :k] == ids[0, :k]).all())
+    assert all(k <= e.first_trained_position - 1 for e in examples)
+    assert "Same system prompt" in tokenizer.decode(ids[0, :k])
+
+
+def test_show_mask_cli(cli, tiny_model_dir, tmp_path, write_jsonl):
+    write_jsonl([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "UNIQUEANSWER"}]}] * 3, "train.jsonl")
+    (tmp_path / "c.yaml").write_text(f"model: {{name: {tiny_model_dir}}}\ndata: {{train: train.jsonl}}\n")
+    result = cli("train", str(tmp_path / "c.yaml"), "--show-mask", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("UNIQUEANSWER") == 2 and "3 examples" in result.stdout
+
+
+def test_train_cli_preflight_failure_is_one_line(cli, tiny_model_dir, tmp_path, write_jsonl):
+    short, long = ("ok", "a long answer " * 40)
+    write_jsonl([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": a}]} for a in (short, long, long)], "train.jsonl")
+    (tmp_path / "c.yaml").write_text(f"model: {{name: {tiny_model_dir}}}\ndata: {{train: train.jsonl, max_length: 100}}\n")
+    result = cli("train", str(tmp_path / "c.yaml"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "would cut assistant tokens (lines 2, 3)" in result.stderr

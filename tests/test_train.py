@@ -1,0 +1,287 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunesmith import artifacts, train
+from tunesmith.config import RunConfig, load_config
+from tunesmith.formatting import collate, tokenize_dataset
+from tunesmith.models import load_tokenizer
+from tunesmith.schema import Conversation
+from tunesmith.starter import support_tickets
+
+REPO = Path(__file__).resolve().parent.parent
+SMS_SPAM = REPO.parent / "shared" / "data" / "sms_spam" / "SMSSpamCollection"
+
+# First three step losses of the fp32 LoRA run below on the tiny model (computed once by the
+# real code, then pinned: a change here means the maths of the loop changed).
+PINNED_FIRST_LOSSES = [6.269541226900541, 6.088726337139423, 5.910790663499099]
+
+
+def write_data(folder: Path, train_count: int = 32, eval_count: int = 8) -> None:
+    records = support_tickets(train_count + eval_count, seed=3)
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:train_count]))
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[train_count:]))
+
+
+def write_config(folder: Path, model_dir: Path, output: str = "run", **train_keys) -> Path:
+    train_section = {"max_steps": 6, "batch_size": 4, "precision": "fp32", "learning_rate": 5e-3, "compile": "off", **train_keys}
+    data = {
+        "output_dir": output,
+        "model": {"name": str(model_dir)},
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 256},
+        "train": train_section,
+    }
+    path = folder / f"{output}.yaml"
+    path.write_text(json.dumps(data))  # JSON is YAML
+    return path
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in train.read_metrics(run_dir / artifacts.METRICS_FILE) if "loss" in m]
+
+
+def make_cfg(folder: Path, model_dir: Path, output: str = "run", **train_keys) -> RunConfig:
+    if not (folder / "train.jsonl").exists():
+        write_data(folder)
+    return load_config(write_config(folder, model_dir, output, **train_keys))
+
+
+@pytest.fixture
+def tiny_peft_batch(tiny_model_dir):
+    """(model with random non-zero LoRA, tokenizer, examples) for exactness checks."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    convs = [Conversation.from_openai(r, i + 1) for i, r in enumerate(support_tickets(6, seed=5))]
+    examples, _ = tokenize_dataset(tokenizer, convs, max_length=512)
+    return model, tokenizer, examples
+
+
+def loss_and_grad(model, tensors, shared_prefix_len=0):
+    model.zero_grad()
+    loss = train.loss_at_trained_positions(model, tensors["input_ids"], tensors["labels"], tensors["position_ids"], shared_prefix_len)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_peft_batch):
+    model, tokenizer, examples = tiny_peft_batch
+    tensors = collate(examples, [[i] for i in range(len(examples))], tokenizer.pad_token_id)
+    k = tensors["shared_prefix_len"]
+    assert k > 20  # the shared system prompt and more
+    plain_loss, plain_grad = loss_and_grad(model, tensors)
+    prefix_loss, prefix_grad = loss_and_grad(model, tensors, k)
+    assert abs(prefix_loss - plain_loss) / plain_loss < 1e-6
+    assert (prefix_grad - plain_grad).abs().max() / plain_grad.abs().max() < 1e-5
+
+
+def test_packed_rows_give_the_loss_of_separate_examples(tiny_peft_batch):
+    model, tokenizer, examples = tiny_peft_batch
+    pad = tokenizer.pad_token_id
+    packed = collate(examples, [[0, 1, 2], [3, 4, 5]], pad)
+    packed_loss, packed_grad = loss_and_grad(model, packed)
+    separate_loss, separate_grad = 0.0, 0
+    for i in range(len(examples)):
+        loss, grad = loss_and_grad(model, collate(examples, [[i]], pad))
+        separate_loss, separate_grad = separate_loss + loss, separate_grad + grad
+    assert abs(packed_loss - separate_loss) / separate_loss < 1e-6
+    assert (packed_grad - separate_grad).abs().max() / separate_grad.abs().max() < 1e-5
+
+
+def test_lora_run_writes_artifacts_pinned_losses_and_round_trips(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, max_steps=30, eval_every=10, save_every=10, learning_rate=1e-2)
+    summary = train.run(cfg)
+    run = cfg.run_dir
+    adapter = run / artifacts.ADAPTER_DIR
+    assert {p.name for p in adapter.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert (run / artifacts.LOSS_PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in train.list_checkpoints(run / artifacts.CHECKPOINTS_DIR)] == ["step-20", "step-30"]
+
+    rows = train.read_metrics(run / artifacts.METRICS_FILE)
+    assert rows[0].keys() == {"step", "eval_loss"} and rows[0]["step"] == 0  # the base model's eval loss
+    metrics = rows[1:]
+    assert [m["step"] for m in metrics] == list(range(1, 31))
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(metrics[0])
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [10, 20, 30]
+    assert [m["loss"] for m in metrics[:3]] == pytest.approx(PINNED_FIRST_LOSSES, rel=1e-5)
+    # The loss falls on this small repeated dataset, and so does the held-out loss.
+    assert sum(m["loss"] for m in metrics[-5:]) / 5 < 0.9 * metrics[0]["loss"]
+    evals = [m["eval_loss"] for m in rows if "eval_loss" in m]
+    assert evals[-1] < evals[0] == summary["initial_eval_loss"]
+
+    manifest = json.loads((run / artifacts.MANIFEST_FILE).read_text())["train"]
+    assert manifest["base_model"]["fingerprint"] and manifest["data"]["train_sha256"] == artifacts.sha256_file(tmp_path / "train.jsonl")
+    assert manifest["seed"] == 0 and manifest["tokens_trained"] == summary["tokens_trained"] > 0
+    assert manifest["config"]["train"]["max_steps"] == 30 and "torch" in manifest["versions"]
+
+    # The adapter loads with plain PEFT and reproduces the training-time eval loss.
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert weights and all(t.dtype == torch.float32 for t in weights.values())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tuned = PeftModel.from_pretrained(base, adapter).eval()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    eval_examples = tokenize_dataset(tokenizer, train.read_chat_jsonl(tmp_path / "eval.jsonl"), max_length=256)[0]
+    with torch.no_grad():
+        tensors = collate(eval_examples, [[i] for i in range(len(eval_examples))], tokenizer.pad_token_id)
+        loss = train.loss_at_trained_positions(tuned, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
+        assert loss.item() / tensors["trained_tokens"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+        with tuned.disable_adapter():
+            base_loss = train.loss_at_trained_positions(tuned, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
+        assert base_loss.item() > loss.item()
+
+
+def test_shared_prefix_off_gives_the_same_run(tiny_model_dir, tmp_path):
+    on = train.run(make_cfg(tmp_path, tiny_model_dir, "on", shared_prefix=True))
+    off = train.run(make_cfg(tmp_path, tiny_model_dir, "off", shared_prefix=False))
+    losses = [step_losses(tmp_path / name) for name in ("on", "off")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert on["final_eval_loss"] == pytest.approx(off["final_eval_loss"], rel=1e-5)
+
+
+def test_full_fine_tuning_writes_a_loadable_hf_folder(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, method="full", learning_rate=1e-3)
+    summary = train.run(cfg)
+    folder = cfg.run_dir / artifacts.FULL_MODEL_DIR
+    assert any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    examples = tokenize_dataset(tokenizer, train.read_chat_jsonl(tmp_path / "eval.jsonl"), max_length=256)[0]
+    tensors = collate(examples, [[i] for i in range(len(examples))], tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss = train.loss_at_trained_positions(model, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
+    assert loss.item() / tensors["trained_tokens"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+    losses = step_losses(cfg.run_dir)
+    assert losses[-1] < losses[0]
+
+
+def test_qlora_trains_a_4bit_base(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    cfg = make_cfg(tmp_path, tiny_model_dir, method="qlora", max_steps=10, learning_rate=1e-2)
+    summary = train.run(cfg)
+    assert (cfg.run_dir / artifacts.ADAPTER_DIR / "adapter_model.safetensors").exists()
+    losses = step_losses(cfg.run_dir)
+    assert losses[-1] < losses[0]
+    assert summary["final_eval_loss"] is not None
+
+
+def test_bf16_autocast_keeps_lora_weights_fp32(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, precision="bf16", max_steps=10, learning_rate=1e-2)
+    train.run(cfg)
+    weights = load_file(str(cfg.run_dir / artifacts.ADAPTER_DIR / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    losses = step_losses(cfg.run_dir)
+    assert losses[-1] < losses[0]
+    assert json.loads((cfg.run_dir / artifacts.MANIFEST_FILE).read_text())["train"]["precision"] == "bf16"
+
+
+def test_early_stopping(tiny_model_dir, tmp_path):
+    # A learning rate this high makes the eval loss worse at once: stop after 2 worse evals.
+    cfg = make_cfg(tmp_path, tiny_model_dir, max_steps=30, eval_every=1, early_stopping_patience=2, learning_rate=3.0, warmup_ratio=0)
+    summary = train.run(cfg)
+    assert summary["stopped_early"] and summary["steps"] < 30
+    assert (cfg.run_dir / artifacts.ADAPTER_DIR / "adapter_model.safetensors").exists()
+
+
+def _single_thread_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    write_data(tmp_path)
+    keys = dict(max_steps=100, save_every=10, eval_every=50, learning_rate=1e-2, batch_size=2, grad_accum=2)
+    straight = write_config(tmp_path, tiny_model_dir, "straight", **keys)
+    killed = write_config(tmp_path, tiny_model_dir, "killed", **keys)
+    command = [sys.executable, "-m", "tunesmith", "train"]
+    env = _single_thread_env()
+
+    proc = subprocess.Popen([*command, str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = tmp_path / "killed" / artifacts.CHECKPOINTS_DIR
+    while proc.poll() is None and not train.list_checkpoints(checkpoints):
+        time.sleep(0.002)
+    proc.kill()  # SIGKILL: no handler runs, nothing is flushed
+    proc.wait()
+    assert proc.returncode == -9, proc.stderr.read().decode()
+    done = train.list_checkpoints(checkpoints)
+    assert done and int(done[-1].name[5:]) < 100 and not (tmp_path / "killed" / artifacts.ADAPTER_DIR).exists()
+
+    resumed = subprocess.run([*command, str(killed), "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step-" in resumed.stderr
+    train.run(load_config(straight))  # in this process (also 1 thread): the same code, no restart
+
+    a = (tmp_path / "straight" / artifacts.ADAPTER_DIR / "adapter_model.safetensors").read_bytes()
+    b = (tmp_path / "killed" / artifacts.ADAPTER_DIR / "adapter_model.safetensors").read_bytes()
+    assert a == b  # bit for bit
+    losses = [step_losses(tmp_path / n) for n in ("straight", "killed")]
+    assert len(losses[1]) == 100 and losses[0] == losses[1]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tmp_path, cli):
+    """2 CPU processes (gloo DDP, batch 2 each) against 1 process with batch 4.
+
+    Tolerance: 1e-5 relative per step loss, in fp32; the two differ only in summation order.
+    """
+    write_data(tmp_path)
+    keys = dict(max_steps=8, eval_every=4, grad_accum=2, learning_rate=1e-2)
+    one = train.run(load_config(write_config(tmp_path, tiny_model_dir, "one", batch_size=4, **keys)))
+    two_cfg = write_config(tmp_path, tiny_model_dir, "two", batch_size=2, **keys)
+    result = cli("train", str(two_cfg), "--nproc", "2", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "two" / artifacts.MANIFEST_FILE).read_text())["train"]
+    assert manifest["world_size"] == 2
+    assert step_losses(tmp_path / "two") == pytest.approx(step_losses(tmp_path / "one"), rel=1e-5)
+    assert manifest["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=1e-5)
+
+
+# --- slow: SmolLM2 on a real dataset ----------------------------------------------------------
+
+
+def sms_spam_chat(folder: Path, train_count: int, eval_count: int) -> None:
+    with open(SMS_SPAM, encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+    rows = [r for r in rows if len(r) == 2]
+    system = "Classify the SMS message as spam or ham. Answer with one word."
+
+    def record(label: str, text: str) -> str:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": text}, {"role": "assistant", "content": label}]
+        return json.dumps({"messages": messages}) + "\n"
+
+    (folder / "train.jsonl").write_text("".join(record(*r) for r in rows[:train_count]))
+    (folder / "eval.jsonl").write_text("".join(record(*r) for r in rows[train_count : train_count + eval_count]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_smollm2_eval_loss_falls_on_sms_spam(smollm2_dir, tmp_path, method):
+    if not SMS_SPAM.exists():
+        pytest.skip(f"real dataset not found: {SMS_SPAM}")
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    sms_spam_chat(tmp_path, 48, 24)
+    cfg = load_config(
+        write_config(tmp_path, smollm2_dir, method=method, max_steps=6, batch_size=8, learning_rate=1e-3, precision="auto", eval_every=3)
+    )
+    summary = train.run(cfg)
+    evals = [m["eval_loss"] for m in train.read_metrics(cfg.run_dir / artifacts.METRICS_FILE) if "eval_loss" in m]
+    assert len(evals) == 3 and evals[0] == summary["initial_eval_loss"]
+    assert summary["final_eval_loss"] < 0.8 * evals[0]
