@@ -541,7 +541,10 @@ def check_file(
     if tokenizer is None and model is not None:
         from tunesmith.models import load_tokenizer
 
+        loading = time.perf_counter()
         tokenizer = load_tokenizer(model)
+        report.stats["tokenizer_load_s"] = round(time.perf_counter() - loading, 3)
+        started += time.perf_counter() - loading  # rows/s measures the check, not the model load
     counter = _TokenCounter(tokenizer, findings) if tokenizer is not None else None
 
     # Per-example numbers, in compact arrays: this is what keeps a million rows small.
@@ -695,8 +698,9 @@ def check_file(
         sp = ph[order]
         starts = np.nonzero(np.r_[True, sp[1:] != sp[:-1]])[0]
         ends = np.r_[starts[1:], n]
-        for s, e in zip(starts, ends):
-            if e - s > 1 and len(np.unique(th[order[s:e]])) > 1:
+        repeated = ends - starts > 1
+        for s, e in zip(starts[repeated], ends[repeated]):
+            if len(np.unique(th[order[s:e]])) > 1:
                 conflicts += 1
                 members = sorted(int(line_arr[i]) for i in order[s:e])
                 answers = len(np.unique(th[order[s:e]]))
@@ -888,6 +892,10 @@ def run(cfg) -> CheckReport:
 # The terminal report
 
 
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def render_report(report: CheckReport, console, per_code: int = 10) -> None:
     """Print a check report: summary, then every problem kind with its lines and fix."""
     from rich.table import Table
@@ -904,7 +912,7 @@ def render_report(report: CheckReport, console, per_code: int = 10) -> None:
                         f"(>= {stats['near_duplicates']['threshold']}), {stats['conflicting_inputs']} prompts with conflicting answers")
     if stats.get("labels"):
         labels = stats["labels"]
-        shown = ", ".join(f"{k or '(empty)'}: {v}" for k, v in list(labels["counts"].items())[:12])
+        shown = ", ".join(f"{_short(k) or '(empty)'}: {v}" for k, v in list(labels["counts"].items())[:12])
         more = " ..." if labels["distinct"] > 12 else ""
         summary.add_row("labels", f"{labels['distinct']} distinct ({shown}{more}); imbalance {labels['imbalance_ratio']}x")
     shape = stats.get("shape") or {}

@@ -101,6 +101,9 @@ class Engine:
         self._grammar_lock = threading.Lock()
         self.stats = {"steps": 0, "batched_rows": 0, "max_batch": 0, "adapter_loads": 0, "adapter_evictions": 0}
         self._torch = torch
+        import inspect
+
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -214,10 +217,15 @@ class Engine:
                 del self.adapters[old]
                 self.stats["adapter_evictions"] += 1
 
-    def _forward(self, input_ids: Any, adapters: list[str], **kwargs: Any) -> Any:
+    def _forward(self, input_ids: Any, adapters: list[str], cache: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """(last-position logits, cache). transformers 5 renamed `past_key_values` to `cache`."""
+        kwargs[self._cache_kwarg] = cache
         if self.peft is None:
-            return self.model(input_ids=input_ids, use_cache=True, **kwargs)
-        return self.peft(input_ids=input_ids, use_cache=True, adapter_names=adapters, **kwargs)
+            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs)
+        else:
+            out = self.peft(input_ids=input_ids, use_cache=True, logits_to_keep=1, adapter_names=adapters, **kwargs)
+        new_cache = getattr(out, "cache", None)
+        return out.logits[:, -1].float(), new_cache if new_cache is not None else out.past_key_values
 
     def _adapter_name(self, seq: Sequence) -> str:
         return seq.model.id if seq.model.adapter_path is not None else BASE_ADAPTER
@@ -236,10 +244,9 @@ class Engine:
         if seq.params.temperature > 0:
             seq.generator = torch.Generator()
             seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else int(time.time_ns() % 2**63))
-        cache = DynamicCache()
-        out = self._forward(torch.tensor([seq.prompt_ids]), [self._adapter_name(seq)], past_key_values=cache)
-        seq.prefill_cache = out.past_key_values  # type: ignore[attr-defined]
-        self._accept(seq, self._choose(seq, out.logits[0, -1].float()))
+        logits, cache = self._forward(torch.tensor([seq.prompt_ids]), [self._adapter_name(seq)], DynamicCache())
+        seq.prefill_cache = cache  # type: ignore[attr-defined]
+        self._accept(seq, self._choose(seq, logits[0]))
 
     def _decode_step(self) -> None:
         """One token for every active sequence, in one forward pass."""
@@ -250,16 +257,14 @@ class Engine:
         lengths = self._batch_mask.sum(dim=1)
         mask = torch.cat([self._batch_mask, torch.ones(len(members), 1, dtype=self._batch_mask.dtype)], dim=1)
         input_ids = torch.tensor([[s.next_input] for s in members])
-        out = self._forward(
+        logits, self._batch_cache = self._forward(
             input_ids,
             [self._adapter_name(s) for s in members],
-            past_key_values=self._batch_cache,
+            self._batch_cache,
             attention_mask=mask,
             position_ids=lengths.unsqueeze(1),
         )
-        self._batch_cache = out.past_key_values
         self._batch_mask = mask
-        logits = out.logits[:, -1].float()
         self.stats["steps"] += 1
         self.stats["batched_rows"] += len(members)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(members))
