@@ -79,7 +79,12 @@ def support_tickets(count: int = 300, seed: int = 0) -> list[dict]:
     records = []
     teams = sorted(_TEAM_PROBLEMS)
     priorities = list(_PRIORITY_CUES)
-    for _ in range(count):
+    seen: set[str] = set()
+    # Draw until `count` distinct tickets: a repeated text would be a duplicate, or a conflict
+    # when its priority cue is empty, and the data check would rightly flag it.
+    for _ in range(count * 50):
+        if len(records) == count:
+            break
         team = rng.choice(teams)
         # Most tickets are normal; urgent ones are rare, as in real queues.
         priority = rng.choices(priorities, weights=[2, 5, 3, 1])[0]
@@ -87,6 +92,9 @@ def support_tickets(count: int = 300, seed: int = 0) -> list[dict]:
         values = {k: rng.choice(v) for k, v in _FILL.items()}
         values["order"] = f"#{rng.randint(10000, 99999)}"
         text = " ".join(p for p in (rng.choice(_OPENERS), problem.format(**values) + ".", rng.choice(_PRIORITY_CUES[priority])) if p)
+        if text in seen:
+            continue
+        seen.add(text)
         answer = json.dumps({"team": team, "priority": priority})
         records.append(
             {
