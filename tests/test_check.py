@@ -5,8 +5,8 @@ import random
 
 import pytest
 
+from tunesmith.advise import advise_file
 from tunesmith.check import (
-    advise_file,
     check_file,
     find_pii,
     iban_valid,

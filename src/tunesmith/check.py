@@ -1,4 +1,4 @@
-"""`tunesmith data check` and `tunesmith advise`: every problem of a data file, at once.
+"""`tunesmith data check`: every problem of a data file, at once.
 
 The check streams the file once. Per-row problems (format, roles, weights) come from the
 readers in `data.py`, each with its line. Everything that needs the whole file (duplicates,
@@ -6,7 +6,7 @@ conflicting answers, near-duplicates, leakage, label balance) is kept as fixed-s
 row in compact arrays and worked out with numpy at the end: a million rows stay well under a
 GiB. Token counts only run with a model, because loading its tokenizer costs seconds.
 
-`advise` turns the same statistics into "fine-tune, prompt, or retrieve" with its reasons.
+`advise.py` turns the same statistics into "fine-tune, prompt, or retrieve" with its reasons.
 """
 
 from __future__ import annotations
@@ -956,129 +956,3 @@ def render_report(report: CheckReport, console, per_code: int = 10) -> None:
                 console.print(f"  ... and {report.counts[code] - per_code} more (--json lists up to {MAX_FINDINGS_PER_CODE})")
     if not report.errors and not report.warnings:
         console.print("\n[green]no problems found[/]")
-
-
-# --------------------------------------------------------------------------------------------
-# advise: when to fine-tune, and when not
-
-RAG_WORDS = ("document", "docs", "knowledge base", "manual", "faq", "wiki", "pdf", "policy", "policies", "retriev", "search our")
-CLASSIFY_WORDS = ("classif", "intent", "route", "routing", "label", "categor", "sentiment", "spam", "moderat", "detect")
-JSON_WORDS = ("json", "extract", "structured", "fields", "schema", "slot")
-
-
-@dataclass
-class Advice:
-    recommendation: str  # "fine-tune with LoRA", "prompt engineering first", "RAG", "fix the data first"
-    task_kind: str  # "classification", "structured JSON", "free-form generation", "document QA"
-    reasons: list[str]
-    stats: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def task_kind(stats: dict[str, Any], task: str | None = None) -> tuple[str, list[str]]:
-    """The kind of task from measured statistics (and the user's description), with the evidence."""
-    shape = stats.get("shape") or {}
-    text = (task or "").lower()
-    reasons = []
-    input_words = (shape.get("input_words") or {}).get("median", 0)
-    overlap = shape.get("answer_overlap_with_prompt_median") or 0.0
-    questions = shape.get("question_share", 0.0)
-    if input_words >= 150 and questions >= 0.5 and overlap >= 0.5:
-        reasons.append(
-            f"prompts are long (median {input_words:.0f} words), {questions:.0%} ask a question and answers "
-            f"copy {overlap:.0%} of their words from the prompt: questions about documents"
-        )
-        return "document QA", reasons
-    if any(w in text for w in RAG_WORDS) and questions >= 0.3:
-        reasons.append(f"the task mentions documents/knowledge and {questions:.0%} of prompts are questions")
-        return "document QA", reasons
-    labels = stats.get("labels")
-    json_share = shape.get("json_answer_share", 0.0)
-    if json_share >= 0.8:
-        reasons.append(f"{json_share:.0%} of answers are JSON")
-        return "structured JSON", reasons
-    if labels:
-        reasons.append(f"answers form a closed set of {labels['distinct']} labels")
-        return "classification", reasons
-    if any(w in text for w in CLASSIFY_WORDS):
-        reasons.append("the task description names a classification/routing task")
-        return "classification", reasons
-    if any(w in text for w in JSON_WORDS):
-        reasons.append("the task description names structured output")
-        return "structured JSON", reasons
-    answer_words = (shape.get("answer_words") or {}).get("median", 0)
-    reasons.append(f"answers are open text (median {answer_words:.0f} words)")
-    return "free-form generation", reasons
-
-
-def advise_report(report: CheckReport, task: str | None = None) -> Advice:
-    """The guide's "when to fine-tune, and when not" applied to a check report. Rules in docs/data.md."""
-    stats = report.stats
-    n = report.examples
-    kind, reasons = task_kind(stats, task)
-    reasons.append(stats.get("size_advice", f"{n} examples"))
-    shape = stats.get("shape") or {}
-
-    # Output-format consistency.
-    consistent = True
-    json_share = shape.get("json_answer_share") or 0.0
-    if kind == "structured JSON":
-        parse = shape.get("json_parse_share") or 0.0
-        keys = shape.get("json_top_keys_share")
-        if json_share < 0.95 or parse < 0.95:
-            consistent = False
-            reasons.append(f"only {json_share * parse:.0%} of answers are valid JSON: make the format uniform first")
-        elif keys is not None and keys < 0.8:
-            consistent = False
-            reasons.append(f"only {keys:.0%} of JSON answers share the same keys: make the schema uniform first")
-        else:
-            reasons.append("answers are valid JSON with consistent keys: a format a small tuned model learns well")
-    elif 0.2 <= json_share < 0.8:
-        consistent = False
-        reasons.append(f"{json_share:.0%} of answers are JSON and the rest are not: the output format is inconsistent")
-    conflicts = stats.get("conflicting_inputs", 0)
-    if n and conflicts / n > 0.05:
-        consistent = False
-        reasons.append(f"{conflicts} prompts have conflicting answers ({conflicts / n:.0%}): the labels disagree with themselves")
-    if kind == "classification" and stats.get("labels"):
-        ratio = stats["labels"]["imbalance_ratio"]
-        reasons.append(f"label imbalance {ratio}x" + (" (report per-label scores, not only accuracy)" if ratio >= IMBALANCE_RATIO else ""))
-
-    if report.errors:
-        recommendation = "fix the data first"
-        reasons.insert(0, f"the data check found {report.error_count} error(s): `tunesmith data check` lists them")
-    elif kind == "document QA":
-        recommendation = "RAG"
-        reasons.append(
-            "answers come from the documents in the prompt: retrieve the right passages at question time "
-            "(RAG) instead of teaching facts into weights; fine-tune later only for tone or format"
-        )
-    elif n < FEW_EXAMPLES:
-        recommendation = "prompt engineering first"
-        reasons.append("use these examples as few-shot prompts and measure; fine-tune once you have 500+ reviewed examples")
-    elif not consistent:
-        recommendation = "fix the data first"
-        reasons.append("a model learns the inconsistency too: clean the answers, then fine-tune")
-    else:
-        recommendation = "fine-tune with LoRA"
-        if kind in ("classification", "structured JSON"):
-            reasons.append("a closed output format with enough examples: LoRA on a small model usually beats prompting it")
-        else:
-            reasons.append("free-form answers benefit less: compare against the base model with few-shot prompts (tunesmith eval does)")
-    return Advice(recommendation, kind, reasons, stats)
-
-
-def advise_file(
-    path: str | Path,
-    task: str | None = None,
-    *,
-    format: str = "auto",
-    input_col: str | None = None,
-    output_col: str | None = None,
-    system_prompt: str | None = None,
-) -> Advice:
-    """`tunesmith advise`: check the file (without a model) and turn its statistics into advice."""
-    report = check_file(path, format=format, input_col=input_col, output_col=output_col, system_prompt=system_prompt)
-    return advise_report(report, task)

@@ -356,6 +356,35 @@ def data_split(
     console.print(f"wrote {n_train} examples to {train_path} and {n_eval} to {eval_path}")
 
 
+@data_app.command("estimate")
+def data_estimate(
+    file: Path = typer.Argument(..., help="Data file (any supported format)."),
+    model: str = typer.Option(..., help="Model reference: its tokenizer, chat template and shape."),
+    epochs: float = typer.Option(..., min=0.01, help="Passes over the data."),
+    max_length: int = typer.Option(1024, "--max-length", min=8, help="Longest example in tokens; longer ones are counted truncated."),
+    method: str = typer.Option("lora", help="lora, qlora or full."),
+    utilisation: float = typer.Option(0.35, min=0.01, max=1.0, help="Share of a GPU's peak FLOP/s assumed in the GPU table."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Measure this machine (a few training steps, cached)."),
+    recalibrate: bool = typer.Option(False, "--recalibrate", help="Measure again even when a calibration is cached."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    format: str = FormatOption,
+    input_col: Optional[str] = InputColOption,
+    output_col: Optional[str] = OutputColOption,
+    system: Optional[str] = SystemOption,
+) -> None:
+    """Trained tokens, FLOPs, time here and on common GPUs, and the OpenAI bill of a fine-tune."""
+    from tunesmith.estimate import estimate_file, render_estimate
+
+    result = estimate_file(
+        file, model, epochs, max_length=max_length, method=method, format=format, input_col=input_col, output_col=output_col,
+        system_prompt=system, calibrate_here=calibrate, recalibrate=recalibrate, utilisation=utilisation,
+    )
+    if as_json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        render_estimate(result, console)
+
+
 @app.command()
 def advise(
     file: Path = typer.Argument(..., help="Data file (any supported format)."),
@@ -367,7 +396,7 @@ def advise(
     system: Optional[str] = SystemOption,
 ) -> None:
     """When to fine-tune, and when not: a recommendation from the data's measured statistics."""
-    from tunesmith.check import advise_file
+    from tunesmith.advise import advise_file
 
     advice = advise_file(file, task, format=format, input_col=input_col, output_col=output_col, system_prompt=system)
     if as_json:

@@ -139,8 +139,8 @@ def _stage_eval(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
 def _stage_export(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
     from tunesmith import export
 
-    paths = [str(export.run(cfg.run_dir, fmt, gguf_types=cfg.export.gguf_types)) for fmt in cfg.export.formats]
-    return {"exported": paths}
+    reports = {fmt: export.run(cfg.run_dir, fmt, gguf_types=cfg.export.gguf_types) for fmt in cfg.export.formats}
+    return {"exported": {fmt: str(report.get("path")) for fmt, report in reports.items()}}
 
 
 def run(
