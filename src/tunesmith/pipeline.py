@@ -70,30 +70,19 @@ def stage_inputs(stage: str, cfg: RunConfig, model_fingerprint: str) -> str:
 
 
 def _stage_check(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
-    from tunesmith.check import check_file
+    from tunesmith import check
 
+    report = check.run(cfg)
     train_path = cfg.resolve(cfg.data.train)
-    eval_path = cfg.resolve(cfg.data.eval)
-    report = check_file(
-        train_path,
-        format=cfg.data.format,
-        model=cfg.model.name,
-        max_length=cfg.data.max_length,
-        eval_path=eval_path,
-        input_col=cfg.data.input_col,
-        output_col=cfg.data.output_col,
-        system_prompt=cfg.data.system_prompt,
-    )
-    summary = report.to_dict()
-    artifacts.write_json_atomic(cfg.run_dir / artifacts.CHECK_REPORT_FILE, summary)
     if report.errors:
         first = report.errors[0]
+        where = f"line {first.line}: " if first.line else ""
         raise UserError(
-            f"the data check found {len(report.errors)} error(s) in {train_path}, the first: {first}; "
-            f"training was not started (full report: {cfg.run_dir / artifacts.CHECK_REPORT_FILE})",
-            f"fix the data (tunesmith data check {train_path}) and run again",
+            f"the data check found {report.error_count} error(s) in {train_path} (first: {where}{first.message}); "
+            f"training was not started; full report in {cfg.run_dir / artifacts.CHECK_REPORT_FILE}",
+            first.fix or f"fix the data (tunesmith data check {train_path}) and run again",
         )
-    return {"errors": len(report.errors), "warnings": len(report.warnings)}
+    return {"errors": report.error_count, "warnings": report.warning_count}
 
 
 def _stage_split(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
@@ -140,7 +129,14 @@ def _stage_export(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
     from tunesmith import export
 
     reports = {fmt: export.run(cfg.run_dir, fmt, gguf_types=cfg.export.gguf_types) for fmt in cfg.export.formats}
-    return {"exported": {fmt: str(report.get("path")) for fmt, report in reports.items()}}
+    problems = {fmt: export.parity_problems(report) for fmt, report in reports.items()}
+    for fmt, lines in problems.items():
+        for line in lines:
+            console.print(f"[yellow]export {fmt} parity: {line}[/yellow]")
+    return {
+        "exported": {fmt: str(cfg.run_dir / artifacts.EXPORT_DIR / fmt) for fmt in reports},
+        "parity_problems": sum(len(lines) for lines in problems.values()),
+    }
 
 
 def run(

@@ -1,0 +1,128 @@
+"""`tunesmith run`: the whole pipeline on the tiny model, skipping, resuming after SIGKILL."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tunesmith import artifacts, pipeline, train
+from tunesmith.artifacts import read_manifest_or_empty
+from tunesmith.starter import support_tickets
+
+
+def write_project(folder: Path, model_dir: Path, count: int = 60, **train_keys) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    records = support_tickets(count, seed=7)
+    (folder / "tickets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = {
+        "name": "tiny-pipeline",
+        "output_dir": "run",
+        "model": {"name": str(model_dir)},
+        "data": {"train": "tickets.jsonl", "eval_fraction": 0.2, "max_length": 256},
+        "train": {"max_steps": 4, "batch_size": 4, "precision": "fp32", "compile": "off", "learning_rate": 5e-3, **train_keys},
+        "eval": {"max_new_tokens": 8, "max_examples": 6, "batch_size": 6, "few_shot_k": 2},
+        "export": {"formats": ["adapter"]},
+    }
+    path = folder / "config.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def single_thread_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def stage_states(run_dir: Path) -> dict:
+    return {k: v.get("status") for k, v in read_manifest_or_empty(run_dir).get("pipeline", {}).items()}
+
+
+def test_run_completes_then_skips_unchanged_stages(tiny_model_dir, tmp_path, cli):
+    config = write_project(tmp_path, tiny_model_dir)
+    first = cli("run", str(config))
+    assert first.returncode == 0, first.stderr
+    run_dir = tmp_path / "run"
+    assert stage_states(run_dir) == {s: "done" for s in pipeline.STAGES}
+    for relative in (
+        artifacts.CHECK_REPORT_FILE,
+        artifacts.TRAIN_SPLIT_FILE,
+        artifacts.EVAL_SPLIT_FILE,
+        artifacts.ADAPTER_DIR + "/adapter_model.safetensors",
+        "eval/report.html",
+        "eval/results.json",
+        "eval/predictions.jsonl",
+        "export/adapter/adapter_config.json",
+    ):
+        assert (run_dir / relative).exists(), relative
+    assert "report:" in first.stdout
+
+    again = cli("run", str(config))
+    assert again.returncode == 0, again.stderr
+    for stage in pipeline.STAGES:
+        assert f"{stage}: unchanged, skipped" in again.stderr, stage
+
+    # An evaluation setting changed: only the evaluations run again.
+    edited = cli("run", str(config), "--set", "eval.max_new_tokens=6")
+    assert edited.returncode == 0, edited.stderr
+    skipped = {s for s in pipeline.STAGES if f"{s}: unchanged, skipped" in edited.stderr}
+    assert skipped == {"check", "split", "train", "export"}
+
+    listed = cli("runs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [r["name"] for r in rows] == ["tiny-pipeline"] and rows[0]["status"] == "done export"
+
+
+def test_sigkill_during_training_then_rerun_reuses_stages_and_checkpoint(tiny_model_dir, tmp_path):
+    config = write_project(tmp_path, tiny_model_dir, max_steps=80, save_every=5, batch_size=2)
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "tunesmith", "run", str(config)]
+    proc = subprocess.Popen(command, env=single_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = run_dir / artifacts.CHECKPOINTS_DIR
+    while proc.poll() is None and not train.list_checkpoints(checkpoints):
+        time.sleep(0.002)
+    proc.kill()  # SIGKILL mid-training: nothing gets to clean up
+    proc.wait()
+    assert proc.returncode == -9, proc.stderr.read().decode()
+    states = stage_states(run_dir)
+    assert states["train"] == "running" and states["baseline"] == "done"
+    assert not (run_dir / artifacts.ADAPTER_DIR).exists()
+    killed_at = int(train.list_checkpoints(checkpoints)[-1].name.split("-")[1])
+
+    rerun = subprocess.run(command, env=single_thread_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    for stage in ("check", "split", "baseline"):
+        assert f"{stage}: unchanged, skipped" in rerun.stderr, stage
+    assert "train (resuming)" in rerun.stderr
+    assert f"resuming from step-{killed_at}" in rerun.stderr or f"step-{killed_at}" in rerun.stderr
+    assert stage_states(run_dir) == {s: "done" for s in pipeline.STAGES}
+    steps = [m["step"] for m in train.read_metrics(run_dir / artifacts.METRICS_FILE) if "loss" in m]
+    assert steps == list(range(1, 81))  # every step once: the resumed run continued, not restarted
+
+
+def test_data_errors_stop_the_run_before_training(tiny_model_dir, tmp_path, cli):
+    config = write_project(tmp_path, tiny_model_dir)
+    with open(tmp_path / "tickets.jsonl", "a") as f:
+        f.write('{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    result = cli("run", str(config))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "training was not started" in result.stderr and "line 61" in result.stderr
+    assert not (tmp_path / "run" / artifacts.TRAIN_DIR).exists()
+
+
+def test_unknown_stage_is_a_user_error(tiny_model_dir, tmp_path, cli):
+    config = write_project(tmp_path, tiny_model_dir)
+    result = cli("run", str(config), "--from", "deploy")
+    assert result.returncode == 2 and "unknown stage" in result.stderr
+
+
+@pytest.mark.parametrize("stage", ["split"])
+def test_until_stops_early(tiny_model_dir, tmp_path, cli, stage):
+    config = write_project(tmp_path, tiny_model_dir)
+    result = cli("run", str(config), "--until", stage)
+    assert result.returncode == 0, result.stderr
+    assert set(stage_states(tmp_path / "run")) == {"check", "split"}
