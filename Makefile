@@ -23,11 +23,11 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The main job: a starter project (generated support tickets -> JSON routing) through the whole
+# pipeline on the embedded default model; ends with the verdict and where the report is.
 demo: install
 	$(TS) init $(DEMO) --force
-	$(TS) data check $(DEMO)/data/tickets.jsonl --model smollm2-135m-instruct --max-length 256
-	$(TS) generate "My package #12345 has not moved for 8 days. Please fix this soon." \
-		--system "$$($(PY) -c 'from tunesmith.starter import SYSTEM_PROMPT; print(SYSTEM_PROMPT)')"
+	$(TS) run $(DEMO)/config.yaml
 
 test: install
 	$(PY) -m pytest -q

@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--eval-count", type=int, default=64)
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="tunesmith's train.compile")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each side (the machine is shared).")
     parser.add_argument("--only", choices=["tunesmith", "trl"], help="Run one side (default: both).")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -201,6 +202,9 @@ def main() -> None:
 
     from tunesmith.models import resolve_model_dir
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir("smollm2-135m-instruct")
     if args.side:  # a child: train one side, print its result as JSON on the last line
         folder = Path(args.workdir)
@@ -217,8 +221,8 @@ def main() -> None:
     peak = bf16_matmul_peak_flops()
     results = {}
     for side in [args.only] if args.only else ["tunesmith", "trl"]:
-        command = [sys.executable, __file__, "--side", side, "--workdir", str(folder), "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length), "--compile", args.compile]
-        proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        command = [sys.executable, __file__, "--side", side, "--workdir", str(folder), "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length), "--compile", args.compile, "--threads", str(args.threads)]
+        proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)})
         if proc.returncode != 0:
             sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -235,6 +239,7 @@ def main() -> None:
         "train_tokens": tokens,
         "bf16_matmul_peak_gflops": peak / 1e9,
         "cpu_count": os.cpu_count(),
+        "threads": args.threads,
         "load_average": os.getloadavg(),
         "results": results,
     }

@@ -92,7 +92,7 @@ class TrainConfig(_Closed):
         description="Compute precision. `auto`: bf16 autocast where the hardware runs it fast (CUDA, CPU with AMX), "
         "else fp32. Trainable weights and optimizer state stay fp32.",
     )
-    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model (`auto`: where it pays).")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model (`auto`: on CUDA; off on CPU, where recompiles for varying lengths cost more than a short run saves).")
     packing: bool = Field(False, description="Pack several examples per row (no attention across examples).")
     shared_prefix: bool = Field(
         True, description="Compute a prompt prefix shared by a whole batch once per batch."

@@ -325,4 +325,6 @@ def collate(examples: list[Example], batch: list[list[int]], pad_id: int) -> dic
         "position_ids": torch.tensor(rows_pos),
         "shared_prefix_len": shared,
         "trained_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        # Tokens the model runs when the shared prefix is used (the prefix once, not per row).
+        "fed_tokens_shared": sum(len(examples[i]) for row in batch for i in row) - shared * (len(batch) - 1),
     }

@@ -203,6 +203,8 @@ def load_for_training(cfg: RunConfig, device, bf16: bool):
         if t.method == "qlora":
             quant = qlora_config(bf16)
             loaded = load_model(cfg.model.name, dtype=torch.bfloat16 if bf16 else torch.float32, quantization_config=quant, device=device, **common)
+            if device.type == "cuda":  # load_model leaves quantized models where they loaded
+                loaded.model.to(device)
         else:
             # The frozen base is stored in the compute dtype: no per-step weight casts, half the memory.
             loaded = load_model(cfg.model.name, dtype=torch.bfloat16 if bf16 else torch.float32, device=device, **common)
@@ -483,11 +485,13 @@ def autocast(device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def want_compile(setting: str, device, total_steps: int) -> bool:
-    """`auto`: compile on CUDA, and on CPU for runs long enough to repay the first-step cost."""
+def want_compile(setting: str, device) -> bool:
+    """`auto`: compile on CUDA only. On CPU the variable sequence lengths make inductor
+    recompile for many batches (minutes of compile on this project's 2-core machine), which
+    a short fine-tuning run never earns back; `on` forces it."""
     if setting != "auto":
         return setting == "on"
-    return device.type == "cuda" or (total_steps >= 200 and shutil.which("c++") is not None)
+    return device.type == "cuda"
 
 
 # --- the stage ------------------------------------------------------------------------------
@@ -534,7 +538,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_module = DDP(loss_module, device_ids=[device] if device.type == "cuda" else None)
-    compiled = want_compile(t.compile, device, plan.total_steps)
+    compiled = want_compile(t.compile, device)
     if compiled:
         train_module = torch.compile(train_module, dynamic=True)
     shared_prefix = t.shared_prefix and not t.packing and not t.gradient_checkpointing
@@ -611,7 +615,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
             step_start = time.perf_counter()
             global_batches = plan.step(step)
             step_trained = plan.trained_tokens(global_batches)
-            loss_sum = 0.0
+            loss_sum, fed_tokens = 0.0, 0
             for m, global_batch in enumerate(global_batches):
                 tensors = collate(train_examples, plan.shard(global_batch), pad_id)
                 sync = m == len(global_batches) - 1 or world == 1
@@ -625,17 +629,19 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
                 # DDP averages gradients over ranks; scaling by world makes it the global token mean.
                 (loss * world / step_trained).backward()
                 loss_sum += float(loss.detach())
+                fed_tokens += tensors["fed_tokens_shared"] if shared_prefix else sum(len(train_examples[i]) for row in plan.shard(global_batch) for i in row)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm else float("inf"))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            (loss_sum,) = all_sum([loss_sum], world, device)
+            loss_sum, fed_tokens = all_sum([loss_sum, fed_tokens], world, device)
             elapsed = time.perf_counter() - step_start
             step_tokens = plan.tokens(global_batches)
             state["step"] = step + 1
             state["tokens"] += step_tokens
             state["trained_tokens"] += step_trained
+            state["tokens_fed"] = state.get("tokens_fed", 0) + int(fed_tokens)
             state["train_time_s"] += elapsed
             row = {
                 "step": step + 1,
@@ -690,6 +696,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
         "best_eval_loss": state["best_eval_loss"],
         "tokens_trained": state["tokens"],
         "trained_tokens": state["trained_tokens"],
+        "tokens_fed": state.get("tokens_fed", 0),  # what the model ran: a shared prefix counts once per batch
         "train_time_s": state["train_time_s"],
         "tokens_per_s": state["tokens"] / max(state["train_time_s"], 1e-9),
         "trainable_parameters": trainable_count,
