@@ -7,7 +7,7 @@ TS := $(VENV)/bin/tunesmith
 STAMP := $(VENV)/.tunesmith-installed
 DEMO := runs/demo
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# Generated references; tests fail when they are stale.
+docs: install
+	$(TS) config reference > docs/config.md
+	$(PY) -c "from tunesmith.cli import cli_reference_markdown; print(cli_reference_markdown())" > docs/cli.md
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

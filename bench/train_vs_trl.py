@@ -14,9 +14,11 @@ mean cross-entropy over the answer tokens (and end-of-turn) of held-out examples
 
 tokens/s counts the tokens of the training examples (prompt + answer, no padding) over the
 training time (optimizer steps only: no model load, no eval), the same count for both.
-MFU: useful matmul FLOPs over the machine's measured bf16 matmul peak, with useful FLOPs =
-4 x (decoder linear parameters) x tokens (a forward and the backward to the activations; the
-frozen base needs no weight gradients), which leaves out attention scores and the LM head.
+MFU: matmul FLOPs over the machine's measured bf16 matmul peak (same thread count), with FLOPs =
+4 x (decoder linear parameters) x tokens fed (a forward and the backward to the activations;
+the frozen base needs no weight gradients), leaving out attention scores, the LM head and
+TRL's gradient-checkpointing recompute. Tokens fed: every token of every example for TRL; for
+tunesmith a prefix shared by a batch counts once.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def side_tunesmith(args, model_dir: Path, folder: Path) -> dict:
     )
     summary = train.run(cfg)
     rss = peak_rss_bytes()
-    return {"train_time_s": summary["train_time_s"], "peak_rss_bytes": rss, "adapter": summary["output"], "tokens": summary["tokens_trained"]}
+    return {"train_time_s": summary["train_time_s"], "peak_rss_bytes": rss, "adapter": summary["output"], "tokens_fed": summary["tokens_fed"]}
 
 
 def side_trl(args, model_dir: Path, folder: Path) -> dict:
@@ -217,7 +219,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="tunesmith-bench-"))
     write_dataset(folder, args.steps * args.batch, args.eval_count)
     tokens = example_tokens(model_dir, folder, args.steps * args.batch, args.max_length)
-    useful_flops = 4 * decoder_linear_params(model_dir) * tokens
+    linear_params = decoder_linear_params(model_dir)
     peak = bf16_matmul_peak_flops()
     results = {}
     for side in [args.only] if args.only else ["tunesmith", "trl"]:
@@ -227,7 +229,9 @@ def main() -> None:
             sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         result["tokens_per_s"] = tokens / result["train_time_s"]
-        result["mfu"] = useful_flops / result["train_time_s"] / peak
+        # What the model ran: TRL every token of every row; tunesmith a shared prefix once per batch.
+        result.setdefault("tokens_fed", tokens)
+        result["mfu"] = 4 * linear_params * result["tokens_fed"] / result["train_time_s"] / peak
         result["eval_loss"] = eval_loss(model_dir, Path(result["adapter"]), folder, args.max_length)
         results[side] = result
         print(f"{side}: {result['tokens_per_s']:.0f} tokens/s, peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, eval loss {result['eval_loss']:.4f}, MFU {result['mfu']:.1%}", flush=True)

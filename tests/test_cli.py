@@ -56,3 +56,12 @@ def test_internal_error_keeps_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "RuntimeError: bug" in result.stderr
+
+
+def test_cli_reference_doc_is_current():
+    from pathlib import Path
+
+    from tunesmith.cli import cli_reference_markdown
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+    assert doc.read_text() == cli_reference_markdown() + "\n", "run: make docs"

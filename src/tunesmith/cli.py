@@ -428,6 +428,23 @@ def config_reference() -> None:
     print(config_reference_markdown())
 
 
+def cli_reference_markdown() -> str:
+    """The CLI reference (docs/cli.md), generated from the commands' own help."""
+    root = typer.main.get_command(app)
+    lines = ["# CLI reference", "", "Generated from the commands' help (`make docs`); do not edit by hand.", ""]
+
+    def walk(command, path: list[str], parent) -> None:
+        ctx = command.make_context(" ".join(path), [], resilient_parsing=True, parent=parent, terminal_width=100, max_content_width=100)
+        subcommands = getattr(command, "commands", None)
+        if len(path) > 1:
+            lines.extend([f"## `{' '.join(path)}`", "", "```", command.get_help(ctx).replace(f"{path[0]} {' '.join(path)}", " ".join(path)), "```", ""])
+        for name in sorted(subcommands or {}):
+            walk(subcommands[name], [*path, name], ctx)
+
+    walk(root, ["tunesmith"], None)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: turn user errors into one line and exit code 2."""
     try:

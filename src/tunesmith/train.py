@@ -202,12 +202,21 @@ def load_for_training(cfg: RunConfig, device, bf16: bool):
 
         if t.method == "qlora":
             quant = qlora_config(bf16)
-            loaded = load_model(cfg.model.name, dtype=torch.bfloat16 if bf16 else torch.float32, quantization_config=quant, device=device, **common)
+            # Unquantized parts (embeddings, norms) stay fp32, so the residual stream does.
+            loaded = load_model(cfg.model.name, dtype=torch.float32, quantization_config=quant, device=device, **common)
             if device.type == "cuda":  # load_model leaves quantized models where they loaded
                 loaded.model.to(device)
         else:
-            # The frozen base is stored in the compute dtype: no per-step weight casts, half the memory.
             loaded = load_model(cfg.model.name, dtype=torch.bfloat16 if bf16 else torch.float32, device=device, **common)
+            if bf16:
+                # The frozen projections are stored in bf16, the dtype autocast computes them in:
+                # no per-step weight casts, half their memory. Embeddings and norms go back to
+                # fp32, so the residual stream stays fp32 (a bf16 residual stream loses accuracy).
+                embeddings = loaded.model.get_input_embeddings().weight
+                for module in loaded.model.modules():
+                    if not isinstance(module, torch.nn.Linear) or module.weight is embeddings:
+                        for param in module.parameters(recurse=False):
+                            param.data = param.data.float()
         lora = t.lora
         peft_config = LoraConfig(
             r=lora.r,
