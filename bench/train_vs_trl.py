@@ -115,9 +115,10 @@ def side_tunesmith(args, model_dir: Path, folder: Path) -> dict:
                 "batch_size": args.batch,
                 "warmup_ratio": 0.0,
                 "lr_schedule": "cosine",
-                "precision": "auto",
+                "precision": args.precision,
                 "compile": args.compile,
                 **OPTIM,
+                "seed": args.seed,
             },
         }
     )
@@ -143,7 +144,7 @@ def side_trl(args, model_dir: Path, folder: Path) -> dict:
         learning_rate=OPTIM["learning_rate"],
         weight_decay=OPTIM["weight_decay"],
         max_grad_norm=OPTIM["max_grad_norm"],
-        seed=OPTIM["seed"],
+        seed=args.seed,
         lr_scheduler_type="cosine",
         warmup_steps=0,
         bf16=True,
@@ -196,6 +197,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--eval-count", type=int, default=64)
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="tunesmith's train.compile")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of both sides (LoRA init, data order).")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="tunesmith's train.precision")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each side (the machine is shared).")
     parser.add_argument("--only", choices=["tunesmith", "trl"], help="Run one side (default: both).")
     parser.add_argument("--side", help=argparse.SUPPRESS)
@@ -223,7 +226,7 @@ def main() -> None:
     peak = bf16_matmul_peak_flops()
     results = {}
     for side in [args.only] if args.only else ["tunesmith", "trl"]:
-        command = [sys.executable, __file__, "--side", side, "--workdir", str(folder), "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length), "--compile", args.compile, "--threads", str(args.threads)]
+        command = [sys.executable, __file__, "--side", side, "--workdir", str(folder), "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length), "--compile", args.compile, "--threads", str(args.threads), "--seed", str(args.seed), "--precision", args.precision]
         proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)})
         if proc.returncode != 0:
             sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
@@ -244,6 +247,7 @@ def main() -> None:
         "bf16_matmul_peak_gflops": peak / 1e9,
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
+        "seed": args.seed,
         "load_average": os.getloadavg(),
         "results": results,
     }

@@ -122,7 +122,8 @@ def _stage_eval(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
     from tunesmith import evaluate
 
     result = evaluate.run(cfg, gates=cfg.eval.gates)
-    return {"verdict": result.get("verdict")} if isinstance(result, dict) else {}
+    verdict = result.get("verdict") or {}
+    return {"verdict": verdict.get("text") if isinstance(verdict, dict) else verdict, "primary_metric": result.get("primary_metric")}
 
 
 def _stage_export(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
