@@ -93,8 +93,15 @@ def test_gguf_tensors_match_after_dequantization(run_dir, trained):
             assert (np.abs(got - expected[tensor.name]) <= export.gguf_tolerance(tensor.tensor_type.name, expected[tensor.name])).all(), tensor.name
         entry = report["files"][path.name]
         assert entry["tensors"]["problems"] == [] and entry["tensors"]["tensors"] == len(expected)
-        # Read back by transformers' GGUF loader (it undoes the q/k permutation): same greedy tokens.
-        assert entry["parity"]["mismatches"] == [] and entry["parity"]["tokenizer_matches"]
+        # Read back by transformers' GGUF loader (it undoes the q/k permutation). f16: the same
+        # greedy tokens. q8_0 on a random tiny model: near-tied logits flip under quantization
+        # noise, so the check is the logits' distance (and that mismatches are reported, not hidden).
+        assert entry["parity"]["tokenizer_matches"]
+        if gguf_type == "f16":
+            assert entry["parity"]["mismatches"] == []
+        else:
+            assert entry["parity"]["max_logit_diff"] < 0.1
+            assert all("first_diff_token" in m for m in entry["parity"]["mismatches"])
     # q/k permutation round-trips; with it wrong, the f16 file would not match the logits at f16 noise.
     assert report["files"]["tiny-run-f16.gguf"]["parity"]["max_logit_diff"] < 1e-2
 
