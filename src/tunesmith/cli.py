@@ -445,8 +445,26 @@ def cli_reference_markdown() -> str:
     return "\n".join(lines)
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars say what happens; the libraries' per-load bars and deprecation
+    notices about their internals are noise to a user (real warnings still show)."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: turn user errors into one line and exit code 2."""
+    _quiet_libraries()
     try:
         result = app(args=argv, prog_name="tunesmith", standalone_mode=False)
     except UserError as e:

@@ -578,12 +578,14 @@ def gguf_parity(path: Path, run: RunModel, reference_tokens: list[list[int]], pr
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32").eval()
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     finally:
-        hf_logging.enable_progress_bar()
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     result = compare_outputs(reference_tokens, greedy_tokens(model, prompts, eos), run.tokenizer)
     result["max_logit_diff"] = max_logit_diff(run.model, model, prompts)
     texts = [run.tokenizer.decode(p) for p in prompts]

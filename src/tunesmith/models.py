@@ -118,6 +118,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
@@ -126,7 +127,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     except (ValueError, KeyError, OSError) as e:
         raise UserError(f"cannot read GGUF file {gguf_path}: {e}", "pass a GGUF of a supported architecture or an HF folder") from None
     finally:
-        hf_logging.enable_progress_bar()
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     # The weights are dequantized fp32 now; drop the GGUF "quantizer" so they save as plain tensors.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
