@@ -1,6 +1,7 @@
 import pytest
 
 from tunesmith.config import DataConfig
+from tunesmith import formatting
 from tunesmith.errors import UserError
 from tunesmith.formatting import (
     IGNORE_INDEX,
@@ -173,3 +174,18 @@ def test_train_cli_preflight_failure_is_one_line(cli, tiny_model_dir, tmp_path, 
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "would cut assistant tokens (lines 2, 3)" in result.stderr
+
+
+def test_truncation_cuts_the_prompt_and_keeps_the_answer(tokenizer):
+    from tunesmith.config import DataConfig
+
+    long_prompt = conv(("user", "words " * 150), ("assistant", "spam"), line=7)
+    full, _ = tokenize_conversation(tokenizer, long_prompt, max_length=10_000)
+    examples, report = preflight(tokenizer, [long_prompt], DataConfig(train="x", max_length=100, truncate=True), "d")
+    cut = examples[0]
+    assert len(cut) == 100 and report.truncated_lines == [7]
+    assert cut.cut_prompt_tokens == len(full) - 100 and cut.cut_trained_tokens == 0
+    # The answer, its end-of-turn token and the assistant header survive, token for token.
+    tail = formatting.PROMPT_TAIL_KEPT + full.trained_tokens + 1
+    assert cut.input_ids[-tail:] == full.input_ids[-tail:] and cut.labels[-tail:] == full.labels[-tail:]
+    assert cut.input_ids[:20] == full.input_ids[:20]

@@ -45,6 +45,7 @@ class Example:
     labels: list[int]
     source_line: int | None = None
     cut_trained_tokens: int = 0  # assistant tokens dropped by truncation (data.truncate)
+    cut_prompt_tokens: int = 0  # prompt tokens dropped by truncation (data.truncate)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -173,12 +174,37 @@ def tokenize_conversation(
     if len(input_ids) > max_length:
         cut = sum(1 for label in labels[max_length:] if label != IGNORE_INDEX)
         if truncate:
-            example = Example(input_ids[:max_length], labels[:max_length], conv.source_line, cut_trained_tokens=cut)
+            example = truncate_example(input_ids, labels, max_length, conv.source_line)
         else:
             problems.append("too_long")
     if example.trained_tokens == 0:
         problems.append("no_trained_token")
     return example, list(dict.fromkeys(problems))
+
+
+# Tokens kept untouched just before the first trained token when the prompt is shortened: the
+# end of the user turn and the assistant header (`<|im_end|>\n<|im_start|>assistant\n` is 5).
+PROMPT_TAIL_KEPT = 16
+
+
+def truncate_example(input_ids: list[int], labels: list[int], max_length: int, source_line: int | None) -> Example:
+    """Fit an example into `max_length`, cutting the prompt before the answer when possible.
+
+    Cutting the end would drop the answer, the very thing a classification example teaches; so
+    the excess comes out of the prompt, just before its last PROMPT_TAIL_KEPT tokens (the turn
+    boundary and assistant header stay intact). Only when the prompt is too short for that is
+    the end cut, and the assistant tokens lost are counted.
+    """
+    excess = len(input_ids) - max_length
+    first_trained = next((t for t, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    cut_end = first_trained - PROMPT_TAIL_KEPT
+    cut_start = cut_end - excess
+    if cut_start >= 1:  # keep at least the first token (the first turn's header starts there)
+        return Example(
+            input_ids[:cut_start] + input_ids[cut_end:], labels[:cut_start] + labels[cut_end:], source_line, cut_prompt_tokens=excess
+        )
+    cut = sum(1 for label in labels[max_length:] if label != IGNORE_INDEX)
+    return Example(input_ids[:max_length], labels[:max_length], source_line, cut_trained_tokens=cut)
 
 
 def tokenize_dataset(
@@ -193,7 +219,7 @@ def tokenize_dataset(
         )
         for kind in problems:
             report.add(kind, conv.source_line)
-        if example.cut_trained_tokens:
+        if example.cut_trained_tokens or example.cut_prompt_tokens:
             report.truncated_lines.append(conv.source_line)
         report.tokens += len(example)
         report.trained_tokens += example.trained_tokens
