@@ -285,3 +285,17 @@ def test_smollm2_eval_loss_falls_on_sms_spam(smollm2_dir, tmp_path, method):
     evals = [m["eval_loss"] for m in train.read_metrics(cfg.run_dir / artifacts.METRICS_FILE) if "eval_loss" in m]
     assert len(evals) == 3 and evals[0] == summary["initial_eval_loss"]
     assert summary["final_eval_loss"] < 0.9 * evals[0]  # qlora: 5.68 -> 4.65 when measured
+
+
+def test_serving_lint_warns_before_training(tiny_model_dir, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    cfg = make_cfg(tmp_path, tiny_model_dir, max_steps=1)
+    cfg.train.lora.r = 32
+    train.run(cfg, console=Console(file=out, width=200))
+    text = out.getvalue()
+    assert "serving lint" in text and "--max-lora-rank 32" in text
+    assert text.index("serving lint") < text.index("training lora")

@@ -593,6 +593,13 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
 
+    if t.method != "full":
+        # Warn now, not at deployment, when the serving engines will refuse this adapter.
+        from tunesmith.export import lint_adapter_config
+
+        peft_config = model.peft_config["default"].to_dict()
+        for problem in lint_adapter_config(peft_config, causal_lm(model).config.model_type):
+            console.print(f"[yellow]serving lint:[/yellow] {problem}")
     console.print(
         f"training {t.method} on {data_info['train_examples']} examples: {plan.total_steps} steps, "
         f"{trainable_count:,} trainable parameters, {'bf16' if bf16 else 'fp32'}, world {world}"
