@@ -54,6 +54,7 @@ def main() -> None:
         train += [record(intent, item["data"]) for item in items[: args.per_intent]]
         evaluation += [record(intent, item["data"]) for item in read_json(args.data_root / f"validate_{intent}.json")[intent]]
     rng.shuffle(train)
+    rng.shuffle(evaluation)  # mixed intents, so eval.max_examples takes a fair sample
     out = HERE / "data"
     out.mkdir(exist_ok=True)
     for name, rows in (("train", train), ("eval", evaluation)):
