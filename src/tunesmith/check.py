@@ -779,19 +779,30 @@ def check_file(
         }
         if max_length is not None:
             over = np.nonzero(total > max_length)[0]
+            from tunesmith.formatting import PROMPT_TAIL_KEPT
+
             dropped = np.minimum(total[over] - max_length, answer[over])
+            # What training does with data.truncate: cut the prompt before the answer when the
+            # prompt is long enough for it (formatting.truncate_example), else cut the end.
+            answer_kept = (prompt[over] - PROMPT_TAIL_KEPT - 1) >= (total[over] - max_length)
             token_stats.update(
                 max_length=max_length,
                 over_max_length=int(len(over)),
                 dropped_assistant_tokens=int(dropped.sum()),
                 examples_losing_whole_answer=int((prompt[over] >= max_length).sum()),
+                answer_kept_by_prompt_truncation=int(answer_kept.sum()),
             )
             token_lines = np.frombuffer(counter.lines, dtype=np.uint32)
-            for i, d in zip(over, dropped):
+            for i, d, kept in zip(over, dropped, answer_kept):
                 whole = " (the whole answer)" if prompt[i] >= max_length else ""
+                how = (
+                    "; data.truncate cuts the prompt instead and keeps the answer"
+                    if kept
+                    else "; the prompt is too short to cut instead, so data.truncate loses them"
+                )
                 findings.add(
                     "over_max_length", "warning",
-                    f"{total[i]} tokens > max length {max_length}: truncation drops {d} of {answer[i]} answer tokens{whole}",
+                    f"{total[i]} tokens > max length {max_length}: cutting the end would drop {d} of {answer[i]} answer tokens{whole}{how}",
                     FIXES["over_max_length"], int(token_lines[i]),
                 )
         report.stats["tokens"] = token_stats
@@ -928,7 +939,8 @@ def render_report(report: CheckReport, console, per_code: int = 10) -> None:
             summary.add_row(f"{part} tokens", f"min {p['min']}  p10 {p['p10']:.0f}  median {p['median']:.0f}  p90 {p['p90']:.0f}  max {p['max']}")
         if "max_length" in tokens:
             summary.add_row("max length", f"{tokens['over_max_length']} example(s) over {tokens['max_length']}; "
-                            f"truncation would drop {tokens['dropped_assistant_tokens']} answer tokens")
+                            f"cutting the end would drop {tokens['dropped_assistant_tokens']} answer tokens; "
+                            f"data.truncate keeps the whole answer of {tokens.get('answer_kept_by_prompt_truncation', 0)} of them")
     elif tokens:
         summary.add_row("tokens", tokens.get("note", ""))
     if stats.get("leakage"):
