@@ -126,3 +126,14 @@ def test_until_stops_early(tiny_model_dir, tmp_path, cli, stage):
     result = cli("run", str(config), "--until", stage)
     assert result.returncode == 0, result.stderr
     assert set(stage_states(tmp_path / "run")) == {"check", "split"}
+
+
+def test_gates_judge_the_fine_tune_not_the_baselines(tiny_model_dir, tmp_path, cli):
+    config = write_project(tmp_path, tiny_model_dir)
+    result = cli("run", str(config), "--set", "eval.gates=['exact_match>=0.99']")
+    assert result.returncode == 3, result.stderr  # the random tiny model cannot pass it
+    assert "gate failed" in result.stderr and "tuned" in result.stderr
+    states = stage_states(tmp_path / "run")
+    assert states["baseline"] == "done" and states["train"] == "done" and states["eval"] == "running"
+    assert "export" not in states
+    assert (tmp_path / "run" / "eval" / "report.md").exists()

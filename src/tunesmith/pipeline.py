@@ -107,7 +107,10 @@ def _stage_baseline(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
     subjects = [s for s in cfg.eval.subjects if s != "tuned"]
     if not subjects:
         return {"subjects": []}
-    evaluate.run(cfg, subjects=subjects)
+    # Gates judge the fine-tune; the baselines alone are scored here, not gated.
+    ungated = cfg.model_copy(deep=True)
+    ungated.eval.gates = []
+    evaluate.run(ungated, subjects=subjects)
     return {"subjects": subjects}
 
 
