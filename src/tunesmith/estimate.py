@@ -259,9 +259,10 @@ def count_tokens(conversations, tokenizer, max_length: int) -> dict[str, Any]:
     """Fed and trained tokens per epoch as training would see them, with truncation to max_length.
 
     Each example is tokenised once without a limit (its full length is what OpenAI bills), then
-    cut at max_length the way `data.truncate` does: the trained tokens past the cut are lost.
+    cut to max_length by training's own `data.truncate` (the prompt first, the answer only when
+    the prompt is too short), so the trained tokens lost are those training would lose.
     """
-    from tunesmith.formatting import IGNORE_INDEX, tokenize_conversation
+    from tunesmith.formatting import tokenize_conversation, truncate_example
 
     fed = trained = full = squared = truncated = dropped = 0
     longest = 0
@@ -272,8 +273,9 @@ def count_tokens(conversations, tokenizer, max_length: int) -> dict[str, Any]:
             problems.setdefault(kind, []).append(conv.source_line)
         length = len(example)
         kept = min(length, max_length)
-        trained_kept = sum(1 for label in example.labels[:max_length] if label != IGNORE_INDEX)
+        trained_kept = example.trained_tokens
         if length > max_length:
+            trained_kept = truncate_example(example.input_ids, example.labels, max_length, conv.source_line).trained_tokens
             truncated += 1
             dropped += example.trained_tokens - trained_kept
         full += length
