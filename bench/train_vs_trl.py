@@ -74,12 +74,13 @@ def eval_loss(model_dir: Path, adapter: Path, folder: Path, max_length: int) -> 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.formatting import collate, read_chat_jsonl, tokenize_dataset
+    from tunesmith.data import read_conversations
+    from tunesmith.formatting import collate, tokenize_dataset
     from tunesmith.models import load_tokenizer
     from tunesmith.train import loss_at_trained_positions
 
     tokenizer = load_tokenizer(str(model_dir))
-    examples, _ = tokenize_dataset(tokenizer, read_chat_jsonl(folder / "eval.jsonl"), max_length=max_length)
+    examples, _ = tokenize_dataset(tokenizer, read_conversations(folder / "eval.jsonl", format="openai"), max_length=max_length)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter).eval()
     total, tokens = 0.0, 0
     with torch.no_grad():
@@ -91,10 +92,11 @@ def eval_loss(model_dir: Path, adapter: Path, folder: Path, max_length: int) -> 
 
 
 def example_tokens(model_dir: Path, folder: Path, count: int, max_length: int) -> int:
-    from tunesmith.formatting import read_chat_jsonl, tokenize_dataset
+    from tunesmith.data import read_conversations
+    from tunesmith.formatting import tokenize_dataset
     from tunesmith.models import load_tokenizer
 
-    examples, _ = tokenize_dataset(load_tokenizer(str(model_dir)), read_chat_jsonl(folder / "train.jsonl")[:count], max_length=max_length)
+    examples, _ = tokenize_dataset(load_tokenizer(str(model_dir)), read_conversations(folder / "train.jsonl", format="openai")[:count], max_length=max_length)
     return sum(len(e) for e in examples)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from tunesmith import artifacts, train
 from tunesmith.config import RunConfig, load_config
+from tunesmith.data import read_conversations
 from tunesmith.formatting import collate, tokenize_dataset
 from tunesmith.models import load_tokenizer
 from tunesmith.schema import Conversation
@@ -136,7 +137,7 @@ def test_lora_run_writes_artifacts_pinned_losses_and_round_trips(tiny_model_dir,
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tuned = PeftModel.from_pretrained(base, adapter).eval()
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    eval_examples = tokenize_dataset(tokenizer, train.read_chat_jsonl(tmp_path / "eval.jsonl"), max_length=256)[0]
+    eval_examples = tokenize_dataset(tokenizer, read_conversations(tmp_path / "eval.jsonl", format="openai"), max_length=256)[0]
     with torch.no_grad():
         tensors = collate(eval_examples, [[i] for i in range(len(eval_examples))], tokenizer.pad_token_id)
         loss = train.loss_at_trained_positions(tuned, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
@@ -163,7 +164,7 @@ def test_full_fine_tuning_writes_a_loadable_hf_folder(tiny_model_dir, tmp_path):
     assert any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin"))
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    examples = tokenize_dataset(tokenizer, train.read_chat_jsonl(tmp_path / "eval.jsonl"), max_length=256)[0]
+    examples = tokenize_dataset(tokenizer, read_conversations(tmp_path / "eval.jsonl", format="openai"), max_length=256)[0]
     tensors = collate(examples, [[i] for i in range(len(examples))], tokenizer.pad_token_id)
     with torch.no_grad():
         loss = train.loss_at_trained_positions(model, tensors["input_ids"], tensors["labels"], tensors["position_ids"])

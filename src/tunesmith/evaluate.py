@@ -28,6 +28,7 @@ import numpy as np
 from tunesmith import artifacts
 from tunesmith import metrics as M
 from tunesmith.config import RunConfig
+from tunesmith.data import read_conversations
 from tunesmith.errors import GateFailed, UserError
 from tunesmith.schema import Conversation
 
@@ -39,27 +40,11 @@ BASELINES = ("base", "base-fewshot")
 # --------------------------------------------------------------------------- data
 
 
-def _read_split(path: Path, **reader_options: Any) -> list[Conversation]:
-    """A data file -> conversations (the data module's readers; canonical chat JSONL without them)."""
-    try:
-        from tunesmith.data import read_conversations
-    except ImportError:
-        read_conversations = None
-    if read_conversations is not None:
-        return list(read_conversations(path, **(reader_options or {"format": "openai"})))
-    conversations = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                conversations.append(Conversation.from_openai(json.loads(line), line_no))
-    return conversations
-
-
 def read_splits(cfg: RunConfig) -> tuple[list[Conversation], list[Conversation], dict[str, str]]:
     """(eval, train, sources): the run's own split when training wrote one, else the config's files."""
     run_dir = cfg.run_dir
     eval_path, train_path = run_dir / artifacts.EVAL_SPLIT_FILE, run_dir / artifacts.TRAIN_SPLIT_FILE
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"format": "openai"}
     if not eval_path.exists():
         # No split written by a run yet: the config's own files, in their own format.
         eval_path = cfg.resolve(cfg.data.eval)
@@ -74,7 +59,7 @@ def read_splits(cfg: RunConfig) -> tuple[list[Conversation], list[Conversation],
     if train_path is None or not train_path.exists():
         raise UserError(f"training split {train_path} not found", "run `tunesmith train` first, or fix data.train")
     sources = {"eval": str(eval_path), "eval_sha256": artifacts.sha256_file(eval_path), "train": str(train_path)}
-    return _read_split(eval_path, **options), _read_split(train_path, **options), sources
+    return read_conversations(eval_path, **options), read_conversations(train_path, **options), sources
 
 
 # --------------------------------------------------------------------------- prompts

@@ -10,10 +10,8 @@ the model learns to stop; the newline the template writes after it is not.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import UserError
@@ -172,7 +170,6 @@ def tokenize_conversation(
     input_ids, labels = input_ids[: last + 1], labels[: last + 1]
     example = Example(input_ids=input_ids, labels=labels, source_line=conv.source_line)
     if len(input_ids) > max_length:
-        cut = sum(1 for label in labels[max_length:] if label != IGNORE_INDEX)
         if truncate:
             example = truncate_example(input_ids, labels, max_length, conv.source_line)
         else:
@@ -238,22 +235,6 @@ def preflight(tokenizer, conversations: list[Conversation], data_cfg, source: st
     )
     report.raise_if_problems(source)
     return examples, report
-
-
-def read_chat_jsonl(path: Path) -> list[Conversation]:
-    """Canonical OpenAI chat JSONL (what the split stage writes) -> conversations."""
-    try:
-        from tunesmith.data import read_conversations  # the readers of every format, when present
-    except ImportError:
-        read_conversations = None
-    if read_conversations is not None:
-        return read_conversations(path, format="openai")
-    conversations = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if line.strip():
-                conversations.append(Conversation.from_openai(json.loads(line), i))
-    return conversations
 
 
 def mask_text(tokenizer, example: Example):

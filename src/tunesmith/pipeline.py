@@ -49,23 +49,32 @@ def _section(cfg: RunConfig, name: str) -> dict[str, Any]:
 
 def stage_inputs(stage: str, cfg: RunConfig, model_fingerprint: str) -> str:
     """The identity of a stage's inputs: when it is unchanged, the stage's outputs are current."""
+    # Each stage hashes only what it reads: hashing a large data file or a model folder for a
+    # stage that does not depend on it is wasted I/O on every run.
     run = cfg.run_dir
-    data_files = (_hash_path(cfg.resolve(cfg.data.train)), _hash_path(cfg.resolve(cfg.data.eval)))
-    splits = (_hash_path(run / artifacts.TRAIN_SPLIT_FILE), _hash_path(run / artifacts.EVAL_SPLIT_FILE))
-    trained = _hash_path(run / artifacts.ADAPTER_DIR) or _hash_path(run / artifacts.FULL_MODEL_DIR)
+
+    def data_files():
+        return (_hash_path(cfg.resolve(cfg.data.train)), _hash_path(cfg.resolve(cfg.data.eval)))
+
+    def splits():
+        return (_hash_path(run / artifacts.TRAIN_SPLIT_FILE), _hash_path(run / artifacts.EVAL_SPLIT_FILE))
+
+    def trained():
+        return _hash_path(run / artifacts.ADAPTER_DIR) or _hash_path(run / artifacts.FULL_MODEL_DIR)
+
     model = _section(cfg, "model")
     if stage == "check":
-        return _hash(stage, data_files, _section(cfg, "data"), model_fingerprint)
+        return _hash(stage, data_files(), _section(cfg, "data"), model_fingerprint)
     if stage == "split":
-        return _hash(stage, data_files, _section(cfg, "data"))
+        return _hash(stage, data_files(), _section(cfg, "data"))
     if stage == "baseline":
-        return _hash(stage, splits, _section(cfg, "eval"), model, model_fingerprint)
+        return _hash(stage, splits(), _section(cfg, "eval"), model, model_fingerprint)
     if stage == "train":
-        return _hash(stage, splits, _section(cfg, "train"), _section(cfg, "data"), model, model_fingerprint)
+        return _hash(stage, splits(), _section(cfg, "train"), _section(cfg, "data"), model, model_fingerprint)
     if stage == "eval":
-        return _hash(stage, splits, trained, _section(cfg, "eval"), model_fingerprint)
+        return _hash(stage, splits(), trained(), _section(cfg, "eval"), model_fingerprint)
     if stage == "export":
-        return _hash(stage, trained, _section(cfg, "export"), model_fingerprint)
+        return _hash(stage, trained(), _section(cfg, "export"), model_fingerprint)
     raise ValueError(stage)
 
 
@@ -202,8 +211,8 @@ def run(
         start = time.perf_counter()
         result = stages[stage]()
         seconds = time.perf_counter() - start
-        # Outputs of this stage changed; record them with the inputs hash recomputed where the
-        # stage's own outputs are part of it (none are: inputs are computed from upstream only).
+        # The inputs hash was taken before the stage ran; it covers upstream artifacts only, so
+        # the stage's own outputs do not change it.
         _record_stage(run_dir, stage, {"status": "done", "inputs": inputs, "seconds": round(seconds, 2), "result": result, "finished_at": time.time()})
         summary[stage] = result
     return summary

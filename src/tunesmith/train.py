@@ -22,6 +22,7 @@ from typing import Any
 
 from tunesmith import artifacts
 from tunesmith.config import RunConfig
+from tunesmith.data import read_conversations as read_any
 from tunesmith.errors import UserError
 from tunesmith.formatting import (
     IGNORE_INDEX,
@@ -31,7 +32,6 @@ from tunesmith.formatting import (
     mask_text,
     packed_batches,
     preflight,
-    read_chat_jsonl,
 )
 
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
@@ -60,10 +60,6 @@ def data_paths(cfg: RunConfig) -> tuple[Path, Path | None, str]:
 
 def read_conversations(cfg: RunConfig, path: Path, fmt: str):
     """Conversations of a data file, through data.py's readers (any supported format)."""
-    try:
-        from tunesmith.data import read_conversations as read_any
-    except ImportError:  # data.py not installed alongside: canonical OpenAI chat JSONL only
-        return read_chat_jsonl(path)
     if fmt == "openai":  # the split stage's files already carry the system prompt
         return read_any(path, format="openai")
     return read_any(path, format=fmt, input_col=cfg.data.input_col, output_col=cfg.data.output_col, system_prompt=cfg.data.system_prompt)
@@ -268,7 +264,6 @@ def loss_at_trained_positions(model, input_ids, labels, position_ids, shared_pre
     starts with the same K tokens: they run once with batch 1, and their keys/values are
     repeated over the batch, so gradients flow back through the prefix as in the plain path.
     """
-    import torch
     import torch.nn.functional as F
 
     lm = causal_lm(model)
