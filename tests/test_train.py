@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -237,21 +238,76 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_pa
     assert len(losses[1]) == 100 and losses[0] == losses[1]
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tmp_path, cli):
-    """2 CPU processes (gloo DDP, batch 2 each) against 1 process with batch 4.
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tmp_path, cli, parallel):
+    """2 CPU processes (gloo; DDP, or FSDP sharding weights and optimizer state; batch 2 each)
+    against 1 process with batch 4.
 
     Tolerance: 1e-5 relative per step loss, in fp32; the two differ only in summation order.
     """
     write_data(tmp_path)
     keys = dict(max_steps=8, eval_every=4, grad_accum=2, learning_rate=1e-2)
     one = train.run(load_config(write_config(tmp_path, tiny_model_dir, "one", batch_size=4, **keys)))
-    two_cfg = write_config(tmp_path, tiny_model_dir, "two", batch_size=2, **keys)
+    two_cfg = write_config(tmp_path, tiny_model_dir, "two", batch_size=2, parallel=parallel, **keys)
     result = cli("train", str(two_cfg), "--nproc", "2", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "two" / artifacts.MANIFEST_FILE).read_text())["train"]
-    assert manifest["world_size"] == 2
+    assert manifest["world_size"] == 2 and manifest["parallel"] == parallel
     assert step_losses(tmp_path / "two") == pytest.approx(step_losses(tmp_path / "one"), rel=1e-5)
     assert manifest["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=1e-5)
+    # The adapter rank 0 wrote (under FSDP, from the gathered shards) is the single process's.
+    # Adam divides each update by the gradient's own scale, so a summation-order difference in
+    # a near-zero gradient can move that weight by a small share of lr (1e-2): atol 1e-4.
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "one" / artifacts.ADAPTER_DIR / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / artifacts.ADAPTER_DIR / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4)
+
+
+def test_fsdp_resumes_from_sharded_checkpoints_and_trains_full(tiny_model_dir, tmp_path, cli):
+    """FSDP full fine-tuning: a run stopped at step 4 and resumed (optimizer state read back from
+    the ranks' shards) ends where an uninterrupted 2-process run ends; the model folder loads."""
+    write_data(tmp_path)
+    keys = dict(method="full", batch_size=2, learning_rate=1e-3, save_every=2, parallel="fsdp")
+    env = {"OMP_NUM_THREADS": "1"}
+    straight = write_config(tmp_path, tiny_model_dir, "straight", max_steps=6, **keys)
+    assert cli("train", str(straight), "--nproc", "2", env=env).returncode == 0
+    stopped = write_config(tmp_path, tiny_model_dir, "stopped", max_steps=6, **keys)
+    # Stand in for a crash after step 4: keep only that checkpoint and drop the finished model.
+    assert cli("train", str(stopped), "--nproc", "2", env=env).returncode == 0
+    checkpoints = tmp_path / "stopped" / artifacts.CHECKPOINTS_DIR
+    for late in train.list_checkpoints(checkpoints):
+        if late.name != "step-4":
+            shutil.rmtree(late)
+    assert (checkpoints / "step-4" / train.CHECKPOINT_OPTIMIZER_SHARDS).is_dir()
+    shutil.rmtree(tmp_path / "stopped" / artifacts.FULL_MODEL_DIR)
+    resumed = cli("train", str(stopped), "--nproc", "2", "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step-4" in resumed.stderr
+    assert step_losses(tmp_path / "stopped") == pytest.approx(step_losses(tmp_path / "straight"), rel=1e-5)
+
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(tmp_path / n / artifacts.FULL_MODEL_DIR) for n in ("straight", "stopped")]
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(models[0].model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_fsdp_refuses_qlora_and_ddp_checkpoints(tiny_model_dir, tmp_path, cli):
+    write_data(tmp_path)
+    env = {"OMP_NUM_THREADS": "1"}
+    qlora = write_config(tmp_path, tiny_model_dir, "q", method="qlora", parallel="fsdp")
+    result = cli("train", str(qlora), "--nproc", "2", env=env)
+    assert result.returncode == 2 and "qlora" in result.stderr and "Traceback" not in result.stderr
+    cfg = write_config(tmp_path, tiny_model_dir, "mixed", max_steps=2, batch_size=2)
+    assert cli("train", str(cfg), "--nproc", "2", env=env).returncode == 0
+    result = cli("train", str(cfg), "--nproc", "2", "--resume", "--set", "train.parallel=fsdp", env=env)
+    assert result.returncode == 2 and "train.parallel" in result.stderr
 
 
 # --- slow: SmolLM2 on a real dataset ----------------------------------------------------------

@@ -7,6 +7,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -99,7 +100,7 @@ def train(
     overrides: list[str] = SetOption,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the run folder."),
     show_mask: int = typer.Option(0, "--show-mask", min=0, help="Print N examples with trained tokens highlighted, then stop."),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun; DDP)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun; DDP, or FSDP with train.parallel fsdp)."),
 ) -> None:
     """Fine-tune (LoRA, QLoRA or full) per the config; writes the adapter or model to the run folder."""
     from tunesmith import train as train_stage
@@ -109,6 +110,8 @@ def train(
     if show_mask:
         train_stage.show_mask(cfg, show_mask, console)
         return
+    if resume:
+        train_stage.check_resumable(cfg, max(nproc, int(os.environ.get("WORLD_SIZE", "1"))))
     if nproc > 1:
         import subprocess
 

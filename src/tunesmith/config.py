@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunesmith.errors import UserError
 
@@ -105,6 +105,17 @@ class TrainConfig(_Closed):
     )
     seed: int = Field(0, description="Seed for weights init, data order and dropout.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in the run folder (the newest ones).")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Several processes (torchrun, `--nproc`): `ddp` keeps a whole model on each; `fsdp` shards "
+        "weights, gradients and optimizer state over them, for models too big for one device (lora and full).",
+    )
+
+    @model_validator(mode="after")
+    def _fsdp_method(self) -> "TrainConfig":
+        if self.parallel == "fsdp" and self.method == "qlora":
+            raise ValueError("parallel fsdp does not shard 4-bit (qlora) weights: use method lora or full, or parallel ddp")
+        return self
 
 
 class EvalConfig(_Closed):

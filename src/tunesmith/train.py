@@ -36,6 +36,7 @@ from tunesmith.formatting import (
 
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
+CHECKPOINT_OPTIMIZER_SHARDS = "optimizer-shards"  # FSDP: each rank writes its shard (torch.distributed.checkpoint)
 CHECKPOINT_RNG = "rng.pt"
 CHECKPOINT_STATE = "state.json"
 
@@ -177,8 +178,12 @@ def use_bf16(precision: str, device) -> bool:
     return supported or precision == "bf16"
 
 
-def load_for_training(cfg: RunConfig, device, bf16: bool):
-    """(model, loaded): the model ready to train (PEFT-wrapped for lora/qlora), on `device`."""
+def load_for_training(cfg: RunConfig, device, bf16: bool, fsdp: bool = False):
+    """(model, loaded): the model ready to train (PEFT-wrapped for lora/qlora), on `device`.
+
+    Under FSDP every weight is stored fp32 (an FSDP unit all-gathers one dtype); autocast still
+    computes in bf16.
+    """
     import torch
 
     from tunesmith.models import load_model
@@ -203,8 +208,9 @@ def load_for_training(cfg: RunConfig, device, bf16: bool):
             if device.type == "cuda":  # load_model leaves quantized models where they loaded
                 loaded.model.to(device)
         else:
-            loaded = load_model(cfg.model.name, dtype=torch.bfloat16 if bf16 else torch.float32, device=device, **common)
-            if bf16:
+            store_bf16 = bf16 and not fsdp
+            loaded = load_model(cfg.model.name, dtype=torch.bfloat16 if store_bf16 else torch.float32, device=device, **common)
+            if store_bf16:
                 # The frozen projections are stored in bf16, the dtype autocast computes them in:
                 # no per-step weight casts, half their memory. Embeddings and norms go back to
                 # fp32, so the residual stream stays fp32 (a bf16 residual stream loses accuracy).
@@ -322,8 +328,46 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
 # --- checkpoints ----------------------------------------------------------------------------
 
 
+def full_tensor(tensor):
+    """The whole tensor: FSDP parameters are sharded DTensors (gathering one is a collective)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def trainable_state(model) -> dict:
-    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """Trainable weights, whole, on CPU. Under FSDP every rank must call it (it all-gathers)."""
+    return {name: full_tensor(p.detach()).to("cpu", copy=True).contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def full_model_state(model) -> dict:
+    """The whole state dict on CPU (full fine-tuning under FSDP; every rank calls it)."""
+    return {name: full_tensor(t.detach()).to("cpu") for name, t in model.state_dict().items()}
+
+
+def copy_into(param, tensor) -> None:
+    """Load a whole tensor into a parameter, sharding it first when the parameter is FSDP's."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        tensor = distribute_tensor(tensor.to(param.device, param.dtype), param.device_mesh, param.placements)
+    param.copy_(tensor)
+
+
+def save_optimizer_shards(loss_module, optimizer, folder: Path) -> None:
+    """FSDP: every rank writes its share of the optimizer state (torch.distributed.checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(loss_module, optimizer)}, checkpoint_id=str(folder))
+
+
+def load_optimizer_shards(loss_module, optimizer, folder: Path) -> None:
+    """FSDP: read the optimizer state back, resharded to this run's processes if their number changed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(loss_module, optimizer)}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(loss_module, optimizer, state["optimizer"])
 
 
 def rng_state() -> dict:
@@ -344,19 +388,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, rng_states: list, state: dict, keep: int) -> None:
-    """Write checkpoints/step-N atomically (temp folder + rename), then prune old ones."""
+def shards_folder(folder: Path, step: int) -> Path:
+    """Where FSDP ranks write a checkpoint's optimizer shards before rank 0 completes it."""
+    return folder / f".shards-step-{step}"
+
+
+def save_checkpoint(folder: Path, weights: dict, optimizer, scheduler, rng_states: list, state: dict, keep: int, shards: Path | None = None) -> None:
+    """Write checkpoints/step-N atomically (temp folder + rename), then prune old ones.
+
+    `shards` (FSDP): a folder the ranks already filled with the optimizer's shards; it becomes
+    part of the checkpoint, and `optimizer` is then None.
+    """
     import torch
     from safetensors.torch import save_file
 
     target = folder / f"step-{state['step']}"
     with artifacts.atomic_path(target) as tmp:
         tmp.mkdir()
-        save_file(trainable_state(model), str(tmp / CHECKPOINT_WEIGHTS))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / CHECKPOINT_OPTIMIZER)
+        if shards is not None:
+            os.replace(shards, tmp / CHECKPOINT_OPTIMIZER_SHARDS)
+        save_file(weights, str(tmp / CHECKPOINT_WEIGHTS))
+        torch.save({"optimizer": optimizer.state_dict() if optimizer else None, "scheduler": scheduler.state_dict()}, tmp / CHECKPOINT_OPTIMIZER)
         torch.save({"ranks": rng_states}, tmp / CHECKPOINT_RNG)
         (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2))
-    for old in list_checkpoints(folder)[:-keep]:
+    for old in list_checkpoints(folder)[:-keep] + sorted(folder.glob(".shards-step-*")):
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -368,10 +423,21 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
+def check_resumable(cfg: RunConfig, world: int) -> None:
+    """Refuse, before any process starts, a resume whose checkpoint the parallel mode cannot read."""
+    found = list_checkpoints(cfg.run_dir / artifacts.CHECKPOINTS_DIR)
+    if found:
+        sharded = (found[-1] / CHECKPOINT_OPTIMIZER_SHARDS).is_dir()
+        if sharded != (world > 1 and cfg.train.parallel == "fsdp"):
+            written = "train.parallel fsdp" if sharded else "train.parallel ddp or one process"
+            raise UserError(f"checkpoint {found[-1]} was written with {written}", "resume with the same train.parallel and --nproc > 1 for fsdp")
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int, fsdp_root=None) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG; return the loop state.
 
     Only files tunesmith wrote are read, and the pickled ones with weights_only=True.
+    `fsdp_root`: the sharded module, whose optimizer state is read from its shards.
     """
     import torch
     from safetensors.torch import load_file
@@ -383,9 +449,16 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
         raise UserError(f"checkpoint {path} does not match the model ({len(missing)} missing weights)", "resume with the config that wrote it")
     with torch.no_grad():
         for name, tensor in weights.items():
-            params[name].copy_(tensor)
+            copy_into(params[name], tensor)
     opt = torch.load(path / CHECKPOINT_OPTIMIZER, weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
+    sharded = (path / CHECKPOINT_OPTIMIZER_SHARDS).is_dir()
+    if sharded != (fsdp_root is not None):
+        written = "fsdp" if sharded else "ddp or one process"
+        raise UserError(f"checkpoint {path} was written with train.parallel {written}", "resume with the train.parallel that wrote it")
+    if sharded:
+        load_optimizer_shards(fsdp_root, optimizer, path / CHECKPOINT_OPTIMIZER_SHARDS)
+    else:
+        optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     rngs = torch.load(path / CHECKPOINT_RNG, weights_only=True)["ranks"]
     set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
@@ -457,8 +530,12 @@ def all_sum(values: list[float], world: int, device) -> list[float]:
     return t.tolist()
 
 
-def evaluate_loss(loss_module, examples: list[Example], cfg: RunConfig, pad_id: int, device, bf16: bool, world: int, rank: int) -> float | None:
-    """Token-mean cross-entropy on the eval split (trained positions only), sharded over ranks."""
+def evaluate_loss(loss_module, examples: list[Example], cfg: RunConfig, pad_id: int, device, bf16: bool, world: int, rank: int, lockstep: bool = False) -> float | None:
+    """Token-mean cross-entropy on the eval split (trained positions only), sharded over ranks.
+
+    `lockstep` (FSDP, whose forward gathers weights from every rank): each rank runs the same
+    number of batches; a rank out of batches runs one more whose loss it does not count.
+    """
     import torch
 
     if not examples:
@@ -470,17 +547,45 @@ def evaluate_loss(loss_module, examples: list[Example], cfg: RunConfig, pad_id: 
     was_training = loss_module.training
     loss_module.eval()
     with torch.no_grad():
-        for batch in batches[rank::world]:
+        mine = batches[rank::world]
+        rounds = math.ceil(len(batches) / world) if lockstep else len(mine)
+        for j in range(rounds):
+            batch = mine[j] if j < len(mine) else batches[0]
             tensors = collate(examples, batch, pad_id)
             with autocast(device, bf16):
                 loss = loss_module(
                     tensors["input_ids"].to(device), tensors["labels"].to(device), tensors["position_ids"].to(device)
                 )
-            total += float(loss)
-            tokens += tensors["trained_tokens"]
+            if j < len(mine):
+                total += float(loss)
+                tokens += tensors["trained_tokens"]
+    if lockstep:
+        # FSDP keeps the root unit's weights gathered after a forward until the backward that
+        # never comes here: shard them again, or the optimizer's parameters go missing.
+        loss_module.reshard()
     loss_module.train(was_training)
     total, tokens = all_sum([total, tokens], world, device)
     return total / max(tokens, 1)
+
+
+def shard_model(loss_module, model) -> None:
+    """FSDP2: each decoder layer is a unit (its weights are gathered only while it runs), the
+    rest (embeddings, final norm, head) the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_classes = set(getattr(causal_lm(model), "_no_split_modules", None) or [])
+    for module in loss_module.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module)
+    fully_shard(loss_module)
+
+
+def gradient_sync(train_module, sync: bool, fsdp: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP, FSDP)."""
+    if fsdp:
+        train_module.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return nullcontext() if sync else train_module.no_sync()
 
 
 def autocast(device, bf16: bool):
@@ -511,6 +616,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
     t = cfg.train
     world, rank, local_rank, device = init_distributed()
     main_rank = rank == 0
+    fsdp = world > 1 and t.parallel == "fsdp"  # the config refuses fsdp with qlora
     console = console or Console(stderr=True)
     if not main_rank:
         console = Console(quiet=True)
@@ -529,23 +635,26 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
     random.seed(t.seed + rank)
     torch.manual_seed(t.seed)
     bf16 = use_bf16(t.precision, device)
-    model, loaded = load_for_training(cfg, device, bf16)
+    model, loaded = load_for_training(cfg, device, bf16, fsdp=fsdp)
     torch.manual_seed(t.seed + rank)  # dropout differs per rank, as with a larger batch
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable_count = sum(p.numel() for p in trainable)
+    trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    # 3. Wrap: the loss module (one forward for DDP and compile), DDP across ranks, compile.
+    # 3. Wrap: the loss module (one forward for DDP and compile), DDP or FSDP across ranks, compile.
     plan = DataPlan(train_examples, cfg, world, rank)
     loss_module = make_loss_module(model)
     train_module = loss_module
-    if world > 1:
+    if fsdp:
+        shard_model(loss_module, model)  # in place: the parameters become sharded DTensors
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_module = DDP(loss_module, device_ids=[device] if device.type == "cuda" else None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     compiled = want_compile(t.compile, device)
     if compiled:
         train_module = torch.compile(train_module, dynamic=True)
-    shared_prefix = t.shared_prefix and not t.packing and not t.gradient_checkpointing
+    # FSDP gathers a layer's weights once per forward; the shared prefix runs each layer twice.
+    shared_prefix = t.shared_prefix and not t.packing and not t.gradient_checkpointing and not fsdp
 
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, plan.total_steps))
@@ -558,7 +667,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
             console.print(f"no checkpoint in {ckpt_dir}: starting from step 0")
             resume = False
     if resume:
-        state = load_checkpoint(found[-1], model, optimizer, scheduler, rank)
+        state = load_checkpoint(found[-1], model, optimizer, scheduler, rank, fsdp_root=loss_module if fsdp else None)
         if state.get("train_sha256") not in (None, data_info["train_sha256"]):
             raise UserError("the training data changed since the checkpoint was written", "resume with the same data, or start again without --resume")
         console.print(f"resuming from {found[-1].name}")
@@ -577,8 +686,18 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
         if world > 1:
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state())
+        weights = trainable_state(model)  # under FSDP a collective: every rank gathers
+        shards = None
+        if fsdp:
+            shards = shards_folder(ckpt_dir, state["step"])
+            if main_rank:
+                shutil.rmtree(shards, ignore_errors=True)
+            dist.barrier()
+            save_optimizer_shards(loss_module, optimizer, shards)
+            dist.barrier()
         if main_rank:
-            save_checkpoint(ckpt_dir, model, optimizer, scheduler, rngs, {**state, "train_sha256": data_info["train_sha256"]}, t.keep_checkpoints)
+            ckpt_state = {**state, "train_sha256": data_info["train_sha256"]}
+            save_checkpoint(ckpt_dir, weights, None if fsdp else optimizer, scheduler, rngs, ckpt_state, t.keep_checkpoints, shards)
         if world > 1:
             dist.barrier()
 
@@ -598,6 +717,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
     console.print(
         f"training {t.method} on {data_info['train_examples']} examples: {plan.total_steps} steps, "
         f"{trainable_count:,} trainable parameters, {'bf16' if bf16 else 'fp32'}, world {world}"
+        + (" (fsdp)" if fsdp else "")
         + (", compiled" if compiled else "")
     )
 
@@ -617,7 +737,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
     stop_early = False
     if eval_examples and state["step"] == 0:
         # Step 0: the base model's eval loss, so the curve shows what training changed.
-        state["initial_eval_loss"] = state["best_eval_loss"] = evaluate_loss(loss_module, eval_examples, cfg, pad_id, device, bf16, world, rank)
+        state["initial_eval_loss"] = state["best_eval_loss"] = evaluate_loss(loss_module, eval_examples, cfg, pad_id, device, bf16, world, rank, fsdp)
         log({"step": 0, "eval_loss": state["initial_eval_loss"]})
     with progress:
         task = progress.add_task("train", total=plan.total_steps, completed=state["step"], loss="-", tps="-")
@@ -630,18 +750,18 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
             for m, global_batch in enumerate(global_batches):
                 tensors = collate(train_examples, plan.shard(global_batch), pad_id)
                 sync = m == len(global_batches) - 1 or world == 1
-                with (nullcontext() if sync else train_module.no_sync()), autocast(device, bf16):
+                with gradient_sync(train_module, sync, fsdp), autocast(device, bf16):
                     loss = train_module(
                         tensors["input_ids"].to(device),
                         tensors["labels"].to(device),
                         tensors["position_ids"].to(device),
                         tensors["shared_prefix_len"] if shared_prefix else 0,
                     )
-                # DDP averages gradients over ranks; scaling by world makes it the global token mean.
+                # DDP and FSDP average gradients over ranks; scaling by world makes it the global token mean.
                 (loss * world / step_trained).backward()
                 loss_sum += float(loss.detach())
                 fed_tokens += tensors["fed_tokens_shared"] if shared_prefix else sum(len(train_examples[i]) for row in plan.shard(global_batch) for i in row)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm else float("inf"))
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm else float("inf")))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -664,7 +784,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
             }
             done = state["step"] == plan.total_steps
             if eval_examples and (done or (t.eval_every and state["step"] % t.eval_every == 0)):
-                last_eval = evaluate_loss(loss_module, eval_examples, cfg, pad_id, device, bf16, world, rank)
+                last_eval = evaluate_loss(loss_module, eval_examples, cfg, pad_id, device, bf16, world, rank, fsdp)
                 row["eval_loss"] = last_eval
                 best = state["best_eval_loss"]
                 if best is None or last_eval < best:
@@ -681,19 +801,23 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
     if metrics_file:
         metrics_file.close()
     if eval_examples and last_eval is None:
-        last_eval = evaluate_loss(loss_module, eval_examples, cfg, pad_id, device, bf16, world, rank)
+        last_eval = evaluate_loss(loss_module, eval_examples, cfg, pad_id, device, bf16, world, rank, fsdp)
 
     # 6. Artifacts (rank 0): the adapter or model in standard formats, the plot, the manifest.
+    #    Under FSDP every rank first takes part in gathering the whole weights.
+    whole = None
+    if fsdp:
+        whole = full_model_state(model) if t.method == "full" else trainable_state(model)
     if main_rank:
         if t.method == "full":
             out = run_dir / artifacts.FULL_MODEL_DIR
             with artifacts.atomic_path(out) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=whole)
                 tokenizer.save_pretrained(tmp)
         else:
             out = run_dir / artifacts.ADAPTER_DIR
             with artifacts.atomic_path(out) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=whole)
         write_loss_plot(metrics, run_dir / artifacts.LOSS_PLOT_FILE)
     summary = {
         "method": t.method,
@@ -734,6 +858,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
                 "precision": "bf16" if bf16 else "fp32",
                 "compiled": compiled,
                 "world_size": world,
+                "parallel": t.parallel if world > 1 else None,
                 "hardware": artifacts.hardware_summary(),
                 "wall_time_s": time.time() - started,
                 "resumed": resume,
