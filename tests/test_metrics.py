@@ -39,6 +39,49 @@ def test_classification_hand_checked():
     assert pc["support"].tolist() == [2, 2, 1]
 
 
+def test_lenient_accuracy_credits_one_named_label():
+    labels = ["heart diseases", "diseases", "neoplasms"]
+    normalized = [M.normalize_label(lab) for lab in labels]
+    assert M.mentioned_label("The abstract is about Neoplasms.", normalized) == 2
+    assert M.mentioned_label("Category: heart diseases", normalized) == 0  # "diseases" inside it does not count
+    assert M.mentioned_label("neoplasms or diseases", normalized) == -1  # two labels: no answer
+    assert M.mentioned_label("neoplasmsx", normalized) == -1  # whole words only
+    golds = ["neoplasms", "diseases", "heart diseases"]
+    preds = ["I think neoplasms.", "diseases", "neoplasms, heart diseases"]
+    out = M.aggregate("classification", M.score("classification", golds, preds, labels=labels))
+    assert out["accuracy"] == pytest.approx(1 / 3) and out["lenient_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_abstain_label_metrics():
+    labels = ["a", "b", "oos"]
+    golds = ["a", "b", "b", "oos", "oos", "oos"]
+    preds = ["a", "oos", "b", "oos", "a", "oos"]
+    out = M.aggregate("classification", M.score("classification", golds, preds, labels=labels, abstain_label="oos"))
+    assert out["in_scope_accuracy"] == pytest.approx(2 / 3)
+    assert out["abstain_recall"] == pytest.approx(2 / 3)
+    assert out["abstain_precision"] == pytest.approx(2 / 3)
+    with pytest.raises(UserError, match="abstain_label"):
+        M.score("classification", golds, preds, labels=labels, abstain_label="none")
+
+
+def test_json_per_key_metrics():
+    golds = [
+        '{"intent": "Play", "slots": {"artist": "Adele", "year": "2010"}}',
+        '{"intent": "Book", "slots": {"city": "Oslo"}}',
+        '{"intent": "Play", "slots": {}}',
+    ]
+    preds = [
+        '{"intent": "Play", "slots": {"artist": "Adele", "year": "2011"}}',  # 1 tp, 1 fp, 1 fn
+        '{"intent": "Play", "slots": {"city": "Oslo"}}',  # 1 tp
+        "not json",
+    ]
+    out = M.aggregate("json", M.score("json", golds, preds))
+    assert out["key_intent_accuracy"] == pytest.approx(1 / 3)
+    assert out["key_slots_f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    intervals = M.bootstrap_ci("json", M.score("json", golds, preds), samples=50)
+    assert "key_slots_f1" in intervals
+
+
 def test_macro_f1_ignores_absent_classes():
     cols = M.score("classification", ["a", "a"], ["a", "a"], labels=["a", "b", "c"])
     assert M.aggregate("classification", cols)["macro_f1"] == 1.0

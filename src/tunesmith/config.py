@@ -137,6 +137,11 @@ class EvalConfig(_Closed):
     few_shot_max_tokens: int = Field(
         1024, ge=0, description="Token budget of the few-shot examples when `few_shot_k` is null (also capped by the context)."
     )
+    abstain_label: str | None = Field(
+        None,
+        description="Classification: the label meaning that no other applies (e.g. out_of_scope); adds in_scope_accuracy, "
+        "abstain_recall and abstain_precision.",
+    )
     json_schema: str | None = Field(
         None, description="JSON Schema file for json tasks, relative to the config; null: inferred from the training answers."
     )

@@ -490,7 +490,7 @@ def run(
     columns, results_subjects = {}, {}
     for name in subjects:
         gens = generations[name]
-        cols = M.score(task, golds, [g.text for g in gens], labels=labels, schema=schema)
+        cols = M.score(task, golds, [g.text for g in gens], labels=labels, schema=schema, abstain_label=ec.abstain_label if task == "classification" else None)
         cols["output_tokens"] = np.array([g.new_tokens for g in gens], dtype=float)
         cols["latency_s"] = np.array([g.latency_s for g in gens])
         cols["compute_s"] = np.array([g.compute_s for g in gens])
@@ -556,7 +556,7 @@ def run(
         for name in subjects:
             g, cols = generations[name][i], columns[name]
             out: dict[str, Any] = {"text": g.text, "new_tokens": g.new_tokens, "latency_s": g.latency_s, "compute_s": g.compute_s, "stopped": g.stopped}
-            for key in ("correct", "exact", "parsed", "schema_valid", "token_f1", "rouge_l"):
+            for key in ("correct", "lenient_correct", "exact", "parsed", "schema_valid", "token_f1", "rouge_l"):
                 if key in cols:
                     out[key] = float(cols[key][i])
             row["outputs"][name] = out

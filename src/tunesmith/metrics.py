@@ -24,7 +24,7 @@ from tunesmith.errors import UserError
 TASKS = ("classification", "json", "text")
 PRIMARY_METRIC = {"classification": "accuracy", "json": "exact_match", "text": "rouge_l"}
 # Metrics that are a mean of a 0/1 column: their paired test is McNemar's exact test.
-BINARY_COLUMN = {"accuracy": "correct", "exact_match": "exact"}
+BINARY_COLUMN = {"accuracy": "correct", "lenient_accuracy": "lenient_correct", "exact_match": "exact"}
 LOWER_IS_BETTER = {"out_of_label_rate", "mean_latency_s"}
 # Metrics that describe the output rather than grade it: no winner, no verdict.
 NEUTRAL = {"mean_output_tokens", "mean_output_chars"}
@@ -34,6 +34,8 @@ LABEL_MAX_CHARS = 64
 LABEL_MAX_COUNT = 200
 # A JSON string field becomes an enum when it takes at most this many values, each repeated.
 ENUM_MAX_VALUES = 20
+# JSON answers: per-key metrics for at most this many top-level keys (the most frequent).
+MAX_KEY_METRICS = 12
 
 
 # --------------------------------------------------------------------------- task inference
@@ -55,6 +57,23 @@ def normalize_label(text: str) -> str:
     """Case, surrounding whitespace and quotes, a trailing period: what a label match ignores."""
     text = " ".join(text.split()).strip().strip("\"'`").strip()
     return text.rstrip(".").strip().casefold()
+
+
+def mentioned_label(text: str, labels_normalized: list[str]) -> int:
+    """Index of the one label the answer names as a whole phrase (anywhere in it), else -1.
+
+    A label inside a longer named label ("diseases" in "heart diseases") does not count on its
+    own; two distinct labels named is no answer. This is how a chatty base model is given credit
+    for "The abstract is about neoplasms." when the exact-match accuracy gives it none.
+    """
+    words = " " + " ".join(re.sub(r"[^\w]+", " ", text.casefold()).split()) + " "
+    found = []
+    for i, label in enumerate(labels_normalized):
+        phrase = " " + " ".join(re.sub(r"[^\w]+", " ", label).split()) + " "
+        if phrase.strip() and phrase in words:
+            found.append((i, phrase))
+    found = [(i, p) for i, p in found if not any(p != q and p in q for _, q in found)]
+    return found[0][0] if len(found) == 1 else -1
 
 
 def infer_task(targets: list[str]) -> str:
@@ -205,8 +224,14 @@ def score(
     *,
     labels: list[str] | None = None,
     schema: dict[str, Any] | None = None,
+    abstain_label: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-example columns for `task` (see `aggregate` for what they add up to)."""
+    """Per-example columns for `task` (see `aggregate` for what they add up to).
+
+    `abstain_label` (classification): the label meaning "none of the others" (CLINC's
+    out_of_scope), whose recall and precision, and the accuracy on the other examples, are
+    reported on their own.
+    """
     n = len(golds)
     cols: dict[str, np.ndarray] = {"output_chars": np.array([len(p) for p in preds], dtype=float)}
     if task == "classification":
@@ -216,12 +241,20 @@ def score(
         if (gold_idx < 0).any():
             raise ValueError("every reference answer must be in the label set")
         pred_idx = np.array([index.get(normalize_label(p), -1) for p in preds], dtype=int)
+        normalized = [normalize_label(lab) for lab in labels]
+        lenient = np.array([i if i >= 0 else mentioned_label(p, normalized) for i, p in zip(pred_idx, preds)], dtype=int)
         cols.update(
             gold_idx=gold_idx,
             pred_idx=pred_idx,
             correct=(pred_idx == gold_idx).astype(float),
+            lenient_correct=(lenient == gold_idx).astype(float),
             in_label_set=(pred_idx >= 0).astype(float),
         )
+        if abstain_label is not None:
+            if normalize_label(abstain_label) not in index:
+                raise UserError(f"eval.abstain_label {abstain_label!r} is not one of the training answers", "set it to the label that means no intent applies, or null")
+            a = index[normalize_label(abstain_label)]
+            cols.update(abstain_gold=(gold_idx == a).astype(float), abstain_pred=(pred_idx == a).astype(float))
         return cols
     if task == "json":
         from jsonschema import Draft202012Validator
@@ -239,6 +272,7 @@ def score(
             exact[i] = ok and value == gold_value
             tp[i], fp[i], fn[i] = hit, sum(pred_fields.values()) - hit, sum(gold_fields.values()) - hit
         cols.update(parsed=parsed, schema_valid=valid, exact=exact, field_tp=tp, field_fp=fp, field_fn=fn)
+        cols.update(key_columns(golds, preds))
         return cols
     if task == "text":
         cols.update(
@@ -248,6 +282,36 @@ def score(
         )
         return cols
     raise ValueError(f"unknown task {task!r}")
+
+
+def key_columns(golds: list[str], preds: list[str]) -> dict[str, np.ndarray]:
+    """Per top-level key of JSON answers: `key_<k>_accuracy` for a key whose answers are scalars
+    (e.g. an intent), `key_<k>_f1` over its (path, value) pairs for a key holding an object or a
+    list (e.g. slots). Columns: `keyacc:<k>`/`keyhas:<k>`, or `keytp:<k>`/`keyfp:<k>`/`keyfn:<k>`."""
+    gold_values = [parse_json(g)[1] for g in golds]
+    pred_values = [v if ok and isinstance(v, dict) else {} for ok, v in (parse_json(p) for p in preds)]
+    counts = Counter(k for v in gold_values if isinstance(v, dict) for k in v)
+    cols: dict[str, np.ndarray] = {}
+    for key, _ in counts.most_common(MAX_KEY_METRICS):
+        present = [isinstance(v, dict) and key in v for v in gold_values]
+        composite = any(p and isinstance(v[key], (dict, list)) for p, v in zip(present, gold_values))
+        if composite:
+            tp, fp, fn = (np.zeros(len(golds)) for _ in range(3))
+            for i, (g, p) in enumerate(zip(gold_values, pred_values)):
+                gold_fields = flatten_fields(g.get(key)) if isinstance(g, dict) and key in g else Counter()
+                pred_fields = flatten_fields(p[key]) if key in p else Counter()
+                hit = sum((gold_fields & pred_fields).values())
+                tp[i], fp[i], fn[i] = hit, sum(pred_fields.values()) - hit, sum(gold_fields.values()) - hit
+            cols.update({f"keytp:{key}": tp, f"keyfp:{key}": fp, f"keyfn:{key}": fn})
+        else:
+            cols[f"keyhas:{key}"] = np.array(present, dtype=float)
+            cols[f"keyacc:{key}"] = np.array([h and key in p and p[key] == g[key] for h, g, p in zip(present, gold_values, pred_values)], dtype=float)
+    return cols
+
+
+def key_metric_name(key: str, kind: str) -> str:
+    """A gate-friendly name (`[a-z][a-z0-9_]*`) for a per-key metric."""
+    return f"key_{re.sub(r'[^a-z0-9]+', '_', key.casefold()).strip('_') or 'x'}_{kind}"
 
 
 def _safe_div(num: np.ndarray | float, den: np.ndarray | float) -> Any:
@@ -282,6 +346,13 @@ def aggregate(task: str, cols: dict[str, np.ndarray], idx: np.ndarray | None = N
         out["accuracy"] = float(c["correct"].mean())
         out["macro_f1"] = float(pc["f1"][present].mean()) if present.any() else 0.0
         out["out_of_label_rate"] = float(1 - c["in_label_set"].mean())
+        if "lenient_correct" in c:
+            out["lenient_accuracy"] = float(c["lenient_correct"].mean())
+        if "abstain_gold" in c:
+            gold, pred, correct = c["abstain_gold"], c["abstain_pred"], c["correct"]
+            out["in_scope_accuracy"] = float(_safe_div(((1 - gold) * correct).sum(), (1 - gold).sum()))
+            out["abstain_recall"] = float(_safe_div((gold * pred).sum(), gold.sum()))
+            out["abstain_precision"] = float(_safe_div((gold * pred).sum(), pred.sum()))
     elif task == "json":
         tp, fp, fn = c["field_tp"].sum(), c["field_fp"].sum(), c["field_fn"].sum()
         precision = float(tp / (tp + fp)) if tp + fp else 0.0
@@ -292,6 +363,13 @@ def aggregate(task: str, cols: dict[str, np.ndarray], idx: np.ndarray | None = N
         out["field_precision"] = precision
         out["field_recall"] = recall
         out["field_f1"] = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        for column in c:
+            kind, _, key = column.partition(":")
+            if kind == "keyacc":
+                out[key_metric_name(key, "accuracy")] = float(_safe_div(c[column].sum(), c[f"keyhas:{key}"].sum()))
+            elif kind == "keytp":
+                tp, fp, fn = c[column].sum(), c[f"keyfp:{key}"].sum(), c[f"keyfn:{key}"].sum()
+                out[key_metric_name(key, "f1")] = float(_safe_div(2 * tp, 2 * tp + fp + fn))
     elif task == "text":
         out["exact_match"] = float(c["exact"].mean())
         out["token_f1"] = float(c["token_f1"].mean())
