@@ -1,8 +1,10 @@
 """CLINC150 (CC BY 3.0, clinc/oos-eval) -> chat JSONL: utterance -> intent, `out_of_scope` for oos.
 
 Reads ../shared/data/clinc150/data_full.json; writes data/train.jsonl and data/eval.jsonl here.
-Training uses `--per-intent` examples of each of the 150 intents plus oos_train; evaluation
-uses the official test split (sampled with `--eval-per-intent`) plus oos_test.
+Training uses `--per-intent` examples of each of the 150 intents plus `--oos-train` out-of-scope
+utterances (oos_train, then oos_val, then oos_test beyond the part held out); evaluation uses the
+official test split (sampled with `--eval-per-intent`) plus the first `--oos-eval` of oos_test.
+No utterance is on both sides.
 """
 
 import argparse
@@ -35,15 +37,16 @@ def sample(items: list, per_label: int, rng: random.Random) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--per-intent", type=int, default=20)
+    parser.add_argument("--per-intent", type=int, default=80)
     parser.add_argument("--eval-per-intent", type=int, default=5)
-    parser.add_argument("--oos-train", type=int, default=100)
+    parser.add_argument("--oos-train", type=int, default=500)
     parser.add_argument("--oos-eval", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
     data = json.loads((args.data_root / "data_full.json").read_text())
-    train = sample(data["train"], args.per_intent, rng) + data["oos_train"][: args.oos_train]
+    oos_pool = data["oos_train"] + data["oos_val"] + data["oos_test"][args.oos_eval :]
+    train = sample(data["train"], args.per_intent, rng) + oos_pool[: args.oos_train]
     test = sample(data["test"], args.eval_per_intent, rng) + data["oos_test"][: args.oos_eval]
     rng.shuffle(train)
     out = HERE / "data"

@@ -43,7 +43,7 @@ def record(intent: str, pieces: list) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--per-intent", type=int, default=300, help="training examples per intent")
+    parser.add_argument("--per-intent", type=int, default=600, help="training examples per intent")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
