@@ -6,15 +6,10 @@ import random
 import pytest
 
 from tunesmith.advise import advise_file
-from tunesmith.check import (
-    check_file,
-    find_pii,
-    iban_valid,
-    luhn_valid,
-    minhash_signatures,
-    redact_text,
-)
+from tunesmith.check import check_file
 from tunesmith.data import read_conversations
+from tunesmith.minhash import minhash_signatures
+from tunesmith.pii import find_pii, iban_valid, luhn_valid, redact_text
 
 WORDS = (
     "order invoice refund parcel login password screen update account billing shipping courier error "

@@ -12,7 +12,7 @@ import torch
 from conftest import make_adapter_run
 from safetensors.torch import load_file, save_file
 
-from tunesmith import export
+from tunesmith import export, gguf_export, ollama_modelfile
 from tunesmith.errors import UserError
 
 
@@ -77,7 +77,7 @@ def test_gguf_tensors_match_after_dequantization(run_dir, trained):
     report = export.run(run_dir, "gguf", gguf_types=["f16", "q8_0"])
     folder = run_dir / "export" / "gguf"
     merged = export.merged_model(trained)
-    expected = export.hf_to_gguf_arrays(merged)
+    expected = gguf_export.hf_to_gguf_arrays(merged)
     for gguf_type, qtype in (("f16", "F16"), ("q8_0", "Q8_0")):
         path = folder / f"tiny-run-{gguf_type}.gguf"
         reader = gguf.GGUFReader(str(path))
@@ -90,7 +90,7 @@ def test_gguf_tensors_match_after_dequantization(run_dir, trained):
         assert "output.weight" not in types  # tied embeddings: llama.cpp reuses token_embd
         for tensor in reader.tensors:
             got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(expected[tensor.name].shape)
-            assert (np.abs(got - expected[tensor.name]) <= export.gguf_tolerance(tensor.tensor_type.name, expected[tensor.name])).all(), tensor.name
+            assert (np.abs(got - expected[tensor.name]) <= gguf_export.gguf_tolerance(tensor.tensor_type.name, expected[tensor.name])).all(), tensor.name
         entry = report["files"][path.name]
         assert entry["tensors"]["problems"] == [] and entry["tensors"]["tensors"] == len(expected)
         # Read back by transformers' GGUF loader (it undoes the q/k permutation). f16: the same
@@ -119,8 +119,8 @@ def test_gguf_lora_adapter_adds_up_to_the_merged_weights(run_dir, trained):
     scale = float(reader.fields["adapter.lora.alpha"].contents()) / rank  # what llama.cpp computes
     from transformers import AutoModelForCausalLM
 
-    base = export.hf_to_gguf_arrays(AutoModelForCausalLM.from_pretrained(trained.base_path))
-    merged = export.hf_to_gguf_arrays(export.merged_model(trained))
+    base = gguf_export.hf_to_gguf_arrays(AutoModelForCausalLM.from_pretrained(trained.base_path))
+    merged = gguf_export.hf_to_gguf_arrays(export.merged_model(trained))
     for name in ("blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.1.ffn_down.weight"):
         rebuilt = base[name] + scale * lora[name + ".lora_b"] @ lora[name + ".lora_a"]
         assert np.allclose(rebuilt, merged[name], atol=1e-5), name
@@ -143,8 +143,8 @@ def test_ollama_modelfile_template_renders_like_the_chat_template(run_dir, train
     ]
     for conversation in conversations:
         expected = trained.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        messages = [{"Role": m["role"], "Content": m["content"]} for m in export.ollama_messages(conversation, system)]
-        assert export.render_go_template(template, {"Messages": messages}) == expected
+        messages = [{"Role": m["role"], "Content": m["content"]} for m in ollama_modelfile.ollama_messages(conversation, system)]
+        assert ollama_modelfile.render_go_template(template, {"Messages": messages}) == expected
     assert report["template_parity"]["mismatches"] == []
 
 
@@ -156,7 +156,7 @@ def test_go_renderer_handles_ollama_syntax():
         '{{- if and (ne .Role "assistant") $last }}<|im_end|>\n<|im_start|>assistant\n{{ end }}\n{{- end }}'
     )
     messages = [{"Role": "user", "Content": "hi"}, {"Role": "assistant", "Content": "yo"}, {"Role": "user", "Content": "ok"}]
-    out = export.render_go_template(template, {"Messages": messages})
+    out = ollama_modelfile.render_go_template(template, {"Messages": messages})
     assert out == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n<|im_start|>user\nok<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -187,4 +187,4 @@ def test_gguf_refuses_other_architectures(tmp_path):
 
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
     with pytest.raises(UserError, match="Llama family"):
-        export.write_gguf(model, None, tmp_path / "x.gguf", "f16", "x")
+        gguf_export.write_gguf(model, None, tmp_path / "x.gguf", "f16", "x")

@@ -11,6 +11,7 @@ import pytest
 
 from tunesmith import artifacts, pipeline, train
 from tunesmith.artifacts import read_manifest_or_empty
+from tunesmith.checkpoints import list_checkpoints
 from tunesmith.starter import support_tickets
 
 
@@ -82,7 +83,7 @@ def test_sigkill_during_training_then_rerun_reuses_stages_and_checkpoint(tiny_mo
     command = [sys.executable, "-m", "tunesmith", "run", str(config)]
     proc = subprocess.Popen(command, env=single_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoints = run_dir / artifacts.CHECKPOINTS_DIR
-    while proc.poll() is None and not train.list_checkpoints(checkpoints):
+    while proc.poll() is None and not list_checkpoints(checkpoints):
         time.sleep(0.002)
     proc.kill()  # SIGKILL mid-training: nothing gets to clean up
     proc.wait()
@@ -90,7 +91,7 @@ def test_sigkill_during_training_then_rerun_reuses_stages_and_checkpoint(tiny_mo
     states = stage_states(run_dir)
     assert states["train"] == "running" and states["baseline"] == "done"
     assert not (run_dir / artifacts.ADAPTER_DIR).exists()
-    killed_at = int(train.list_checkpoints(checkpoints)[-1].name.split("-")[1])
+    killed_at = int(list_checkpoints(checkpoints)[-1].name.split("-")[1])
 
     rerun = subprocess.run(command, env=single_thread_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr

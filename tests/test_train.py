@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tunesmith import artifacts, train
+from tunesmith.checkpoints import CHECKPOINT_OPTIMIZER_SHARDS, list_checkpoints
 from tunesmith.config import RunConfig, load_config
 from tunesmith.data import read_conversations
 from tunesmith.formatting import collate, tokenize_dataset
@@ -113,7 +114,7 @@ def test_lora_run_writes_artifacts_pinned_losses_and_round_trips(tiny_model_dir,
     adapter = run / artifacts.ADAPTER_DIR
     assert {p.name for p in adapter.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     assert (run / artifacts.LOSS_PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
-    assert [p.name for p in train.list_checkpoints(run / artifacts.CHECKPOINTS_DIR)] == ["step-20", "step-30"]
+    assert [p.name for p in list_checkpoints(run / artifacts.CHECKPOINTS_DIR)] == ["step-20", "step-30"]
 
     rows = train.read_metrics(run / artifacts.METRICS_FILE)
     assert rows[0].keys() == {"step", "eval_loss"} and rows[0]["step"] == 0  # the base model's eval loss
@@ -218,12 +219,12 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_pa
 
     proc = subprocess.Popen([*command, str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoints = tmp_path / "killed" / artifacts.CHECKPOINTS_DIR
-    while proc.poll() is None and not train.list_checkpoints(checkpoints):
+    while proc.poll() is None and not list_checkpoints(checkpoints):
         time.sleep(0.002)
     proc.kill()  # SIGKILL: no handler runs, nothing is flushed
     proc.wait()
     assert proc.returncode == -9, proc.stderr.read().decode()
-    done = train.list_checkpoints(checkpoints)
+    done = list_checkpoints(checkpoints)
     assert done and int(done[-1].name[5:]) < 100 and not (tmp_path / "killed" / artifacts.ADAPTER_DIR).exists()
 
     resumed = subprocess.run([*command, str(killed), "--resume"], env=env, capture_output=True, text=True)
@@ -279,10 +280,10 @@ def test_fsdp_resumes_from_sharded_checkpoints_and_trains_full(tiny_model_dir, t
     # Stand in for a crash after step 4: keep only that checkpoint and drop the finished model.
     assert cli("train", str(stopped), "--nproc", "2", env=env).returncode == 0
     checkpoints = tmp_path / "stopped" / artifacts.CHECKPOINTS_DIR
-    for late in train.list_checkpoints(checkpoints):
+    for late in list_checkpoints(checkpoints):
         if late.name != "step-4":
             shutil.rmtree(late)
-    assert (checkpoints / "step-4" / train.CHECKPOINT_OPTIMIZER_SHARDS).is_dir()
+    assert (checkpoints / "step-4" / CHECKPOINT_OPTIMIZER_SHARDS).is_dir()
     shutil.rmtree(tmp_path / "stopped" / artifacts.FULL_MODEL_DIR)
     resumed = cli("train", str(stopped), "--nproc", "2", "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr

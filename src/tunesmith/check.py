@@ -1,10 +1,14 @@
 """`tunesmith data check`: every problem of a data file, at once.
 
 The check streams the file once. Per-row problems (format, roles, weights) come from the
-readers in `data.py`, each with its line. Everything that needs the whole file (duplicates,
-conflicting answers, near-duplicates, leakage, label balance) is kept as fixed-size numbers per
-row in compact arrays and worked out with numpy at the end: a million rows stay well under a
-GiB. Token counts only run with a model, because loading its tokenizer costs seconds.
+readers in `data.py` and `parsers.py`, each with its line. Everything that needs the whole file
+(duplicates, conflicting answers, near-duplicates, leakage, label balance) is kept as
+fixed-size numbers per row in compact arrays and worked out with numpy at the end: a million
+rows stay well under a GiB. Token counts only run with a model, because loading its tokenizer
+costs seconds.
+
+The detectors it runs per row live apart: personal data in `pii.py`, MinHash signatures and
+LSH banding in `minhash.py`.
 
 `advise.py` turns the same statistics into "fine-tune, prompt, or retrieve" with its reasons.
 """
@@ -12,11 +16,9 @@ GiB. Token counts only run with a model, because loading its tokenizer costs sec
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import re
 import time
-import zlib
 from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -33,6 +35,15 @@ from tunesmith.data import (
     open_source,
 )
 from tunesmith.errors import UserError
+from tunesmith.minhash import (
+    MINHASH_BATCH,
+    MINHASH_PERMUTATIONS,
+    band_keys,
+    minhash_signatures,
+    near_duplicates,
+    rows_per_band,
+)
+from tunesmith.pii import PII_KINDS, find_pii, redact_text
 from tunesmith.schema import Conversation, Message
 
 # OpenAI refuses fewer than 10 examples; the guide's sizes for advice.
@@ -43,14 +54,7 @@ IMBALANCE_RATIO = 10.0  # largest label / smallest label above which the set is 
 # Findings kept per code (their count is always exact): a file broken on every line stays small.
 MAX_FINDINGS_PER_CODE = 1000
 
-# MinHash: 64 permutations, the low 16 bits of each minimum kept (b-bit MinHash). LSH bands of
-# 4 rows (16 bands) for high thresholds; narrower bands find the less similar pairs low
-# thresholds ask for (see `rows_per_band`).
-MINHASH_PERMUTATIONS = 64
-MINHASH_BATCH = 2048
-_rng = np.random.default_rng(20240601)
-_MINHASH_A = (_rng.integers(1, 2**63, MINHASH_PERMUTATIONS, dtype=np.uint64) * np.uint64(2) + np.uint64(1))
-_MINHASH_B = _rng.integers(0, 2**63, MINHASH_PERMUTATIONS, dtype=np.uint64)
+# Words, for the shape statistics (input and answer lengths, answer words found in the prompt).
 _WORD = re.compile(r"\w+")
 
 FIXES = {
@@ -142,126 +146,7 @@ class _Findings:
 
 
 # --------------------------------------------------------------------------------------------
-# PII: patterns, validators, redaction
-
-
-def luhn_valid(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2 == 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def iban_valid(text: str) -> bool:
-    """ISO 13616 mod-97 check: move the first four characters to the end, letters to 10..35."""
-    iban = text.replace(" ", "").upper()
-    if not 15 <= len(iban) <= 34 or not iban[:2].isalpha() or not iban[2:4].isdigit():
-        return False
-    rearranged = iban[4:] + iban[:4]
-    number = "".join(str(int(ch, 36)) for ch in rearranged)
-    return int(number) % 97 == 1
-
-
-def _digits(text: str) -> str:
-    return "".join(ch for ch in text if ch.isdigit())
-
-
-def _ip_v4(text: str) -> bool:
-    try:
-        ipaddress.IPv4Address(text)
-        return True
-    except ValueError:
-        return False
-
-
-def _ip_v6(text: str) -> bool:
-    if sum(1 for part in text.split(":") if part) < 3:
-        return False  # "::1", "a::b": too short to be someone's address, too likely to be code
-    try:
-        ipaddress.IPv6Address(text)
-        return True
-    except ValueError:
-        return False
-
-
-def _phone(text: str) -> bool:
-    n = len(_digits(text))
-    return 8 <= n <= 15 if text.startswith("+") else 10 <= n <= 15
-
-
-# (kind, placeholder, pattern, validator). Order matters: a span claimed by an earlier kind is
-# not matched again (a card number is not also a phone number).
-PII_PATTERNS: list[tuple[str, str, re.Pattern, Any]] = [
-    ("private_key", "[PRIVATE_KEY]", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----(?:.|\n)*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"), None),
-    (
-        "api_key",
-        "[API_KEY]",
-        re.compile(
-            r"\bsk-(?:proj-|ant-|live-|test-)?[A-Za-z0-9_-]{20,}"
-            r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"
-            r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b"
-            r"|\bgithub_pat_[A-Za-z0-9_]{22,}"
-            r"|\bxox[abprs]-[A-Za-z0-9-]{10,}"
-            r"|\bAIza[0-9A-Za-z_-]{35}"
-            r"|\bhf_[A-Za-z0-9]{30,}\b"
-        ),
-        None,
-    ),
-    ("bearer_token", "[TOKEN]", re.compile(r"(?<=[Bb]earer )[A-Za-z0-9._~+/-]{16,}=*"), None),
-    ("email", "[EMAIL]", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), None),
-    ("iban", "[IBAN]", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"), iban_valid),
-    ("credit_card", "[CREDIT_CARD]", re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])"), lambda t: luhn_valid(_digits(t))),
-    ("ssn", "[SSN]", re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"), None),
-    ("ipv6", "[IP_ADDRESS]", re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])"), _ip_v6),
-    ("ipv4", "[IP_ADDRESS]", re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])"), _ip_v4),
-    (
-        "phone",
-        "[PHONE]",
-        re.compile(
-            r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,6}(?!\w)"
-            r"|(?<![\w(])\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\w)"
-            r"|(?<!\w)0\d{9,10}(?!\w)"
-            r"|(?<!\w)0\d{2,4}[ -]\d{3,4}[ -]?\d{3,4}(?!\w)"
-        ),
-        _phone,
-    ),
-]
-PII_KINDS = [kind for kind, *_ in PII_PATTERNS]
-# Characters without which no pattern can match: most texts skip the regexes entirely.
-_PII_HINT = re.compile(r"[\d@]|sk-|AKIA|ASIA|gh[pousr]_|github_pat_|xox|AIza|hf_|PRIVATE KEY|[Bb]earer ")
-
-
-def find_pii(text: str) -> list[tuple[int, int, str]]:
-    """Non-overlapping (start, end, kind) spans of personal data and secrets in `text`."""
-    if not _PII_HINT.search(text):
-        return []
-    spans: list[tuple[int, int, str]] = []
-    for kind, _, pattern, validator in PII_PATTERNS:
-        for m in pattern.finditer(text):
-            start, end = m.span()
-            if start == end or any(start < e and s < end for s, e, _ in spans):
-                continue
-            if validator is not None and not validator(m.group()):
-                continue
-            spans.append((start, end, kind))
-    return sorted(spans)
-
-
-PLACEHOLDERS = {kind: placeholder for kind, placeholder, *_ in PII_PATTERNS}
-
-
-def redact_text(text: str, spans: list[tuple[int, int, str]] | None = None) -> str:
-    spans = find_pii(text) if spans is None else spans
-    for start, end, kind in reversed(spans):
-        text = text[:start] + PLACEHOLDERS[kind] + text[end:]
-    return text
-
-
-# --------------------------------------------------------------------------------------------
-# Hashes and MinHash
+# Hashes (exact duplicates, conflicts, leakage) and what near-duplicates compare
 
 
 def _hash64(text: str) -> int:
@@ -279,104 +164,6 @@ def _prompt_key(conv: Conversation) -> str:
 def _dedup_text(conv: Conversation) -> str:
     """What near-duplicates compare: every non-system turn (a shared system prompt is not content)."""
     return "\n".join(m.content for m in conv.messages if m.role != "system")
-
-
-def minhash_signatures(texts: list[str]) -> np.ndarray:
-    """(len(texts), 64) uint16 b-bit MinHash signatures over word 3-gram shingles.
-
-    A text with fewer than three words is one shingle; an empty text gets all-0xFFFF (and is
-    never called a near-duplicate). Words are hashed with crc32, shingles combined in numpy,
-    and rows processed in chunks of bounded shingle count, so long documents stay small.
-    """
-    out = np.full((len(texts), MINHASH_PERMUTATIONS), 0xFFFF, dtype=np.uint16)
-    chunk_rows: list[int] = []
-    chunk_hashes: list[list[int]] = []
-    chunk_words = 0
-    for i, text in enumerate(texts):
-        words = _WORD.findall(text.casefold())
-        if not words:
-            continue
-        chunk_rows.append(i)
-        chunk_hashes.append([zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in words])
-        chunk_words += len(words)
-        if chunk_words >= 32768:
-            out[chunk_rows] = _signatures(chunk_hashes)
-            chunk_rows, chunk_hashes, chunk_words = [], [], 0
-    if chunk_rows:
-        out[chunk_rows] = _signatures(chunk_hashes)
-    return out
-
-
-def _signatures(rows_word_hashes: list[list[int]]) -> np.ndarray:
-    """MinHash of rows given as lists of word hashes (each row non-empty)."""
-    lengths = np.fromiter((len(r) for r in rows_word_hashes), dtype=np.int64, count=len(rows_word_hashes))
-    wh = np.fromiter((h for r in rows_word_hashes for h in r), dtype=np.uint64, count=int(lengths.sum()))
-    starts = np.cumsum(lengths) - lengths
-    # One shingle per window of three words; a row shorter than three words is one shingle.
-    counts = np.maximum(lengths - 2, 1)
-    row_of = np.repeat(np.arange(len(lengths)), counts)
-    p = np.repeat(starts, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
-    end = np.repeat(starts + lengths, counts)
-    golden, mix = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)
-    with np.errstate(over="ignore"):
-        h = wh[p] * golden
-        second = p + 1 < end
-        h[second] += wh[np.minimum(p + 1, len(wh) - 1)][second] * mix
-        third = p + 2 < end
-        h[third] += wh[np.minimum(p + 2, len(wh) - 1)][third]
-        permuted = _MINHASH_A[:, None] * h[None, :] + _MINHASH_B[:, None]
-    seg_starts = np.cumsum(counts) - counts
-    del row_of
-    mins = np.minimum.reduceat(permuted, seg_starts, axis=1)  # (64, rows)
-    return (mins & np.uint64(0xFFFF)).astype(np.uint16).T
-
-
-def rows_per_band(threshold: float) -> int:
-    """Rows per LSH band: a pair of similarity s becomes a candidate with 1-(1-s^r)^(64/r)."""
-    return 4 if threshold >= 0.75 else 2 if threshold >= 0.4 else 1
-
-
-def _band_keys(signatures: np.ndarray, band: int, rows_per_band: int) -> np.ndarray:
-    part = signatures[:, band * rows_per_band : (band + 1) * rows_per_band].astype(np.uint64)
-    key = np.zeros(len(signatures), dtype=np.uint64)
-    for j in range(rows_per_band):
-        key = (key << np.uint64(16)) | part[:, j]
-    return key
-
-
-def near_duplicates(signatures: np.ndarray, eligible: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """For each row, an earlier row with estimated Jaccard >= threshold (-1 if none), and the estimate.
-
-    LSH banding proposes candidates (rows sharing a band with the first row of the bucket);
-    the signatures' agreement estimates the similarity.
-    """
-    n = len(signatures)
-    match = np.full(n, -1, dtype=np.int64)
-    similarity = np.zeros(n, dtype=np.float32)
-    index = np.nonzero(eligible)[0]
-    if len(index) < 2:
-        return match, similarity
-    sig = signatures[index]
-    r = rows_per_band(threshold)
-    for band in range(MINHASH_PERMUTATIONS // r):
-        keys = _band_keys(sig, band, r)
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        starts = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
-        group_first = order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))]
-        candidates = np.nonzero(~starts)[0]
-        if not len(candidates):
-            continue
-        member, first = order[candidates], group_first[candidates]
-        open_ = match[index[member]] < 0
-        member, first = member[open_], first[open_]
-        for chunk in range(0, len(member), 65536):
-            m, f = member[chunk : chunk + 65536], first[chunk : chunk + 65536]
-            agree = (sig[m] == sig[f]).mean(axis=1)
-            hit = agree >= threshold
-            match[index[m[hit]]] = index[f[hit]]
-            similarity[index[m[hit]]] = agree[hit]
-    return match, similarity
 
 
 def _percentiles(values: np.ndarray) -> dict[str, float] | None:
@@ -849,7 +636,7 @@ def _leakage(findings, train_hash, train_lines, train_sig, eval_hash, eval_lines
         usable = ~leaked & ~(eval_sig == 0xFFFF).all(axis=1)
         r = rows_per_band(threshold)
         for band in range(MINHASH_PERMUTATIONS // r):
-            tk, ek = _band_keys(train_sig, band, r), _band_keys(eval_sig, band, r)
+            tk, ek = band_keys(train_sig, band, r), band_keys(eval_sig, band, r)
             order = np.argsort(tk, kind="stable")
             pos = np.minimum(np.searchsorted(tk[order], ek), len(order) - 1)
             candidates = np.nonzero(usable & (tk[order][pos] == ek))[0]

@@ -104,6 +104,7 @@ def train(
 ) -> None:
     """Fine-tune (LoRA, QLoRA or full) per the config; writes the adapter or model to the run folder."""
     from tunesmith import train as train_stage
+    from tunesmith.checkpoints import check_resumable
     from tunesmith.config import load_config
 
     cfg = load_config(config, overrides)
@@ -111,7 +112,7 @@ def train(
         train_stage.show_mask(cfg, show_mask, console)
         return
     if resume:
-        train_stage.check_resumable(cfg, max(nproc, int(os.environ.get("WORLD_SIZE", "1"))))
+        check_resumable(cfg, max(nproc, int(os.environ.get("WORLD_SIZE", "1"))))
     if nproc > 1:
         import subprocess
 

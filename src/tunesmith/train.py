@@ -4,6 +4,7 @@ Read top to bottom: distributed setup, data (tokenised and checked before any mo
 loaded, so a bad mask costs seconds, not a model load), model, optimizer, the data plan,
 resume, the loop, the artifacts. The data plan is a pure function of (seed, dataset, config),
 so the data position in a checkpoint is just the step number, and resuming is exact.
+What a checkpoint holds, and how it is written and read back, is in `checkpoints.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith import artifacts
+from tunesmith.checkpoints import (
+    full_model_state,
+    full_tensor,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_optimizer_shards,
+    shards_folder,
+    trainable_state,
+)
 from tunesmith.config import RunConfig
 from tunesmith.data import read_conversations as read_any
 from tunesmith.errors import UserError
@@ -33,12 +45,6 @@ from tunesmith.formatting import (
     packed_batches,
     preflight,
 )
-
-CHECKPOINT_WEIGHTS = "trainable.safetensors"
-CHECKPOINT_OPTIMIZER = "optimizer.pt"
-CHECKPOINT_OPTIMIZER_SHARDS = "optimizer-shards"  # FSDP: each rank writes its shard (torch.distributed.checkpoint)
-CHECKPOINT_RNG = "rng.pt"
-CHECKPOINT_STATE = "state.json"
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -323,146 +329,6 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-# --- checkpoints ----------------------------------------------------------------------------
-
-
-def full_tensor(tensor):
-    """The whole tensor: FSDP parameters are sharded DTensors (gathering one is a collective)."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-def trainable_state(model) -> dict:
-    """Trainable weights, whole, on CPU. Under FSDP every rank must call it (it all-gathers)."""
-    return {name: full_tensor(p.detach()).to("cpu", copy=True).contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def full_model_state(model) -> dict:
-    """The whole state dict on CPU (full fine-tuning under FSDP; every rank calls it)."""
-    return {name: full_tensor(t.detach()).to("cpu") for name, t in model.state_dict().items()}
-
-
-def copy_into(param, tensor) -> None:
-    """Load a whole tensor into a parameter, sharding it first when the parameter is FSDP's."""
-    if hasattr(param, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        tensor = distribute_tensor(tensor.to(param.device, param.dtype), param.device_mesh, param.placements)
-    param.copy_(tensor)
-
-
-def save_optimizer_shards(loss_module, optimizer, folder: Path) -> None:
-    """FSDP: every rank writes its share of the optimizer state (torch.distributed.checkpoint)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    dcp.save({"optimizer": get_optimizer_state_dict(loss_module, optimizer)}, checkpoint_id=str(folder))
-
-
-def load_optimizer_shards(loss_module, optimizer, folder: Path) -> None:
-    """FSDP: read the optimizer state back, resharded to this run's processes if their number changed."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    state = {"optimizer": get_optimizer_state_dict(loss_module, optimizer)}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_optimizer_state_dict(loss_module, optimizer, state["optimizer"])
-
-
-def rng_state() -> dict:
-    import torch
-
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import torch
-
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def shards_folder(folder: Path, step: int) -> Path:
-    """Where FSDP ranks write a checkpoint's optimizer shards before rank 0 completes it."""
-    return folder / f".shards-step-{step}"
-
-
-def save_checkpoint(folder: Path, weights: dict, optimizer, scheduler, rng_states: list, state: dict, keep: int, shards: Path | None = None) -> None:
-    """Write checkpoints/step-N atomically (temp folder + rename), then prune old ones.
-
-    `shards` (FSDP): a folder the ranks already filled with the optimizer's shards; it becomes
-    part of the checkpoint, and `optimizer` is then None.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    target = folder / f"step-{state['step']}"
-    with artifacts.atomic_path(target) as tmp:
-        tmp.mkdir()
-        if shards is not None:
-            os.replace(shards, tmp / CHECKPOINT_OPTIMIZER_SHARDS)
-        save_file(weights, str(tmp / CHECKPOINT_WEIGHTS))
-        torch.save({"optimizer": optimizer.state_dict() if optimizer else None, "scheduler": scheduler.state_dict()}, tmp / CHECKPOINT_OPTIMIZER)
-        torch.save({"ranks": rng_states}, tmp / CHECKPOINT_RNG)
-        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2))
-    for old in list_checkpoints(folder)[:-keep] + sorted(folder.glob(".shards-step-*")):
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a crash mid-write leaves only a hidden temp folder)."""
-    if not folder.exists():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def check_resumable(cfg: RunConfig, world: int) -> None:
-    """Refuse, before any process starts, a resume whose checkpoint the parallel mode cannot read."""
-    found = list_checkpoints(cfg.run_dir / artifacts.CHECKPOINTS_DIR)
-    if found:
-        sharded = (found[-1] / CHECKPOINT_OPTIMIZER_SHARDS).is_dir()
-        if sharded != (world > 1 and cfg.train.parallel == "fsdp"):
-            written = "train.parallel fsdp" if sharded else "train.parallel ddp or one process"
-            raise UserError(f"checkpoint {found[-1]} was written with {written}", "resume with the same train.parallel and --nproc > 1 for fsdp")
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int, fsdp_root=None) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG; return the loop state.
-
-    Only files tunesmith wrote are read, and the pickled ones with weights_only=True.
-    `fsdp_root`: the sharded module, whose optimizer state is read from its shards.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / CHECKPOINT_WEIGHTS))
-    params = dict(model.named_parameters())
-    missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
-    if missing:
-        raise UserError(f"checkpoint {path} does not match the model ({len(missing)} missing weights)", "resume with the config that wrote it")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            copy_into(params[name], tensor)
-    opt = torch.load(path / CHECKPOINT_OPTIMIZER, weights_only=True)
-    sharded = (path / CHECKPOINT_OPTIMIZER_SHARDS).is_dir()
-    if sharded != (fsdp_root is not None):
-        written = "fsdp" if sharded else "ddp or one process"
-        raise UserError(f"checkpoint {path} was written with train.parallel {written}", "resume with the train.parallel that wrote it")
-    if sharded:
-        load_optimizer_shards(fsdp_root, optimizer, path / CHECKPOINT_OPTIMIZER_SHARDS)
-    else:
-        optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    rngs = torch.load(path / CHECKPOINT_RNG, weights_only=True)["ranks"]
-    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    return json.loads((path / CHECKPOINT_STATE).read_text())
 
 
 # --- records --------------------------------------------------------------------------------
