@@ -71,6 +71,7 @@ def load_optimizer_shards(loss_module, optimizer, folder: Path) -> None:
 
 
 def rng_state() -> dict:
+    """This process's Python, torch (and CUDA) RNG states: dropout and data order resume exactly."""
     import torch
 
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -80,6 +81,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured."""
     import torch
 
     random.setstate(state["python"])

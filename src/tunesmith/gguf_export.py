@@ -57,11 +57,6 @@ def permute_rows(weight: Any, n_head: int) -> Any:
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def unpermute_rows(weight: Any, n_head: int) -> Any:
-    rows = weight.shape[0]
-    return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
 def check_llama(config: Any) -> None:
     """Refuse, with the fix, a model `write_gguf` cannot write: not Llama, with biases, or scaled RoPE."""
     if config.model_type != "llama":
