@@ -4,7 +4,8 @@ Read top to bottom: distributed setup, data (tokenised and checked before any mo
 loaded, so a bad mask costs seconds, not a model load), model, optimizer, the data plan,
 resume, the loop, the artifacts. The data plan is a pure function of (seed, dataset, config),
 so the data position in a checkpoint is just the step number, and resuming is exact.
-What a checkpoint holds, and how it is written and read back, is in `checkpoints.py`.
+What a checkpoint holds, and how it is written and read back, is in `checkpoints.py`;
+the torch.distributed plumbing (DDP/FSDP setup, sums across ranks) in `distributed.py`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -35,6 +35,7 @@ from tunesmith.checkpoints import (
 )
 from tunesmith.config import RunConfig
 from tunesmith.data import read_conversations as read_any
+from tunesmith.distributed import all_sum, gradient_sync, init_distributed, shard_model
 from tunesmith.errors import UserError
 from tunesmith.formatting import (
     IGNORE_INDEX,
@@ -364,36 +365,7 @@ def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
     return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
 
 
-# --- distributed ----------------------------------------------------------------------------
-
-
-def init_distributed():
-    """(world, rank, local_rank, device) under torchrun; (1, 0, 0, device) otherwise."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return world, rank, local_rank, device
-
-
-def all_sum(values: list[float], world: int, device) -> list[float]:
-    if world == 1:
-        return values
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+# --- loss on the eval split, precision, compile ------------------------------------------------
 
 
 def evaluate_loss(loss_module, examples: list[Example], cfg: RunConfig, pad_id: int, device, bf16: bool, world: int, rank: int, lockstep: bool = False) -> float | None:
@@ -432,26 +404,6 @@ def evaluate_loss(loss_module, examples: list[Example], cfg: RunConfig, pad_id: 
     loss_module.train(was_training)
     total, tokens = all_sum([total, tokens], world, device)
     return total / max(tokens, 1)
-
-
-def shard_model(loss_module, model) -> None:
-    """FSDP2: each decoder layer is a unit (its weights are gathered only while it runs), the
-    rest (embeddings, final norm, head) the root unit."""
-    from torch.distributed.fsdp import fully_shard
-
-    layer_classes = set(getattr(causal_lm(model), "_no_split_modules", None) or [])
-    for module in loss_module.modules():
-        if type(module).__name__ in layer_classes:
-            fully_shard(module)
-    fully_shard(loss_module)
-
-
-def gradient_sync(train_module, sync: bool, fsdp: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP, FSDP)."""
-    if fsdp:
-        train_module.set_requires_gradient_sync(sync)
-        return nullcontext()
-    return nullcontext() if sync else train_module.no_sync()
 
 
 def autocast(device, bf16: bool):
@@ -510,7 +462,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
     loss_module = make_loss_module(model)
     train_module = loss_module
     if fsdp:
-        shard_model(loss_module, model)  # in place: the parameters become sharded DTensors
+        layer_classes = set(getattr(causal_lm(model), "_no_split_modules", None) or [])
+        shard_model(loss_module, layer_classes)  # in place: the parameters become sharded DTensors
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
