@@ -41,11 +41,11 @@ def test_classification_hand_checked():
 
 def test_lenient_accuracy_credits_one_named_label():
     labels = ["heart diseases", "diseases", "neoplasms"]
-    normalized = [M.normalize_label(lab) for lab in labels]
-    assert M.mentioned_label("The abstract is about Neoplasms.", normalized) == 2
-    assert M.mentioned_label("Category: heart diseases", normalized) == 0  # "diseases" inside it does not count
-    assert M.mentioned_label("neoplasms or diseases", normalized) == -1  # two labels: no answer
-    assert M.mentioned_label("neoplasmsx", normalized) == -1  # whole words only
+    phrases = [M.word_phrase(lab) for lab in labels]
+    assert M.mentioned_label("The abstract is about Neoplasms.", phrases) == 2
+    assert M.mentioned_label("Category: heart diseases", phrases) == 0  # "diseases" inside it does not count
+    assert M.mentioned_label("neoplasms or diseases", phrases) == -1  # two labels: no answer
+    assert M.mentioned_label("neoplasmsx", phrases) == -1  # whole words only
     golds = ["neoplasms", "diseases", "heart diseases"]
     preds = ["I think neoplasms.", "diseases", "neoplasms, heart diseases"]
     out = M.aggregate("classification", M.score("classification", golds, preds, labels=labels))

@@ -26,6 +26,7 @@ CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_OPTIMIZER_SHARDS = "optimizer-shards"  # FSDP: each rank writes its shard (torch.distributed.checkpoint)
 CHECKPOINT_RNG = "rng.pt"
 CHECKPOINT_STATE = "state.json"
+SHARDS_PREFIX = ".shards-step-"  # hidden: list_checkpoints never takes one for a checkpoint
 
 
 def full_tensor(tensor):
@@ -92,7 +93,7 @@ def set_rng_state(state: dict) -> None:
 
 def shards_folder(folder: Path, step: int) -> Path:
     """Where FSDP ranks write a checkpoint's optimizer shards before rank 0 completes it."""
-    return folder / f".shards-step-{step}"
+    return folder / f"{SHARDS_PREFIX}{step}"
 
 
 def save_checkpoint(folder: Path, weights: dict, optimizer, scheduler, rng_states: list, state: dict, keep: int, shards: Path | None = None) -> None:
@@ -113,7 +114,7 @@ def save_checkpoint(folder: Path, weights: dict, optimizer, scheduler, rng_state
         torch.save({"optimizer": optimizer.state_dict() if optimizer else None, "scheduler": scheduler.state_dict()}, tmp / CHECKPOINT_OPTIMIZER)
         torch.save({"ranks": rng_states}, tmp / CHECKPOINT_RNG)
         (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2))
-    for old in list_checkpoints(folder)[:-keep] + sorted(folder.glob(".shards-step-*")):
+    for old in list_checkpoints(folder)[:-keep] + sorted(folder.glob(f"{SHARDS_PREFIX}*")):
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -125,14 +126,20 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def refuse_parallel_mismatch(path: Path, fsdp: bool) -> None:
+    """A checkpoint's optimizer state is sharded (FSDP) or whole (DDP, one process); the other
+    mode cannot read it."""
+    sharded = (path / CHECKPOINT_OPTIMIZER_SHARDS).is_dir()
+    if sharded != fsdp:
+        written = "train.parallel fsdp" if sharded else "train.parallel ddp or one process"
+        raise UserError(f"checkpoint {path} was written with {written}", "resume with the same train.parallel and --nproc > 1 for fsdp")
+
+
 def check_resumable(cfg: RunConfig, world: int) -> None:
     """Refuse, before any process starts, a resume whose checkpoint the parallel mode cannot read."""
     found = list_checkpoints(cfg.run_dir / artifacts.CHECKPOINTS_DIR)
     if found:
-        sharded = (found[-1] / CHECKPOINT_OPTIMIZER_SHARDS).is_dir()
-        if sharded != (world > 1 and cfg.train.parallel == "fsdp"):
-            written = "train.parallel fsdp" if sharded else "train.parallel ddp or one process"
-            raise UserError(f"checkpoint {found[-1]} was written with {written}", "resume with the same train.parallel and --nproc > 1 for fsdp")
+        refuse_parallel_mismatch(found[-1], world > 1 and cfg.train.parallel == "fsdp")
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int, fsdp_root=None) -> dict:
@@ -144,6 +151,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int, fsdp_roo
     import torch
     from safetensors.torch import load_file
 
+    refuse_parallel_mismatch(path, fsdp_root is not None)
     weights = load_file(str(path / CHECKPOINT_WEIGHTS))
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
@@ -153,11 +161,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int, fsdp_roo
         for name, tensor in weights.items():
             copy_into(params[name], tensor)
     opt = torch.load(path / CHECKPOINT_OPTIMIZER, weights_only=True)
-    sharded = (path / CHECKPOINT_OPTIMIZER_SHARDS).is_dir()
-    if sharded != (fsdp_root is not None):
-        written = "fsdp" if sharded else "ddp or one process"
-        raise UserError(f"checkpoint {path} was written with train.parallel {written}", "resume with the train.parallel that wrote it")
-    if sharded:
+    if fsdp_root is not None:
         load_optimizer_shards(fsdp_root, optimizer, path / CHECKPOINT_OPTIMIZER_SHARDS)
     else:
         optimizer.load_state_dict(opt["optimizer"])

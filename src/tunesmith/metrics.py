@@ -59,19 +59,22 @@ def normalize_label(text: str) -> str:
     return text.rstrip(".").strip().casefold()
 
 
-def mentioned_label(text: str, labels_normalized: list[str]) -> int:
+def word_phrase(text: str) -> str:
+    """Casefolded words between single spaces, padded with one space each side, so that
+    `phrase in text` matches whole words only."""
+    return " " + " ".join(re.sub(r"[^\w]+", " ", text.casefold()).split()) + " "
+
+
+def mentioned_label(text: str, label_phrases: list[str]) -> int:
     """Index of the one label the answer names as a whole phrase (anywhere in it), else -1.
 
-    A label inside a longer named label ("diseases" in "heart diseases") does not count on its
-    own; two distinct labels named is no answer. This is how a chatty base model is given credit
-    for "The abstract is about neoplasms." when the exact-match accuracy gives it none.
+    `label_phrases`: the labels through `word_phrase`. A label inside a longer named label
+    ("diseases" in "heart diseases") does not count on its own; two distinct labels named is
+    no answer. This is how a chatty base model is given credit for "The abstract is about
+    neoplasms." when the exact-match accuracy gives it none.
     """
-    words = " " + " ".join(re.sub(r"[^\w]+", " ", text.casefold()).split()) + " "
-    found = []
-    for i, label in enumerate(labels_normalized):
-        phrase = " " + " ".join(re.sub(r"[^\w]+", " ", label).split()) + " "
-        if phrase.strip() and phrase in words:
-            found.append((i, phrase))
+    words = word_phrase(text)
+    found = [(i, phrase) for i, phrase in enumerate(label_phrases) if phrase.strip() and phrase in words]
     found = [(i, p) for i, p in found if not any(p != q and p in q for _, q in found)]
     return found[0][0] if len(found) == 1 else -1
 
@@ -241,8 +244,8 @@ def score(
         if (gold_idx < 0).any():
             raise ValueError("every reference answer must be in the label set")
         pred_idx = np.array([index.get(normalize_label(p), -1) for p in preds], dtype=int)
-        normalized = [normalize_label(lab) for lab in labels]
-        lenient = np.array([i if i >= 0 else mentioned_label(p, normalized) for i, p in zip(pred_idx, preds)], dtype=int)
+        phrases = [word_phrase(lab) for lab in labels]
+        lenient = np.array([i if i >= 0 else mentioned_label(p, phrases) for i, p in zip(pred_idx, preds)], dtype=int)
         cols.update(
             gold_idx=gold_idx,
             pred_idx=pred_idx,
@@ -261,18 +264,18 @@ def score(
 
         validator = Draft202012Validator(schema or {})
         parsed, valid, exact, tp, fp, fn = (np.zeros(n) for _ in range(6))
+        gold_values, pred_values = [], []
         for i, (g, p) in enumerate(zip(golds, preds)):
             _, gold_value = parse_json(g)
             ok, value = parse_json(p)
-            gold_fields = flatten_fields(gold_value)
-            pred_fields = flatten_fields(value) if ok else Counter()
-            hit = sum((gold_fields & pred_fields).values())
+            gold_values.append(gold_value)
+            pred_values.append(value if ok else None)
             parsed[i] = ok
             valid[i] = ok and validator.is_valid(value)
             exact[i] = ok and value == gold_value
-            tp[i], fp[i], fn[i] = hit, sum(pred_fields.values()) - hit, sum(gold_fields.values()) - hit
+            tp[i], fp[i], fn[i] = field_counts(flatten_fields(gold_value), flatten_fields(value) if ok else Counter())
         cols.update(parsed=parsed, schema_valid=valid, exact=exact, field_tp=tp, field_fp=fp, field_fn=fn)
-        cols.update(key_columns(golds, preds))
+        cols.update(key_columns(gold_values, pred_values))
         return cols
     if task == "text":
         cols.update(
@@ -284,24 +287,29 @@ def score(
     raise ValueError(f"unknown task {task!r}")
 
 
-def key_columns(golds: list[str], preds: list[str]) -> dict[str, np.ndarray]:
-    """Per top-level key of JSON answers: `key_<k>_accuracy` for a key whose answers are scalars
-    (e.g. an intent), `key_<k>_f1` over its (path, value) pairs for a key holding an object or a
-    list (e.g. slots). Columns: `keyacc:<k>`/`keyhas:<k>`, or `keytp:<k>`/`keyfp:<k>`/`keyfn:<k>`."""
-    gold_values = [parse_json(g)[1] for g in golds]
-    pred_values = [v if ok and isinstance(v, dict) else {} for ok, v in (parse_json(p) for p in preds)]
+def field_counts(gold_fields: Counter, pred_fields: Counter) -> tuple[int, int, int]:
+    """(true positives, false positives, false negatives) of predicted (path, value) pairs."""
+    hit = sum((gold_fields & pred_fields).values())
+    return hit, sum(pred_fields.values()) - hit, sum(gold_fields.values()) - hit
+
+
+def key_columns(gold_values: list[Any], pred_values: list[Any]) -> dict[str, np.ndarray]:
+    """Per top-level key of parsed JSON answers (a prediction that did not parse is None):
+    `key_<k>_accuracy` for a key whose answers are scalars (e.g. an intent), `key_<k>_f1` over
+    its (path, value) pairs for a key holding an object or a list (e.g. slots). Columns:
+    `keyacc:<k>`/`keyhas:<k>`, or `keytp:<k>`/`keyfp:<k>`/`keyfn:<k>`."""
+    pred_values = [v if isinstance(v, dict) else {} for v in pred_values]
     counts = Counter(k for v in gold_values if isinstance(v, dict) for k in v)
     cols: dict[str, np.ndarray] = {}
     for key, _ in counts.most_common(MAX_KEY_METRICS):
         present = [isinstance(v, dict) and key in v for v in gold_values]
         composite = any(p and isinstance(v[key], (dict, list)) for p, v in zip(present, gold_values))
         if composite:
-            tp, fp, fn = (np.zeros(len(golds)) for _ in range(3))
+            tp, fp, fn = (np.zeros(len(gold_values)) for _ in range(3))
             for i, (g, p) in enumerate(zip(gold_values, pred_values)):
-                gold_fields = flatten_fields(g.get(key)) if isinstance(g, dict) and key in g else Counter()
+                gold_fields = flatten_fields(g[key]) if isinstance(g, dict) and key in g else Counter()
                 pred_fields = flatten_fields(p[key]) if key in p else Counter()
-                hit = sum((gold_fields & pred_fields).values())
-                tp[i], fp[i], fn[i] = hit, sum(pred_fields.values()) - hit, sum(gold_fields.values()) - hit
+                tp[i], fp[i], fn[i] = field_counts(gold_fields, pred_fields)
             cols.update({f"keytp:{key}": tp, f"keyfp:{key}": fp, f"keyfn:{key}": fn})
         else:
             cols[f"keyhas:{key}"] = np.array(present, dtype=float)

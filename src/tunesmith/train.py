@@ -505,7 +505,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
         if world > 1:
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state())
-        weights = trainable_state(model)  # under FSDP a collective: every rank gathers
+        # Under FSDP gathering is a collective every rank joins; under DDP only rank 0 writes.
+        weights = trainable_state(model) if fsdp or main_rank else None
         shards = None
         if fsdp:
             shards = shards_folder(ckpt_dir, state["step"])
