@@ -234,3 +234,43 @@ def test_drift_guard_refuses_adapters_on_another_base(tiny_model_dir, runs, tmp_
         create_app(ServeSettings(models=[str(other), str(runs["alpha"])]))
     app = create_app(ServeSettings(models=[str(other), str(runs["alpha"])], allow_base_mismatch=True))
     assert app.state.warnings and "alpha" in app.state.warnings[0]
+
+
+def test_a_failing_sequence_fails_alone_in_its_batch(tiny_model_dir):
+    """A sampling error for one row of a shared decode step ends that request only."""
+    import asyncio
+
+    from tunesmith.models import load_model
+    from tunesmith.serve.engine import Engine, SamplingParams, Sequence, ServedModel
+
+    loaded = load_model(str(tiny_model_dir))
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=8)
+    prompt = loaded.tokenizer("The quick brown fox", add_special_tokens=False)["input_ids"]
+    real_choose = engine._choose
+
+    def choose(seq, logits):
+        if seq.index == 1 and seq.generated:  # in a decode step, after prefill
+            raise RuntimeError("injected sampling failure")
+        return real_choose(seq, logits)
+
+    engine._choose = choose
+
+    async def run() -> dict[int, list]:
+        loop = asyncio.get_running_loop()
+        queues = {i: asyncio.Queue() for i in range(3)}
+        for i in range(3):  # submitted before start: admitted together, one decode batch
+            engine.submit(Sequence(ServedModel("base", None), list(prompt), SamplingParams(max_tokens=8, temperature=0), loop, queues[i], index=i))
+        engine.start()
+        try:
+            out = {i: [] for i in range(3)}
+            for i, q in queues.items():
+                while not out[i] or out[i][-1][0] not in ("done", "error"):
+                    out[i].append(await asyncio.wait_for(q.get(), timeout=60))
+            return out
+        finally:
+            engine.stop()
+
+    events = asyncio.run(run())
+    assert events[0][-1][0] == "done" and events[2][-1][0] == "done"
+    assert events[1][-1] == ("error", "internal error")
+    assert engine.stats["max_batch"] == 3

@@ -28,6 +28,9 @@ from tunesmith.errors import UserError
 
 log = logging.getLogger("tunesmith.serve")
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+# Below this temperature sampling is greedy: logits / 1e-39 overflow float32 to inf and the
+# softmax turns to NaN (vLLM uses the same cut-off).
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -138,8 +141,10 @@ class Engine:
             # No free whitespace: a small model otherwise wanders into endless indentation.
             try:
                 return self._grammar_compiler.compile_json_schema(json.dumps(schema or {"type": "object"}), any_whitespace=False)
-            except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError on bad schemas
-                raise UserError(f"response_format json_schema is not a usable JSON schema: {e}") from None
+            except Exception:  # noqa: BLE001 - xgrammar raises RuntimeError on bad schemas
+                # xgrammar's text names its own source files: logged, not sent to the client.
+                log.info("json schema refused by xgrammar", exc_info=True)
+                raise UserError("response_format json_schema is not a JSON schema this server can enforce (check its types and keywords)") from None
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -156,11 +161,12 @@ class Engine:
                     continue
                 try:
                     self._decode_step()
-                except Exception as e:  # noqa: BLE001 - a bug must not kill the server: fail the batch
+                except Exception:  # noqa: BLE001 - a bug must not kill the server: fail the batch
+                    # Only the shared forward pass gets here (per-sequence work fails alone in
+                    # _decode_step): no row can be blamed, so every row of the batch fails.
                     log.exception("decode step failed")
                     for seq in self.active:
-                        seq.finish_reason = "error"
-                        seq.emit(("error", f"internal error: {type(e).__name__}"))
+                        self._fail(seq)
                     self.active = []
                     self._batch_members = []
 
@@ -179,10 +185,9 @@ class Engine:
             try:
                 self._ensure_adapter(seq.model)
                 self._prefill(seq)
-            except Exception as e:  # noqa: BLE001 - one bad request fails alone
+            except Exception:  # noqa: BLE001 - one bad request fails alone
                 log.exception("prefill failed")
-                seq.finish_reason = "error"
-                seq.emit(("error", f"{type(e).__name__}: {e}"))
+                self._fail(seq)
                 continue
             admitted = True
             if seq.finish_reason is None:
@@ -241,7 +246,7 @@ class Engine:
 
             seq.matcher = xgr.GrammarMatcher(seq.params.grammar)
             seq.bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
-        if seq.params.temperature > 0:
+        if seq.params.temperature >= GREEDY_BELOW_TEMPERATURE:
             seq.generator = torch.Generator()
             seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else int(time.time_ns() % 2**63))
         logits, cache = self._forward(torch.tensor([seq.prompt_ids]), [self._adapter_name(seq)], DynamicCache())
@@ -269,8 +274,18 @@ class Engine:
         self.stats["batched_rows"] += len(members)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(members))
         for row, seq in enumerate(members):
-            if not seq.cancelled:
+            if seq.cancelled:
+                continue
+            try:
                 self._accept(seq, self._choose(seq, logits[row]))
+            except Exception:  # noqa: BLE001 - sampling or grammar error: this sequence fails alone
+                log.exception("sampling failed for one sequence")
+                self._fail(seq)
+
+    def _fail(self, seq: Sequence) -> None:
+        """End one sequence with an error event; the client sees a generic 500 (details are logged)."""
+        seq.finish_reason = "error"
+        seq.emit(("error", "internal error"))
 
     def _rebuild_batch(self) -> None:
         """Left-pad every member's KV cache to one length: run when the batch membership changes."""
@@ -318,12 +333,13 @@ class Engine:
 
             seq.matcher.fill_next_token_bitmask(seq.bitmask)
             xgr.apply_token_bitmask_inplace(logits.unsqueeze(0), seq.bitmask)
-        if seq.params.temperature <= 0:
+        if seq.params.temperature < GREEDY_BELOW_TEMPERATURE:
             return int(logits.argmax())
         probs = torch.softmax(logits / seq.params.temperature, dim=-1)
         if seq.params.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(0) - sorted_probs < seq.params.top_p
+            keep[0] = True  # the likeliest token always stays: top_p=1e-300 rounds to 0 in float32
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=seq.generator))
 
