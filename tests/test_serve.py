@@ -6,6 +6,7 @@ same adapters run directly through peft, so the numbers come from the real code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -21,6 +22,7 @@ from tunesmith.serve import ServeSettings, create_app
 from tunesmith.serve.app import run_in_thread
 
 API_KEY = "sk-test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MESSAGES = [{"role": "user", "content": "my package #12345 has not moved for 8 days"}]
 
 
@@ -66,6 +68,20 @@ def direct(runs):
         tokens = export.greedy_tokens(trained.model, ids, export.eos_token_ids(trained.model, trained.tokenizer), max_new_tokens=12)[0]
         out[name] = trained.tokenizer.decode(tokens, skip_special_tokens=True)
     return out
+
+
+@contextlib.contextmanager
+def swapped_state(server, **values):
+    """Replace entries of the running app's state for one block (starlette's State is no plain object)."""
+    state = server.app.state
+    old = {name: getattr(state, name) for name in values}
+    for name, value in values.items():
+        setattr(state, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(state, name, value)
 
 
 def base_id(server) -> str:
@@ -167,7 +183,7 @@ def test_auth_errors(server):
         with pytest.raises(openai.AuthenticationError) as err:
             bad.models.list()
         assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
-    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # health needs no key
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # bare liveness needs no key
 
 
 def test_unknown_model_is_404_in_openai_shape(client):
@@ -212,11 +228,11 @@ def test_client_disconnect_frees_its_slot(server):
 
 def test_metrics_and_health(server, client):
     client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=3, temperature=0)
-    text = httpx.get(f"{server.url}/metrics").text
+    text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     assert 'tunesmith_requests_total{route="/v1/chat/completions",status="200"}' in text
     completion_tokens = int(next(line.split()[1] for line in text.splitlines() if line.startswith("tunesmith_completion_tokens_total")))
     assert completion_tokens > 0 and "tunesmith_request_latency_seconds_count" in text
-    health = httpx.get(f"{server.url}/health").json()
+    health = httpx.get(f"{server.url}/health", headers=AUTH).json()
     assert health["models"] == sorted({base_id(server), "alpha", "beta"})
 
 
@@ -234,6 +250,185 @@ def test_drift_guard_refuses_adapters_on_another_base(tiny_model_dir, runs, tmp_
         create_app(ServeSettings(models=[str(other), str(runs["alpha"])]))
     app = create_app(ServeSettings(models=[str(other), str(runs["alpha"])], allow_base_mismatch=True))
     assert app.state.warnings and "alpha" in app.state.warnings[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 12: hardening. Each test failed before its fix.
+
+
+def test_key_guards_everything_but_bare_liveness(server):
+    for path in ("/metrics", "/openapi.json", "/v1/models", "/no-such-path"):
+        response = httpx.get(f"{server.url}{path}")
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key", path
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # no paths, no model ids
+    detailed = httpx.get(f"{server.url}/health", headers=AUTH).json()
+    assert detailed["models"] == sorted(server.app.state.served.models) and detailed["base"] == base_id(server)
+    assert httpx.get(f"{server.url}/openapi.json", headers=AUTH).status_code == 200
+
+
+def test_empty_api_key_is_refused(tiny_model_dir):
+    for key in ("", "  "):
+        with pytest.raises(UserError, match="empty"):
+            create_app(ServeSettings(models=[str(tiny_model_dir)], api_key=key))
+
+
+def test_empty_api_key_env_is_refused_by_the_cli(cli, tiny_model_dir):
+    result = cli("serve", str(tiny_model_dir), "--port", "0", env={"TUNESMITH_API_KEY": ""})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "API key is empty" in lines[0]
+
+
+def test_metrics_label_by_route_template_not_raw_path(server):
+    for path in ("/x%22%7D%201%0Aevil_total%201", "/another/path/1", "/another/path/2"):
+        assert httpx.get(f"{server.url}{path}", headers=AUTH).status_code == 404
+    text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+    assert not any(line.startswith("evil_total") for line in text.splitlines())
+    routes = {line.split('route="')[1].split('"')[0] for line in text.splitlines() if line.startswith("tunesmith_requests_total{")}
+    assert "unmatched" in routes and routes <= {"unmatched", "/health", "/metrics", "/openapi.json", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+
+
+BAD_CHAT = [
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, 400),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, 400),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400),
+    ({"messages": []}, 400),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400),
+    ({"seed": 2**64}, 400),
+    ({"seed": -(2**64)}, 400),
+    ({"max_tokens": -1}, 400),
+    ({"max_tokens": 0}, 400),
+    ({"max_tokens": 10**12}, 400),
+    ({"n": 0}, 400),
+    ({"n": 1000}, 400),
+    ({"temperature": -0.1}, 400),
+    ({"temperature": 3}, 400),
+    ({"top_p": 0}, 400),
+    ({"logprobs": True}, 400),
+    ({"top_logprobs": 5}, 400),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400),
+    ({"stop": 7}, 400),
+    ({"model": "no-such-model"}, 404),
+    ({"model": 5}, 400),
+    ({"response_format": {"type": "json_schema"}}, 400),
+    ({"response_format": {"type": "yaml"}}, 400),
+]
+BAD_COMPLETIONS = [
+    ({"prompt": ""}, 400),
+    ({"prompt": ["ok", ""]}, 400),
+    ({"prompt": []}, 400),
+    ({"prompt": [1, 2, 3]}, 400),
+    ({"prompt": None}, 400),
+    ({"seed": 2**64}, 400),
+    ({"logprobs": 2}, 400),
+    ({"max_tokens": -5}, 400),
+]
+
+
+def test_bad_requests_are_clean_4xx_never_500(server):
+    """Every malformed request: its 4xx, OpenAI's error object only, the culprit named."""
+    tried = handled = 0
+    for route, cases, base in (
+        ("/v1/chat/completions", BAD_CHAT, {"model": "alpha", "messages": MESSAGES, "max_tokens": 2}),
+        ("/v1/completions", BAD_COMPLETIONS, {"model": "alpha", "prompt": "hi", "max_tokens": 2}),
+    ):
+        for extra, status in cases:
+            response = httpx.post(f"{server.url}{route}", json={**base, **extra}, headers=AUTH)
+            tried += 1
+            assert response.status_code == status, (route, extra, response.text)
+            error = response.json()["error"]
+            assert set(response.json()) == {"error"} and set(error) == {"message", "type", "param", "code"}
+            assert error["param"] and error["param"].split(".")[0] in {*extra, "model"}, (extra, error)
+            handled += 1
+    raw_cases = [(b"{not json", "application/json", 400), (b'{"model": "alpha"', "application/json", 400), (b"[]", "application/json", 400), (b"model=alpha", "application/x-www-form-urlencoded", 415), (b"\xff\xfe", "application/json", 400)]
+    for raw, content_type, status in raw_cases:
+        response = httpx.post(f"{server.url}/v1/chat/completions", content=raw, headers={**AUTH, "content-type": content_type})
+        tried += 1
+        assert response.status_code == status and set(response.json()["error"]) == {"message", "type", "param", "code"}, (raw, response.text)
+        handled += 1
+    print(f"bad requests tried: {tried}, clean 4xx: {handled}")
+
+
+def test_tiny_temperature_and_top_p_sample_instead_of_failing(client):
+    """temperature 1e-40 (logits / t overflow to inf) and top_p 1e-300 (0 in float32) are valid values."""
+    greedy = client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=6, temperature=0).choices[0].message.content
+    tiny_t = client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=6, temperature=1e-40, seed=1).choices[0].message.content
+    tiny_p = client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=6, temperature=1.0, top_p=1e-300, seed=1).choices[0].message.content
+    assert tiny_t == greedy and tiny_p == greedy  # both keep only the likeliest token
+    seeded = client.completions.create(model="alpha", prompt="The quick", max_tokens=3, seed=2**64 - 1, n=2)
+    assert len(seeded.choices) == 2
+
+
+def test_error_bodies_carry_no_internals(server):
+    body = {"model": "beta", "messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=AUTH)
+    message = response.json()["error"]["message"]
+    assert response.status_code == 400 and "/" not in message and "xgrammar" not in message.lower() and "schema" in message
+    response = httpx.get(f"{server.url}/v1/nothing-here", headers=AUTH)
+    assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    class Exploding:
+        def apply_chat_template(self, *args, **kwargs):
+            raise RuntimeError("secret detail at /opt/site-packages/x.py")
+
+    with swapped_state(server, tokenizer=Exploding()):
+        response = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "alpha", "messages": MESSAGES}, headers=AUTH)
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error" and "secret" not in response.text and "RuntimeError" not in response.text
+
+
+def test_sequences_per_request_are_bounded(client, server):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="alpha", prompt=["hi"] * 100, n=2, max_tokens=1)
+    limit = server.app.state.settings.max_sequences_per_request
+    assert err.value.body["param"] == "prompt" and str(limit) in err.value.body["message"]
+    ok = client.completions.create(model="alpha", prompt=["hi"] * (limit // 2), n=2, max_tokens=1)
+    assert len(ok.choices) == limit
+
+
+def test_prompt_rendering_runs_off_the_event_loop(server, client):
+    """Rendering and tokenising a large prompt must not block the loop that serves every client."""
+    threads = []
+    real = server.app.state.tokenizer
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def apply_chat_template(self, *args, **kwargs):
+            threads.append(threading.current_thread())
+            return real.apply_chat_template(*args, **kwargs)
+
+        def __call__(self, *args, **kwargs):
+            threads.append(threading.current_thread())
+            return real(*args, **kwargs)
+
+    with swapped_state(server, tokenizer=Recording()):
+        client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=1)
+        client.completions.create(model="alpha", prompt="hello", max_tokens=1)
+    assert len(threads) == 2 and server.thread not in threads
+
+
+def test_prompt_longer_than_the_model_context_is_400(server):
+    context = server.app.state.engine.max_context
+    body = {"model": "alpha", "prompt": "word " * (context + 100), "max_tokens": 2}
+    with swapped_state(server, settings=server.app.state.settings.model_copy(update={"max_prompt_tokens": 10**6})):
+        response = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_pickle_only_adapter_is_refused_at_startup(tiny_model_dir, runs, tmp_path):
+    import shutil
+
+    from tunesmith.artifacts import ADAPTER_DIR
+
+    run = tmp_path / "pickled"
+    shutil.copytree(runs["alpha"], run)
+    (run / ADAPTER_DIR / "adapter_model.safetensors").rename(run / ADAPTER_DIR / "adapter_model.bin")  # never unpickled
+    with pytest.raises(UserError, match="pickle"):
+        create_app(ServeSettings(models=[str(tiny_model_dir), str(run)]))
+    with pytest.raises(UserError, match="pickle"):
+        create_app(ServeSettings(models=[str(tiny_model_dir), f"p={run / ADAPTER_DIR}"]))
 
 
 def test_a_failing_sequence_fails_alone_in_its_batch(tiny_model_dir):

@@ -214,11 +214,12 @@ def serve_command(
     models: list[str] = typer.Argument(None, help="Run folders, adapter folders (NAME=PATH to rename) and/or one base model reference."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TUNESMITH_API_KEY", help="Require Authorization: Bearer KEY."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TUNESMITH_API_KEY", help="Require Authorization: Bearer KEY on every route but a bare /health."),
     max_adapters: int = typer.Option(4, "--max-adapters", min=1, help="Adapters kept loaded (LRU)."),
     max_batch_size: int = typer.Option(16, "--max-batch-size", min=1, help="Sequences decoded together."),
     max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit", min=1, help="Largest max_tokens a request may ask for."),
     max_n: int = typer.Option(4, "--max-n", min=1, help="Largest n per request."),
+    max_sequences_per_request: int = typer.Option(16, "--max-sequences-per-request", min=1, help="Largest prompts x n one request may start."),
     max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens", min=1, help="Longest prompt in tokens."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1024, help="Largest request body."),
     allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Serve adapters trained on a base with another fingerprint."),
@@ -226,6 +227,8 @@ def serve_command(
     """OpenAI-compatible API (chat, completions, models, health, metrics) over one base and its adapters."""
     from tunesmith.serve import ServeSettings, serve
 
+    if api_key is None:  # click reads an empty TUNESMITH_API_KEY as unset: pass it on to be refused
+        api_key = os.environ.get("TUNESMITH_API_KEY")
     settings = ServeSettings(
         models=models or ["smollm2-135m-instruct"],
         host=host,
@@ -235,6 +238,7 @@ def serve_command(
         max_batch_size=max_batch_size,
         max_tokens_limit=max_tokens_limit,
         max_n=max_n,
+        max_sequences_per_request=max_sequences_per_request,
         max_prompt_tokens=max_prompt_tokens,
         max_body_bytes=max_body_bytes,
         allow_base_mismatch=allow_base_mismatch,

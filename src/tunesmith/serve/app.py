@@ -1,8 +1,9 @@
 """`create_app(settings)`: the OpenAI-compatible HTTP API over one base and its adapters.
 
 Everything the routes need lives on `app.state` (settings, served models, engine, metrics):
-no module globals, so two apps in one process (tests) never share anything. Routes only
-translate HTTP to engine requests and back.
+the routes are module-level functions on one `APIRouter` that read `request.app.state`, and
+there are no module globals, so two apps in one process (tests) never share anything. Routes
+only translate HTTP to engine requests and back; every error leaves in OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from tunesmith.errors import UserError
 from tunesmith.serve import protocol
-from tunesmith.serve.engine import Engine, SamplingParams, Sequence, ServedModel
+from tunesmith.serve.engine import Engine, SamplingParams, Sequence, ServedModel, log
 
 
 class ServeSettings(BaseModel):
@@ -34,11 +37,12 @@ class ServeSettings(BaseModel):
     models: list[str] = Field(default_factory=lambda: ["smollm2-135m-instruct"], description="Run folders, adapter folders (NAME=PATH to rename) or one base model reference.")
     host: str = Field("127.0.0.1", description="Interface to bind; 127.0.0.1 keeps the server local.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port).")
-    api_key: str | None = Field(None, description="Require `Authorization: Bearer KEY` on /v1 routes.")
+    api_key: str | None = Field(None, description="Require `Authorization: Bearer KEY` on every route but a bare /health (an empty key is refused).")
     max_adapters: int = Field(4, ge=1, description="Adapters kept loaded at once (least recently used evicted).")
     max_batch_size: int = Field(16, ge=1, description="Sequences decoded together in one step.")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(4, ge=1, description="Largest n (choices per request).")
+    max_sequences_per_request: int = Field(16, ge=1, description="Largest number of prompts x n one request may start (a list of prompts multiplies n).")
     max_prompt_tokens: int | None = Field(None, ge=1, description="Longest prompt in tokens (default: the model's context minus max_tokens).")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body.")
     allow_base_mismatch: bool = Field(False, description="Serve adapters whose recorded base fingerprint differs.")
@@ -118,6 +122,16 @@ class ServedSet:
     expected_base_fingerprints: dict[str, str | None]
 
 
+def check_adapter_weights(adapter_dir: Path) -> None:
+    """Refuse an adapter folder without safetensors weights at startup: peft would otherwise
+    unpickle `adapter_model.bin` (never done here) or fail on the first request, half-loaded."""
+    if (adapter_dir / "adapter_model.safetensors").exists():
+        return
+    if (adapter_dir / "adapter_model.bin").exists():
+        raise UserError(f"adapter {adapter_dir} has only pickle weights (adapter_model.bin); tunesmith loads safetensors only", "re-save it with peft's save_pretrained(..., safe_serialization=True)")
+    raise UserError(f"adapter {adapter_dir} has no adapter_model.safetensors", "point at a PEFT adapter folder as save_pretrained writes it")
+
+
 def resolve_served(refs: list[str]) -> ServedSet:
     """Sort the positional arguments into one base and named adapters (no weights loaded)."""
     from tunesmith.artifacts import ADAPTER_DIR, CONFIG_FILE, FULL_MODEL_DIR, MANIFEST_FILE
@@ -137,11 +151,13 @@ def resolve_served(refs: list[str]) -> ServedSet:
                 continue
             if not (path / ADAPTER_DIR / "adapter_config.json").exists():
                 raise UserError(f"run {path} has no trained adapter", "train it first: tunesmith train CONFIG")
+            check_adapter_weights(path / ADAPTER_DIR)
             model_id = name or cfg.name
             adapters[model_id] = ServedModel(model_id, path / ADAPTER_DIR, cfg.data.system_prompt, str(path))
             expected[model_id] = (manifest.get("train") or {}).get("base_fingerprint")
             implied.append((cfg.model.name, base_model_ref(cfg)))
         elif path.is_dir() and (path / "adapter_config.json").exists():
+            check_adapter_weights(path)
             adapter_cfg = json.loads((path / "adapter_config.json").read_text())
             model_id = name or path.name
             adapters[model_id] = ServedModel(model_id, path, None, str(path))
@@ -166,7 +182,13 @@ def resolve_served(refs: list[str]) -> ServedSet:
 
 
 # ----------------------------------------------------------------------------------------------
-# The app
+# The app: state on app.state, routes on a module-level router
+
+
+def check_api_key(api_key: str | None) -> None:
+    """An empty key is refused: it would silently turn authentication off."""
+    if api_key is not None and not api_key.strip():
+        raise UserError("the API key is empty, which would turn authentication off", "pass a non-empty --api-key (or TUNESMITH_API_KEY), or unset both to serve without a key")
 
 
 def create_app(settings: ServeSettings, *, loaded: Any = None) -> Any:
@@ -175,6 +197,7 @@ def create_app(settings: ServeSettings, *, loaded: Any = None) -> Any:
     from tunesmith.export import check_base_fingerprint
     from tunesmith.models import load_model
 
+    check_api_key(settings.api_key)
     served = resolve_served(settings.models)
     if loaded is None:
         loaded = load_model(served.base_ref)
@@ -201,211 +224,293 @@ def create_app(settings: ServeSettings, *, loaded: Any = None) -> Any:
     app.state.metrics = Metrics()
     app.state.warnings = warnings
     app.state.started = time.time()
+    app.include_router(router)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.middleware("http")(_guard)
+    return app
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body, status_code=exc.status)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        started = time.perf_counter()
-        status = 500
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(exc.body, status_code=exc.status)  # type: ignore[attr-defined]
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Routing errors (404 unknown path, 405 wrong method) in OpenAI's error shape too."""
+    status = getattr(exc, "status_code", 500)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status)
+    return JSONResponse(protocol.error_body(str(getattr(exc, "detail", "error")), param=None, code=code), status_code=status)
+
+
+def _route_label(request: Request) -> str:
+    """The route template a request matched, or "unmatched": metric labels never carry the raw
+    path, which a client controls (label injection, one new series per distinct path)."""
+    for route in router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            return route.path
+    return "unmatched"
+
+
+def _key_ok(request: Request, api_key: str) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+async def _guard(request: Request, call_next: Any) -> Any:
+    """Auth, the body-size gate, metrics, and the last line for internal errors (generic 500)."""
+    state = request.app.state
+    started = time.perf_counter()
+    status = 500
+    try:
+        # Only a bare liveness answer is open: every other path needs the key when one is set.
+        request.state.authorized = not state.settings.api_key or _key_ok(request, state.settings.api_key)
+        if not request.state.authorized and request.url.path != "/health":
+            response = JSONResponse(protocol.error_body("invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"), status_code=401)
+        elif _declared_length(request) > state.settings.max_body_bytes:
+            response = JSONResponse(protocol.error_body(f"request body over {state.settings.max_body_bytes} bytes", code="body_too_large"), status_code=400)
+        else:
+            response = await call_next(request)
+    except Exception:  # noqa: BLE001 - internals stay in the log, the client gets a generic 500
+        log.exception("internal error on %s %s", request.method, _route_label(request))
+        response = JSONResponse(protocol.error_body("internal server error", type_="server_error"), status_code=500)
+    status = response.status_code
+    state.metrics.observe(_route_label(request), status, time.perf_counter() - started)
+    return response
+
+
+def _declared_length(request: Request) -> int:
+    length = request.headers.get("content-length", "")
+    return int(length) if length.isdigit() else 0
+
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    """Liveness for anyone; the served models and adapters only with the key (or when none is set)."""
+    state = request.app.state
+    if not request.state.authorized:
+        return {"status": "ok"}
+    return {"status": "ok", "base": state.served.base_id, "models": sorted(state.served.models), "loaded_adapters": list(state.engine.adapters), "uptime_s": round(time.time() - state.started, 1)}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(request.app.state.metrics.render(request.app.state.engine), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    state = request.app.state
+    created = int(state.started)
+    data = [{"id": m.id, "object": "model", "created": created, "owned_by": "tunesmith", "parent": None if m.adapter_path is None else state.served.base_id} for m in state.served.models.values()]
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Any:
+    state = request.app.state
+    body = await _read_body(request, protocol.ChatCompletionRequest)
+    served_model = _model(state, body.model)
+    max_tokens = _check_limits(state.settings, body, prompt_count=1)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    if served_model.default_system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": served_model.default_system})
+    # Off the event loop: rendering and tokenising a 1 MB prompt takes seconds of CPU.
+    prompt = await asyncio.to_thread(_render_chat, state.tokenizer, messages)
+    grammar = None
+    fmt = body.response_format
+    if fmt is not None and fmt.type != "text":
+        schema = None
+        if fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise APIError(400, "response_format json_schema needs a schema", param="response_format")
+            schema = fmt.json_schema.schema_
         try:
-            response = await _guard(request, call_next)
-            status = response.status_code
-            return response
-        finally:
-            request.app.state.metrics.observe(request.url.path, status, time.perf_counter() - started)
+            grammar = await asyncio.to_thread(state.engine.compile_grammar, schema)
+        except UserError as e:
+            raise APIError(400, e.message, param="response_format") from None
+    return await _generate(request, body, served_model, [prompt], max_tokens, "chat.completion", grammar)
 
-    async def _guard(request: Request, call_next):
-        state = request.app.state
-        if request.url.path.startswith("/v1/") and state.settings.api_key:
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.settings.api_key.encode()):
-                return JSONResponse(protocol.error_body("invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"), status_code=401)
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > state.settings.max_body_bytes:
-            return JSONResponse(protocol.error_body(f"request body over {state.settings.max_body_bytes} bytes", code="body_too_large"), status_code=400)
-        return await call_next(request)
 
-    @app.get("/health")
-    async def health(request: Request):
-        state = request.app.state
-        return {"status": "ok", "base": state.served.base_id, "models": sorted(state.served.models), "loaded_adapters": list(state.engine.adapters), "uptime_s": round(time.time() - state.started, 1)}
+@router.post("/v1/completions")
+async def completions(request: Request) -> Any:
+    state = request.app.state
+    body = await _read_body(request, protocol.CompletionRequest)
+    served_model = _model(state, body.model)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    max_tokens = _check_limits(state.settings, body, prompt_count=len(prompts))
+    ids = await asyncio.to_thread(_tokenize, state.tokenizer, prompts)
+    return await _generate(request, body, served_model, ids, max_tokens, "text_completion", None)
 
-    @app.get("/metrics")
-    async def metrics(request: Request):
-        return PlainTextResponse(request.app.state.metrics.render(request.app.state.engine), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def list_models(request: Request):
-        state = request.app.state
-        created = int(state.started)
-        data = [{"id": m.id, "object": "model", "created": created, "owned_by": "tunesmith", "parent": None if m.adapter_path is None else state.served.base_id} for m in state.served.models.values()]
-        return {"object": "list", "data": data}
+def _render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    from jinja2.exceptions import TemplateError
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await _read_body(request, protocol.ChatCompletionRequest)
-        state = request.app.state
-        served_model = _model(state, body.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        if served_model.default_system and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": served_model.default_system})
-        prompt = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        grammar = None
-        fmt = body.response_format
-        if fmt is not None and fmt.type != "text":
-            schema = None
-            if fmt.type == "json_schema":
-                if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-                    raise APIError(400, "response_format json_schema needs a schema", param="response_format")
-                schema = fmt.json_schema.schema_
+    try:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    except TemplateError as e:  # the template's own raise_exception: a message written for users
+        raise APIError(400, f"the model's chat template refused these messages: {e.message}", param="messages") from None
+
+
+def _tokenize(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    ids = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    if not all(ids):
+        raise APIError(400, "a prompt tokenizes to nothing", param="prompt")
+    return ids
+
+
+async def _read_body(request: Request, model: type[BaseModel]) -> Any:
+    """The body, read up to the size limit (chunked bodies too), validated into `model`."""
+    limit = request.app.state.settings.max_body_bytes
+    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise APIError(415, f"Content-Type must be application/json, not {media_type[:60]!r}", code="unsupported_media_type")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise APIError(400, f"request body over {limit} bytes", code="body_too_large")
+    try:
+        return model.model_validate_json(bytes(raw))
+    except ValidationError as e:
+        message, param = protocol.describe_validation_error(e.errors())
+        raise APIError(400, message, param=param) from None
+
+
+def _model(state: Any, model_id: str) -> ServedModel:
+    served_model = state.served.models.get(model_id)
+    if served_model is None:
+        raise APIError(404, f"The model `{model_id[:100]}` does not exist. Served: {', '.join(sorted(state.served.models))}", param="model", code="model_not_found")
+    return served_model
+
+
+def _check_limits(settings: ServeSettings, body: Any, prompt_count: int) -> int:
+    """The request's max_tokens, after every limit that needs no tokenising (400 over any)."""
+    max_tokens = body.max_completion_tokens or body.max_tokens or settings.max_tokens_limit
+    if max_tokens > settings.max_tokens_limit:
+        raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of {settings.max_tokens_limit}", param="max_tokens")
+    if body.n > settings.max_n:
+        raise APIError(400, f"n {body.n} is above this server's limit of {settings.max_n}", param="n")
+    if prompt_count * body.n > settings.max_sequences_per_request:
+        raise APIError(400, f"{prompt_count} prompts x n {body.n} = {prompt_count * body.n} sequences; this server starts at most {settings.max_sequences_per_request} per request", param="prompt")
+    if body.logprobs or body.top_logprobs:
+        raise APIError(400, "logprobs are not supported by this server", param="logprobs" if body.logprobs else "top_logprobs")
+    return max_tokens
+
+
+async def _generate(request: Request, body: Any, served_model: ServedModel, prompts: list[list[int]], max_tokens: int, kind: str, grammar: Any) -> Any:
+    state = request.app.state
+    max_context = state.engine.max_context
+    # A prompt must leave room for at least one new token inside the model's context.
+    limit = min(state.settings.max_prompt_tokens or max(1, max_context - max_tokens), max_context - 1)
+    longest = max(len(p) for p in prompts)
+    if longest > limit:
+        raise APIError(400, f"prompt is {longest} tokens; this server accepts at most {limit} (with max_tokens {max_tokens})", param="messages" if kind == "chat.completion" else "prompt", code="context_length_exceeded")
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    sequences = []
+    for p_index, prompt in enumerate(prompts):
+        for c_index in range(body.n):
+            seed = None if body.seed is None else (body.seed + len(sequences)) % 2**64
+            params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(), seed=seed, grammar=grammar)
+            index = p_index * body.n + c_index
+            # Each sequence reports on the shared queue tagged with its index.
+            sequences.append(Sequence(served_model, prompt, params, loop, _Tagged(events, index), index=index))  # type: ignore[arg-type]
+    for seq in sequences:
+        state.engine.submit(seq)
+    request_id = protocol.new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(state, sequences, events, request_id, kind, body.model, include_usage), media_type="text/event-stream")
+    return await _collect(request, state, sequences, events, request_id, kind, body.model)
+
+
+GENERATION_FAILED = "internal error while generating; the server log has the details"
+
+
+async def _collect(request: Request, state: Any, sequences: list[Sequence], events: asyncio.Queue, request_id: str, kind: str, model_id: str) -> Any:
+    texts = {s.index: "" for s in sequences}
+    finish: dict[int, str] = {}
+    prompt_tokens = completion_tokens = 0
+    counted_prompts = set()
+    try:
+        while len(finish) < len(sequences):
             try:
-                grammar = await asyncio.to_thread(state.engine.compile_grammar, schema)
-            except UserError as e:
-                raise APIError(400, e.message, param="response_format") from None
-        return await _generate(request, body, served_model, [list(prompt)], "chat.completion", grammar)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await _read_body(request, protocol.CompletionRequest)
-        state = request.app.state
-        served_model = _model(state, body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise APIError(400, "prompt is empty", param="prompt")
-        ids = [list(state.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-        return await _generate(request, body, served_model, ids, "text_completion", None)
-
-    async def _read_body(request: Request, model: type[BaseModel]) -> Any:
-        raw = await request.body()
-        if len(raw) > request.app.state.settings.max_body_bytes:
-            raise APIError(400, f"request body over {request.app.state.settings.max_body_bytes} bytes", code="body_too_large")
-        try:
-            return model.model_validate_json(raw)
-        except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise APIError(400, f"invalid request: {param}: {first['msg']}" if param else f"invalid request: {first['msg']}", param=param) from None
-
-    def _model(state: Any, model_id: str) -> ServedModel:
-        served_model = state.served.models.get(model_id)
-        if served_model is None:
-            raise APIError(404, f"The model `{model_id}` does not exist. Served: {', '.join(sorted(state.served.models))}", param="model", code="model_not_found")
-        return served_model
-
-    async def _generate(request: Request, body: Any, served_model: ServedModel, prompts: list[list[int]], kind: str, grammar: Any):
-        state = request.app.state
-        settings = state.settings
-        max_tokens = body.max_completion_tokens or body.max_tokens or settings.max_tokens_limit
-        if max_tokens > settings.max_tokens_limit:
-            raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of {settings.max_tokens_limit}", param="max_tokens")
-        if body.n > settings.max_n:
-            raise APIError(400, f"n {body.n} is above this server's limit of {settings.max_n}", param="n")
-        longest = max(len(p) for p in prompts)
-        limit = settings.max_prompt_tokens or max(1, state.engine.max_context - max_tokens)
-        if longest > limit:
-            raise APIError(400, f"prompt is {longest} tokens; this server accepts at most {limit} (with max_tokens {max_tokens})", param="messages" if kind == "chat.completion" else "prompt", code="context_length_exceeded")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        sequences = []
-        for p_index, prompt in enumerate(prompts):
-            for c_index in range(body.n):
-                seed = None if body.seed is None else body.seed + len(sequences)
-                params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(), seed=seed, grammar=grammar)
-                sequences.append(Sequence(served_model, prompt, params, loop, events, index=p_index * body.n + c_index))
-        # Each sequence reports on the shared queue tagged with its index.
+                index, event = await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return JSONResponse(protocol.error_body("client disconnected"), status_code=499)
+                continue
+            if event[0] == "delta":
+                texts[index] += event[1]
+            elif event[0] == "done":
+                finish[index] = event[1]
+                if id(sequences[index].prompt_ids) not in counted_prompts:
+                    counted_prompts.add(id(sequences[index].prompt_ids))
+                    prompt_tokens += event[2]
+                completion_tokens += event[3]
+            else:
+                raise APIError(500, GENERATION_FAILED if event[1] == "internal error" else event[1], type_="server_error")
+    finally:
         for seq in sequences:
-            seq.events = _Tagged(events, seq.index)  # type: ignore[assignment]
-            state.engine.submit(seq)
-        request_id = protocol.new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(state, sequences, events, request_id, kind, body.model, include_usage), media_type="text/event-stream")
-        return await _collect(request, state, sequences, events, request_id, kind, body.model)
+            seq.cancelled = True  # frees the slot if the client went away mid-generation
+    state.metrics.prompt_tokens += prompt_tokens
+    state.metrics.completion_tokens += completion_tokens
+    if kind == "chat.completion":
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": finish[i], "logprobs": None} for i in sorted(texts)]
+    else:
+        choices = [{"index": i, "text": texts[i], "finish_reason": finish[i], "logprobs": None} for i in sorted(texts)]
+    return {"id": request_id, "object": kind, "created": protocol.now(), "model": model_id, "choices": choices, "usage": protocol.usage(prompt_tokens, completion_tokens)}
 
-    async def _collect(request: Request, state: Any, sequences: list[Sequence], events: asyncio.Queue, request_id: str, kind: str, model_id: str):
-        texts = {s.index: "" for s in sequences}
-        finish: dict[int, str] = {}
-        prompt_tokens = completion_tokens = 0
-        counted_prompts = set()
-        try:
-            while len(finish) < len(sequences):
-                try:
-                    index, event = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse(protocol.error_body("client disconnected"), status_code=499)
-                    continue
-                if event[0] == "delta":
-                    texts[index] += event[1]
-                elif event[0] == "done":
-                    finish[index] = event[1]
-                    if id(sequences[index].prompt_ids) not in counted_prompts:
-                        counted_prompts.add(id(sequences[index].prompt_ids))
-                        prompt_tokens += event[2]
-                    completion_tokens += event[3]
-                else:
-                    raise APIError(500, event[1], type_="server_error")
-        finally:
+
+async def _stream(state: Any, sequences: list[Sequence], events: asyncio.Queue, request_id: str, kind: str, model_id: str, include_usage: bool):
+    created = protocol.now()
+    chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+    done = 0
+    prompt_tokens = completion_tokens = 0
+    counted_prompts = set()
+
+    def chunk(index: int, text: str | None, reason: str | None, first: bool = False) -> str:
+        if kind == "chat.completion":
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+            choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+        else:
+            choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
+        payload = {"id": request_id, "object": chunk_kind, "created": created, "model": model_id, "choices": [choice]}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    try:
+        if kind == "chat.completion":
             for seq in sequences:
-                seq.cancelled = True  # frees the slot if the client went away mid-generation
+                yield chunk(seq.index, None, None, first=True)
+        while done < len(sequences):
+            index, event = await events.get()
+            if event[0] == "delta":
+                yield chunk(index, event[1], None)
+            elif event[0] == "done":
+                done += 1
+                if id(sequences[index].prompt_ids) not in counted_prompts:
+                    counted_prompts.add(id(sequences[index].prompt_ids))
+                    prompt_tokens += event[2]
+                completion_tokens += event[3]
+                yield chunk(index, None, event[1])
+            else:
+                message = GENERATION_FAILED if event[1] == "internal error" else event[1]
+                yield f"data: {json.dumps(protocol.error_body(message, 'server_error'))}\n\n"
+                done += 1
         state.metrics.prompt_tokens += prompt_tokens
         state.metrics.completion_tokens += completion_tokens
-        if kind == "chat.completion":
-            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": finish[i], "logprobs": None} for i in sorted(texts)]
-        else:
-            choices = [{"index": i, "text": texts[i], "finish_reason": finish[i], "logprobs": None} for i in sorted(texts)]
-        return {"id": request_id, "object": kind, "created": protocol.now(), "model": model_id, "choices": choices, "usage": protocol.usage(prompt_tokens, completion_tokens)}
-
-    async def _stream(state: Any, sequences: list[Sequence], events: asyncio.Queue, request_id: str, kind: str, model_id: str, include_usage: bool):
-        created = protocol.now()
-        chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
-        done = 0
-        prompt_tokens = completion_tokens = 0
-        counted_prompts = set()
-
-        def chunk(index: int, text: str | None, reason: str | None, first: bool = False) -> str:
-            if kind == "chat.completion":
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
-                choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
-            else:
-                choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
-            payload = {"id": request_id, "object": chunk_kind, "created": created, "model": model_id, "choices": [choice]}
-            return f"data: {json.dumps(payload)}\n\n"
-
-        try:
-            if kind == "chat.completion":
-                for seq in sequences:
-                    yield chunk(seq.index, None, None, first=True)
-            while done < len(sequences):
-                index, event = await events.get()
-                if event[0] == "delta":
-                    yield chunk(index, event[1], None)
-                elif event[0] == "done":
-                    done += 1
-                    if id(sequences[index].prompt_ids) not in counted_prompts:
-                        counted_prompts.add(id(sequences[index].prompt_ids))
-                        prompt_tokens += event[2]
-                    completion_tokens += event[3]
-                    yield chunk(index, None, event[1])
-                else:
-                    yield f"data: {json.dumps(protocol.error_body(event[1], 'server_error'))}\n\n"
-                    done += 1
-            state.metrics.prompt_tokens += prompt_tokens
-            state.metrics.completion_tokens += completion_tokens
-            if include_usage:
-                payload = {"id": request_id, "object": chunk_kind, "created": created, "model": model_id, "choices": [], "usage": protocol.usage(prompt_tokens, completion_tokens)}
-                yield f"data: {json.dumps(payload)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            # Runs when the client disconnects too (the generator is closed): free the slots.
-            for seq in sequences:
-                seq.cancelled = True
-
-    return app
+        if include_usage:
+            payload = {"id": request_id, "object": chunk_kind, "created": created, "model": model_id, "choices": [], "usage": protocol.usage(prompt_tokens, completion_tokens)}
+            yield f"data: {json.dumps(payload)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        # Runs when the client disconnects too (the generator is closed): free the slots.
+        for seq in sequences:
+            seq.cancelled = True
 
 
 class _Tagged:
