@@ -340,7 +340,7 @@ def test_bad_requests_are_clean_4xx_never_500(server):
             assert set(response.json()) == {"error"} and set(error) == {"message", "type", "param", "code"}
             assert error["param"] and error["param"].split(".")[0] in {*extra, "model"}, (extra, error)
             handled += 1
-    raw_cases = [(b"{not json", "application/json", 400), (b'{"model": "alpha"', "application/json", 400), (b"[]", "application/json", 400), (b"model=alpha", "application/x-www-form-urlencoded", 415), (b"\xff\xfe", "application/json", 400)]
+    raw_cases = [(b"{not json", "application/json", 400), (b'{"model": "alpha"', "application/json", 400), (b"[]", "application/json", 400), (b"model=alpha", "application/x-www-form-urlencoded", 415), (b"\xff\xfe", "application/json", 400), (b"[" * 50000, "application/json", 400), (b'{"model": "alpha", "messages": [{"role": "user", "content": "a\\ud800"}]}', "application/json", 400)]
     for raw, content_type, status in raw_cases:
         response = httpx.post(f"{server.url}/v1/chat/completions", content=raw, headers={**AUTH, "content-type": content_type})
         tried += 1
