@@ -303,18 +303,23 @@ def check_file(
     near_dup_threshold: float = 0.9,
     redact_path: str | Path | None = None,
     tokenizer: Any = None,
+    force: bool = False,
 ) -> CheckReport:
     """Check a data file and return every problem found, with lines and fixes.
 
     Never raises for a bad file: an unreadable one is a report with one error. `tokenizer` may
-    be passed instead of `model` by a caller that already holds one.
+    be passed instead of `model` by a caller that already holds one. `force` lets the redacted
+    copy replace a file tunesmith did not write (never the input itself).
     """
-    from tunesmith.artifacts import atomic_path
+    from tunesmith.artifacts import atomic_output, guard_output
 
     if not 0.0 < near_dup_threshold <= 1.0:
         raise UserError(f"near-duplicate threshold {near_dup_threshold} is outside (0, 1]", "use e.g. 0.9")
     started = time.perf_counter()
     path = Path(path)
+    inputs = [path, Path(eval_path) if eval_path is not None else None]
+    if redact_path is not None:
+        guard_output(Path(redact_path), inputs, force)  # a refusal, not a report: nothing was checked
     findings = _Findings()
     report = CheckReport(path=str(path), format=None, rows=0, examples=0)
     try:
@@ -436,7 +441,7 @@ def check_file(
 
     try:
         if redact_path is not None:
-            with atomic_path(Path(redact_path)) as tmp, open(tmp, "w", encoding="utf-8") as out:
+            with atomic_output(Path(redact_path), inputs, force) as tmp, open(tmp, "w", encoding="utf-8") as out:
                 consume(out)
             report.stats["redacted"] = {"path": str(redact_path), "examples": redacted_rows, "skipped_rows": report.rows - redacted_rows}
         else:

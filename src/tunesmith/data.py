@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from tunesmith.artifacts import atomic_path
+from tunesmith.artifacts import atomic_output, atomic_path, guard_output
 from tunesmith.errors import UserError
 from tunesmith.parsers import FIXES, PARSERS, ParsedRow, Problem, parse_rows
 from tunesmith.schema import Conversation
@@ -489,10 +489,17 @@ def conversation_line(conv: Conversation) -> str:
     return json.dumps(conv.to_openai(), ensure_ascii=False)
 
 
-def write_conversations(path: str | Path, conversations: Iterable[Conversation]) -> int:
-    """Write canonical OpenAI chat JSONL atomically; returns the number of lines written."""
+def write_conversations(
+    path: str | Path, conversations: Iterable[Conversation], *, inputs: Iterable[Path | None] | None = None, force: bool = False
+) -> int:
+    """Write canonical OpenAI chat JSONL atomically; returns the number of lines written.
+
+    With `inputs` the path is one the user named: it is guarded (`artifacts.guard_output`) and
+    recorded as tunesmith's; without, it is a run-folder artifact tunesmith owns.
+    """
     count = 0
-    with atomic_path(Path(path)) as tmp:
+    writing = atomic_path(Path(path)) if inputs is None else atomic_output(Path(path), list(inputs), force)
+    with writing as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for conv in conversations:
                 f.write(conversation_line(conv) + "\n")
@@ -507,10 +514,12 @@ def convert(
     input_col: str | None = None,
     output_col: str | None = None,
     system_prompt: str | None = None,
+    force: bool = False,
 ) -> int:
     """`tunesmith data convert`: any supported format -> canonical chat JSONL. Returns the count."""
+    guard_output(Path(dst), [Path(src)], force)  # before reading: a refusal should not wait for it
     conversations = read_conversations(src, format, input_col, output_col, system_prompt)
-    return write_conversations(dst, conversations)
+    return write_conversations(dst, conversations, inputs=[Path(src)], force=force)
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,15 +601,18 @@ def split_file(
     input_col: str | None = None,
     output_col: str | None = None,
     system_prompt: str | None = None,
+    force: bool = False,
 ) -> tuple[Path, Path, int, int]:
     """`tunesmith data split`: write OUT/train.jsonl and OUT/eval.jsonl; returns paths and counts."""
     from tunesmith.artifacts import EVAL_SPLIT_FILE, TRAIN_SPLIT_FILE
 
-    conversations = read_conversations(path, format, input_col, output_col, system_prompt)
-    train, held_out = split_conversations(conversations, eval_fraction, seed)
     out_dir = Path(out_dir)
     train_path = out_dir / Path(TRAIN_SPLIT_FILE).name
     eval_path = out_dir / Path(EVAL_SPLIT_FILE).name
-    write_conversations(train_path, train)
-    write_conversations(eval_path, held_out)
+    for out in (train_path, eval_path):
+        guard_output(out, [Path(path)], force)
+    conversations = read_conversations(path, format, input_col, output_col, system_prompt)
+    train, held_out = split_conversations(conversations, eval_fraction, seed)
+    write_conversations(train_path, train, inputs=[Path(path)], force=force)
+    write_conversations(eval_path, held_out, inputs=[Path(path)], force=force)
     return train_path, eval_path, len(train), len(held_out)
