@@ -422,10 +422,11 @@ def config_check(
     config: Path = typer.Argument(..., help="Run config YAML."),
     overrides: list[str] = SetOption,
 ) -> None:
-    """Validate a config (every error at once) and print it resolved."""
-    from tunesmith.config import config_to_yaml, load_config
+    """Validate a config (every error at once), check that its model, data and schema exist, and print it resolved."""
+    from tunesmith.config import check_inputs, config_to_yaml, load_config
 
     cfg = load_config(config, overrides)
+    check_inputs(cfg, str(config))
     console.print(config_to_yaml(cfg), markup=False, highlight=False)
 
 
