@@ -190,6 +190,22 @@ def _first_char(path: Path) -> str:
     return text[:1]
 
 
+def _refuse_pretty_printed_records(path: Path, text: str) -> None:
+    """UserError when the file is several JSON objects each spread over lines (`json.dump(indent=2)`
+    in a loop): one error for the file, not one per line of it."""
+    try:
+        first, end = json.JSONDecoder().raw_decode(text, len(text) - len(text.lstrip()))
+    except (ValueError, RecursionError):
+        return
+    rest = text[end:].lstrip()
+    if isinstance(first, dict) and "\n" in text[:end].strip() and rest.startswith("{"):
+        last = text.count("\n", 0, end) + 1
+        raise UserError(
+            f"{path}: the records are JSON objects spread over several lines (the first one runs to line {last}), not one per line",
+            "write one object per line, e.g. jq -c . FILE > FILE.jsonl",
+        )
+
+
 def detect_format(path: Path, columns_given: bool = False) -> tuple[str, str]:
     """(record format, container) of a file or folder; UserError when it cannot tell.
 
@@ -212,7 +228,7 @@ def detect_format(path: Path, columns_given: bool = False) -> tuple[str, str]:
         return "tsv", "table"
     with open(path, "rb") as f:
         head = f.read(8192)
-    if not head.strip():
+    if not head.removeprefix(b"\xef\xbb\xbf").strip():
         raise UserError(f"{path} is empty", "add examples, one JSON object per line")
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head.removeprefix(b"\xef\xbb\xbf"), final=False)
@@ -230,7 +246,7 @@ def detect_format(path: Path, columns_given: bool = False) -> tuple[str, str]:
             continue
         try:
             record = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(record, dict):
             fmt = _format_from_keys(record)
@@ -246,9 +262,10 @@ def detect_format(path: Path, columns_given: bool = False) -> tuple[str, str]:
     if first == "{":
         # Not one object per line: maybe one JSON document spread over lines.
         text = _read_text_strict(path)
+        _refuse_pretty_printed_records(path, text)
         try:
             document = json.loads(text)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             if json_suffix:
                 return "openai", "lines"  # let the per-line report show what is wrong
             raise UserError(f"{path}: not valid JSON ({e})", FIXES["invalid_json"]) from None
@@ -312,6 +329,9 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any, Problem | None]]:
         counted_to = pos
         try:
             value, end = decoder.raw_decode(text, pos)
+        except RecursionError:
+            yield line, None, Problem("invalid_json", "invalid JSON (nested too deeply)", line)
+            return
         except ValueError as e:
             yield line_of(getattr(e, "pos", pos)), None, Problem(
                 "invalid_json", f"invalid JSON ({getattr(e, 'msg', e)})", line_of(getattr(e, "pos", pos))
@@ -375,6 +395,8 @@ def _iter_json_lines(path: Path) -> Iterator[tuple[int, Any, Problem | None]]:
             msg = getattr(e, "msg", str(e)).removesuffix(" at")
             col = getattr(e, "colno", None)
             where = f" at column {col}" if col else ""
+            if "\r" in text:
+                where += "; the file's lines end with a bare CR (old Mac style): convert them to LF"
             reader.duplicates.clear()
             yield number, None, Problem("invalid_json", f"invalid JSON ({msg}{where})", number)
             continue
@@ -556,8 +578,10 @@ def open_source(
         # Peek the first object of the array for its keys, then parse every element in that format.
         first = next((value for _, value, p in _iter_json_array(path) if p is None and isinstance(value, dict)), None)
         format = _format_from_keys(first or {}) or ("columns" if (input_col and output_col) else "")
+        if not format and first is None:
+            raise UserError(f"{path}: the JSON array holds no readable object", "make it an array of example objects, or JSONL")
         if not format:
-            keys = sorted(first)[:8] if isinstance(first, dict) else []
+            keys = sorted(first)[:8]
             raise UserError(
                 f"{path}: the array's objects have keys {keys}, which match no known format",
                 "use instruction/output (alpaca), messages, conversations or prompt/completion; "

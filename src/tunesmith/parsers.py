@@ -59,6 +59,7 @@ FIXES: dict[str, str] = {
     "unknown_role": "use one of the roles system, user, assistant, tool",
     "missing_content": "add a \"content\" string to the message",
     "non_string_content": "make \"content\" a string, or a list of {\"type\": \"text\", \"text\": ...} parts",
+    "bad_tool_calls": "make \"tool_calls\" a list of {\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\"}}",
     "bad_name": "\"name\" must be a string",
     "bad_weight": "set \"weight\" to 0 (do not train on this turn) or 1 (train on it)",
     "weight_not_assistant": "remove \"weight\": only assistant turns can have one",
@@ -201,6 +202,8 @@ def parse_openai(record: Any, line: int) -> tuple[Conversation | None, list[Prob
         elif not isinstance(m["content"], str):
             kind = type(m["content"]).__name__
             problems.append(Problem("non_string_content", f"message {i} ({role}) has {kind} content, not a string", line))
+        if "tool_calls" in m and m["tool_calls"] is not None and not isinstance(m["tool_calls"], list):
+            problems.append(Problem("bad_tool_calls", f"message {i} has tool_calls that are not a list", line))
         if "name" in m and not isinstance(m["name"], str):
             problems.append(Problem("bad_name", f"message {i} has a non-string name", line))
         if "weight" in m:

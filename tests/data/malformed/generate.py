@@ -199,6 +199,17 @@ def _more_whole_files(manifest: dict[str, dict]) -> None:
     add("csv_empty.csv", b"", 2, unreadable, "an empty CSV")
     add("csv_latin1.csv", "\n".join(rows[:3] + ["caf\u00e9 au lait,label1"] + rows[3:]).encode("latin-1") + b"\n", 2, [("invalid_utf8", 4)], "a Latin-1 byte in a CSV")
     add("ok_csv_bom_crlf.csv", b"\xef\xbb\xbf" + "\r\n".join(rows).encode() + b"\r\n", 0, [], "Excel's CSV UTF-8: BOM and CRLF")
+    records_text = [json.dumps(r).encode() for r in records]
+    pretty = "\n".join(json.dumps(r, indent=2) for r in records).encode()
+    add("pretty_printed_records.jsonl", pretty, 2, unreadable, "json.dump(indent=2) in a loop: objects over several lines")
+    add("cr_only_line_ends.jsonl", b"\r".join(records_text) + b"\r", 2, [("invalid_json", 1), ("too_few_examples", None)], "old Mac line ends: one line")
+    deep = b'{"messages": ' + b'{"a": ' * 1500 + b"1" + b"}" * 1500 + b"}"
+    add("deep_valid_object_first.jsonl", b"\n".join([deep] + records_text) + b"\n", 2, [("invalid_json", 1)], "valid JSON nested deeper than the parser goes, on the first line")
+    add("deep_array.json", b"[" * 3000 + b"]" * 3000, 2, unreadable, "a JSON array nested 3000 deep")
+    add("array_of_strings.json", json.dumps(["an example"] * 12).encode(), 2, unreadable, "a JSON array of strings")
+    add("only_bom.jsonl", b"\xef\xbb\xbf\n\n", 2, unreadable, "a BOM and blank lines")
+    calls = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": "lookup(x)"}]}
+    add("tool_calls_not_list.jsonl", b"\n".join(records_text[:3] + [json.dumps(calls).encode()] + records_text[3:]) + b"\n", 2, [("bad_tool_calls", 4)], "tool_calls as a string")
     add("csv_unknown_columns.csv", "\n".join(["foo,bar"] + [f"{i},{i}" for i in range(10)]).encode() + b"\n", 2, unreadable, "columns that name no input or answer")
 
 
