@@ -90,3 +90,91 @@ def test_shipped_configs_load():
     assert configs
     for path in configs:
         load_config(path)
+
+
+# ---------------------------------------------------------------- settings that cannot run
+
+UNRUNNABLE = [
+    ("train.epochs=.inf", "train.epochs"),
+    ("train.epochs=.nan", "train.epochs"),
+    ("train.epochs=1e9", "train.epochs"),
+    ("train.seed=99999999999999999999999", "train.seed"),
+    ("train.seed=-1", "train.seed"),
+    ("data.split_seed=18446744073709551616", "data.split_seed"),
+    ("eval.seed=4294967296", "eval.seed"),
+    ("train.lora.target_modules=[]", "train.lora.target_modules"),
+    ("train.lora.target_modules=['']", "train.lora.target_modules"),
+    ("train.lora.alpha=1e400", "train.lora.alpha"),
+    ("train.lora.alpha=1.0e+400", "train.lora.alpha"),
+    ("train.lora.alpha=.nan", "train.lora.alpha"),
+    ("train.lora.dropout=.nan", "train.lora.dropout"),
+    ("train.lora.r=100000", "train.lora.r"),
+    ("train.learning_rate=.inf", "train.learning_rate"),
+    ("train.weight_decay=.nan", "train.weight_decay"),
+    ("train.warmup_ratio=.nan", "train.warmup_ratio"),
+    ("train.max_grad_norm=.inf", "train.max_grad_norm"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.grad_accum=-3", "train.grad_accum"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("data.eval_fraction=.nan", "data.eval_fraction"),
+    ("data.max_length=100000000", "data.max_length"),
+    ("data.train=", "data.train"),
+    ("data.train='  '", "data.train"),
+    ("data.eval=''", "data.eval"),
+    ("data.input_col=''", "data.input_col"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens"),
+    ("eval.max_new_tokens=10000000", "eval.max_new_tokens"),
+    ("eval.bootstrap_samples=1000000000", "eval.bootstrap_samples"),
+    ("eval.gates=['accuracy>>0.9']", "eval.gates"),
+    ("eval.json_schema=''", "eval.json_schema"),
+    ("output_dir=/", "output_dir"),
+    ("output_dir=..", "output_dir"),
+    ("output_dir=''", "output_dir"),
+    ("name=../escape", "name"),
+    ("model.name=''", "model.name"),
+]
+
+
+def config_check(capsys, *args) -> tuple[int, str, str]:
+    from tunesmith.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["config", "check", *map(str, args)])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def starter(tmp_path_factory):
+    config_path, _ = write_starter(tmp_path_factory.mktemp("starter") / "proj", count=12)
+    return config_path
+
+
+@pytest.mark.parametrize("override, key", UNRUNNABLE, ids=[o for o, _ in UNRUNNABLE])
+def test_unrunnable_setting_is_one_line_naming_the_key(capsys, starter, override, key):
+    code, out, err = config_check(capsys, starter, "--set", override)
+    assert code == 2 and "Traceback" not in out + err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert f": {key}: " in lines[0] and "fix:" in lines[0], lines[0]
+
+
+def test_config_check_finds_missing_model_data_and_schema(capsys, starter):
+    code, out, err = config_check(capsys, starter)
+    assert code == 0, err
+    for override, key in [
+        ("model.name=./no/such/folder", "model.name"),
+        ("model.name=not-a-model", "model.name"),
+        ("data.train=missing.jsonl", "data.train"),
+        ("data.eval=missing.jsonl", "data.eval"),
+        ("eval.json_schema=schema.json", "eval.json_schema"),
+        ("eval.json_schema=data", "eval.json_schema"),
+    ]:
+        code, out, err = config_check(capsys, starter, "--set", override)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and f": {key}: " in lines[0] and "fix:" in lines[0], (override, err)
+    # A hub id cannot be checked offline: it passes; every missing input is listed at once.
+    assert config_check(capsys, starter, "--set", "model.name=HuggingFaceTB/SmolLM2-135M-Instruct")[0] == 0
+    code, _, err = config_check(capsys, starter, "--set", "data.train=a.jsonl", "--set", "data.eval=b.jsonl")
+    assert code == 2 and "data.train:" in err and "data.eval:" in err and "Traceback" not in err

@@ -188,3 +188,15 @@ def test_gguf_refuses_other_architectures(tmp_path):
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
     with pytest.raises(UserError, match="Llama family"):
         gguf_export.write_gguf(model, None, tmp_path / "x.gguf", "f16", "x")
+
+
+def test_export_keeps_a_users_file_unless_force(run_dir, trained):
+    export.run(run_dir, "adapter")
+    export.run(run_dir, "adapter")  # tunesmith's own export folder is replaced without --force
+    note = run_dir / "export" / "adapter" / "my_notes.txt"
+    note.write_text("keep me")
+    with pytest.raises(UserError, match="did not write"):
+        export.run(run_dir, "adapter")
+    assert note.read_text() == "keep me"
+    report = export.run(run_dir, "adapter", force=True)
+    assert not note.exists() and report["parity"]["mismatches"] == []

@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from tunesmith.errors import UserError
 
@@ -69,8 +69,12 @@ def safe_child(root: Path, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it over `path` (file or folder)."""
+def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success rename it over `path` (file or folder).
+
+    A folder is only ever replaced by a folder: a file written over a folder is refused unless
+    `force`, because the folder is likely the user's (`--redact precious` once deleted a thesis).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -78,6 +82,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield target
         if path.is_dir() and not path.is_symlink():
+            if not target.is_dir() and not force:
+                raise UserError(f"{path} is a folder; tunesmith will not replace it with a file", "name an output file, or pass --force")
             # A folder cannot be replaced in one rename: move the old one aside first, so the
             # window without `path` is two renames wide and the old copy is never half-deleted.
             old = tmp / (path.name + ".old")
@@ -87,6 +93,89 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs the user names (--redact OUT, data convert SRC DST, data split --out, export):
+# tunesmith replaces only what it wrote itself.
+#
+# The rule: every such output is recorded, once written, in a ledger beside it
+# (`OUTPUTS_LEDGER` in the same folder) with the size and modification time of each file it
+# holds. An existing path is "ours" when the ledger knows it and nothing in it changed since:
+# a user's file, a user's folder, a file the user edited afterwards, or a file dropped into an
+# exported folder all read as foreign and are refused unless --force. An output that is an
+# input, lies inside an input folder or holds an input is refused even with --force: the
+# input would be gone before it was read.
+OUTPUTS_LEDGER = ".tunesmith-outputs.json"
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    """Size and mtime of a file, or of every file under a folder (symlinks as links)."""
+    if path.is_dir() and not path.is_symlink():
+        files = {}
+        for child in sorted(path.rglob("*")):
+            if child.is_symlink() or child.is_file():
+                st = child.lstat()
+                files[child.relative_to(path).as_posix()] = [st.st_size, st.st_mtime_ns]
+        return {"kind": "folder", "files": files}
+    st = path.lstat()
+    return {"kind": "file", "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _ledger(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / OUTPUTS_LEDGER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data.get("outputs", {}) if isinstance(data, dict) else {}
+
+
+def written_by_tunesmith(path: Path) -> bool:
+    """True when `path` is an output tunesmith recorded and nobody changed since."""
+    path = Path(path)
+    return _ledger(path.parent).get(path.name) == _fingerprint(path)
+
+
+def record_output(path: Path) -> None:
+    """Note a just-written output in its folder's ledger, so a later run may replace it."""
+    path = Path(path)
+    outputs = _ledger(path.parent)
+    outputs[path.name] = _fingerprint(path)
+    about = "outputs tunesmith wrote here; it replaces only these (and only while unchanged)"
+    write_json_atomic(path.parent / OUTPUTS_LEDGER, {"about": about, "outputs": outputs})
+
+
+def _same_or_inside(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def guard_output(path: Path, inputs: Iterable[Path | None] = (), force: bool = False) -> None:
+    """Refuse an output that would destroy user data: an input, or something tunesmith did not write."""
+    path = Path(path)
+    resolved = path.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if _same_or_inside(resolved, source) or _same_or_inside(source, resolved):
+            what = "is" if resolved == source else ("is inside" if source in resolved.parents else "holds")
+            raise UserError(f"output {path} {what} the input {given}", "write the output to another path")
+    if force or not os.path.lexists(path) or written_by_tunesmith(path):
+        return
+    kind = "folder" if path.is_dir() and not path.is_symlink() else "file"
+    raise UserError(
+        f"{path} is a {kind} that tunesmith did not write (or that changed since)",
+        "choose another output path, or pass --force to replace it",
+    )
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, inputs: Iterable[Path | None] = (), force: bool = False) -> Iterator[Path]:
+    """`atomic_path` for an output the user named: guarded before, recorded as ours after."""
+    guard_output(path, inputs, force)
+    with atomic_path(path, force=force) as tmp:
+        yield tmp
+    record_output(path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -290,6 +290,336 @@ def _read_eval(path: Path, format: str, input_col, output_col, system_prompt, wa
     return np.frombuffer(hashes, dtype=np.uint64), np.frombuffer(lines, dtype=np.uint32), sig, bad
 
 
+@dataclass
+class _RowStats:
+    """What the one pass over the rows keeps per example, in compact arrays: this is what keeps
+    a million rows small. Every whole-file analysis below reads it after the pass."""
+
+    want_input_signatures: bool = False
+    lines: array = field(default_factory=lambda: array("I"))
+    conv_hash: array = field(default_factory=lambda: array("Q"))
+    prompt_hash: array = field(default_factory=lambda: array("Q"))
+    target_hash: array = field(default_factory=lambda: array("Q"))
+    input_hash: array = field(default_factory=lambda: array("Q"))
+    input_words: array = field(default_factory=lambda: array("I"))
+    answer_words: array = field(default_factory=lambda: array("I"))
+    overlap: array = field(default_factory=lambda: array("f"))
+    signature_batches: list[np.ndarray] = field(default_factory=list)
+    input_signature_batches: list[np.ndarray] = field(default_factory=list)
+    dedup_texts: list[str] = field(default_factory=list)
+    input_texts: list[str] = field(default_factory=list)
+    # Shape of the task, for the label check and for `advise`; labels is None past LABEL_MAX_DISTINCT.
+    labels: Counter[str] | None = field(default_factory=Counter)
+    json_like: int = 0
+    json_ok: int = 0
+    questions: int = 0
+    multi_turn: int = 0
+    key_sets: Counter[str] = field(default_factory=Counter)
+    pii_counts: Counter[str] = field(default_factory=Counter)
+    pii_lines: dict[str, list[int]] = field(default_factory=dict)
+    # Contents that repeat on every row (a system prompt) are scanned once.
+    pii_cache: dict[str, list[tuple[int, int, str]]] = field(default_factory=dict)
+    redacted_rows: int = 0
+
+    def flush_signatures(self) -> None:
+        """MinHash the texts still pending (they are hashed in batches of MINHASH_BATCH)."""
+        if self.dedup_texts:
+            self.signature_batches.append(minhash_signatures(self.dedup_texts))
+            self.dedup_texts.clear()
+        if self.input_texts:
+            self.input_signature_batches.append(minhash_signatures(self.input_texts))
+            self.input_texts.clear()
+
+    @staticmethod
+    def _stack(batches: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(batches) if batches else np.zeros((0, MINHASH_PERMUTATIONS), np.uint16)
+
+    def signatures(self) -> np.ndarray:
+        return self._stack(self.signature_batches)
+
+    def input_signatures(self) -> np.ndarray:
+        return self._stack(self.input_signature_batches)
+
+
+def _add_hashes(stats: _RowStats, line: int, conv: Conversation, target: str, user_text: str) -> None:
+    """Hashes for duplicates, conflicts and leakage; texts for the near-duplicate signatures."""
+    stats.lines.append(line)
+    stats.conv_hash.append(_hash64(_conversation_key(conv)))
+    stats.prompt_hash.append(_hash64(_prompt_key(conv)))
+    stats.target_hash.append(_hash64(target))
+    stats.dedup_texts.append(_dedup_text(conv))
+    if len(stats.dedup_texts) >= MINHASH_BATCH:
+        stats.signature_batches.append(minhash_signatures(stats.dedup_texts))
+        stats.dedup_texts.clear()
+    if stats.want_input_signatures:
+        stats.input_hash.append(_hash64(normalize_text(user_text)))
+        stats.input_texts.append(user_text)
+        if len(stats.input_texts) >= MINHASH_BATCH:
+            stats.input_signature_batches.append(minhash_signatures(stats.input_texts))
+            stats.input_texts.clear()
+
+
+def _add_shape(stats: _RowStats, findings: _Findings, line: int, conv: Conversation, target: str, user_text: str) -> None:
+    """Labels, JSON answers, word counts and overlap, questions, turns: the shape of the task."""
+    if stats.labels is not None:
+        stats.labels[target] += 1
+        if len(stats.labels) > LABEL_MAX_DISTINCT:
+            stats.labels = None
+    looks_json, parsed = _json_answer(target)
+    if looks_json:
+        stats.json_like += 1
+        if parsed is None:
+            findings.add("invalid_json_output", "warning", "the answer looks like JSON but does not parse", FIXES["invalid_json_output"], line)
+        else:
+            stats.json_ok += 1
+            if isinstance(parsed, dict) and len(stats.key_sets) < 1000:
+                stats.key_sets[",".join(sorted(parsed))] += 1
+    prompt_words = _WORD.findall(user_text.casefold())
+    target_words = _WORD.findall(target.casefold())
+    stats.input_words.append(len(prompt_words))
+    stats.answer_words.append(len(target_words))
+    if target_words:
+        prompt_set = set(prompt_words)
+        stats.overlap.append(sum(w in prompt_set for w in target_words) / len(target_words))
+    else:
+        stats.overlap.append(0.0)
+    if "?" in user_text:
+        stats.questions += 1
+    if sum(m.role == "user" for m in conv.messages) > 1:
+        stats.multi_turn += 1
+
+
+def _scan_pii(stats: _RowStats, line: int, conv: Conversation, redact: bool) -> list[Message]:
+    """Count personal data per kind (with up to 20 lines each); the redacted messages when asked."""
+    redacted_messages = []
+    for m in conv.messages:
+        spans = stats.pii_cache.get(m.content)
+        if spans is None:
+            spans = find_pii(m.content)
+            if m.role == "system" and len(stats.pii_cache) < 1000:
+                stats.pii_cache[m.content] = spans
+        for _, _, kind in spans:
+            stats.pii_counts[kind] += 1
+            seen = stats.pii_lines.setdefault(kind, [])
+            if len(seen) < 20 and (not seen or seen[-1] != line):
+                seen.append(line)
+        if redact:
+            redacted_messages.append(Message(m.role, redact_text(m.content, spans) if spans else m.content, m.weight, m.name, m.extra))
+    return redacted_messages
+
+
+def _consume(rows, report: CheckReport, findings: _Findings, stats: _RowStats, counter: "_TokenCounter | None", out) -> None:
+    """The one pass: each row's problems, then every per-example statistic of a valid example."""
+    for row in rows:
+        report.rows += 1
+        for p in row.problems:
+            findings.add(p.code, p.severity, p.message, p.fix, p.line)
+        conv = row.conversation
+        if conv is None or any(p.severity == "error" for p in row.problems):
+            continue
+        report.examples += 1
+        target, user_text = (conv.target or "").strip(), conv.input_text
+        _add_hashes(stats, row.line, conv, target, user_text)
+        _add_shape(stats, findings, row.line, conv, target, user_text)
+        redacted = _scan_pii(stats, row.line, conv, out is not None)
+        if out is not None:
+            out.write(conversation_line(Conversation(redacted, conv.source_line, conv.extra)) + "\n")
+            stats.redacted_rows += 1
+        if counter is not None:
+            counter.add(row.line, conv)
+
+
+def _read_rows(report, findings, stats, counter, rows, redact_path, inputs, force) -> None:
+    """Run the pass, writing the redacted copy alongside when asked; a reader that cannot go on
+    (a JSON array with a bad byte, a corrupt Parquet page) is reported with what was read so far."""
+    from tunesmith.artifacts import atomic_output
+
+    try:
+        if redact_path is not None:
+            with atomic_output(Path(redact_path), inputs, force) as tmp, open(tmp, "w", encoding="utf-8") as out:
+                _consume(rows, report, findings, stats, counter, out)
+            report.stats["redacted"] = {"path": str(redact_path), "examples": stats.redacted_rows, "skipped_rows": report.rows - stats.redacted_rows}
+        else:
+            _consume(rows, report, findings, stats, counter, None)
+    except UserError as e:
+        findings.add("unreadable", "error", e.message, e.hint or "", None)
+    stats.flush_signatures()
+    if counter is not None:
+        counter.flush()
+
+
+def _size_findings(report: CheckReport, findings: _Findings, n: int) -> None:
+    report.stats["size_advice"] = size_advice(n)
+    if n < MIN_EXAMPLES:
+        findings.add("too_few_examples", "error", f"only {n} valid examples (at least {MIN_EXAMPLES} needed)", FIXES["too_few_examples"])
+    elif n < FEW_EXAMPLES:
+        findings.add("small_dataset", "warning", f"{n} examples: fewer than a few hundred", FIXES["small_dataset"])
+
+
+def _exact_duplicates(report: CheckReport, findings: _Findings, stats: _RowStats, line_arr: np.ndarray) -> np.ndarray:
+    """Index of the first copy of each example that repeats one, else -1: a stable sort by hash,
+    where every non-first member of a run repeats the first."""
+    n = len(line_arr)
+    dup_first = np.full(n, -1, dtype=np.int64)
+    if n:
+        h = np.frombuffer(stats.conv_hash, dtype=np.uint64)
+        order = np.argsort(h, kind="stable")
+        sh = h[order]
+        starts = np.r_[True, sh[1:] != sh[:-1]]
+        first_pos = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+        dups = np.nonzero(~starts)[0]
+        dup_first[order[dups]] = order[first_pos[dups]]
+        for i in np.sort(order[dups]):
+            findings.add("duplicate", "warning", f"repeats line {line_arr[dup_first[i]]} exactly", FIXES["duplicate"], int(line_arr[i]), [int(line_arr[dup_first[i]])])
+    report.stats["exact_duplicates"] = int((dup_first >= 0).sum())
+    return dup_first
+
+
+def _conflicting_outputs(report: CheckReport, findings: _Findings, stats: _RowStats, line_arr: np.ndarray) -> None:
+    """Same prompt, different answers."""
+    n = len(line_arr)
+    conflicts = 0
+    if n:
+        ph = np.frombuffer(stats.prompt_hash, dtype=np.uint64)
+        th = np.frombuffer(stats.target_hash, dtype=np.uint64)
+        order = np.lexsort((np.arange(n), ph))
+        sp = ph[order]
+        starts = np.nonzero(np.r_[True, sp[1:] != sp[:-1]])[0]
+        ends = np.r_[starts[1:], n]
+        repeated = ends - starts > 1
+        for s, e in zip(starts[repeated], ends[repeated]):
+            if len(np.unique(th[order[s:e]])) > 1:
+                conflicts += 1
+                members = sorted(int(line_arr[i]) for i in order[s:e])
+                answers = len(np.unique(th[order[s:e]]))
+                findings.add(
+                    "conflicting_outputs", "warning",
+                    f"the same prompt appears on {e - s} lines with {answers} different answers",
+                    FIXES["conflicting_outputs"], members[0], members[1:21],
+                )
+    report.stats["conflicting_inputs"] = conflicts
+
+
+def _near_duplicate_findings(report, findings, stats: _RowStats, line_arr, dup_first, threshold: float) -> None:
+    """Near-duplicates (exact duplicates and empty texts excluded: they are reported otherwise)."""
+    signatures = stats.signatures()
+    eligible = (dup_first < 0) & ~(signatures == 0xFFFF).all(axis=1) if len(line_arr) else np.zeros(0, bool)
+    match, similarity = near_duplicates(signatures, eligible, threshold)
+    near = np.nonzero(match >= 0)[0]
+    for i in near:
+        findings.add(
+            "near_duplicate", "warning",
+            f"near-duplicate of line {line_arr[match[i]]} (estimated similarity {similarity[i]:.2f})",
+            FIXES["near_duplicate"], int(line_arr[i]), [int(line_arr[match[i]])],
+        )
+    report.stats["near_duplicates"] = {"count": int(len(near)), "threshold": threshold}
+
+
+def _label_findings(report: CheckReport, findings: _Findings, labels: Counter[str] | None, n: int) -> None:
+    """Label counts, imbalance and rare labels, when the answers form a closed set (classification)."""
+    if labels is not None and is_closed_label_set(len(labels), n):
+        counts = dict(labels.most_common())
+        ratio = max(counts.values()) / min(counts.values())
+        report.stats["labels"] = {"distinct": len(counts), "counts": counts, "imbalance_ratio": round(ratio, 2)}
+        if ratio >= IMBALANCE_RATIO:
+            top, bottom = next(iter(counts)), list(counts)[-1]
+            findings.add(
+                "label_imbalance", "warning",
+                f"labels are imbalanced: {top!r} has {counts[top]} examples, {bottom!r} {counts[bottom]} ({ratio:.0f}x)",
+                FIXES["label_imbalance"],
+            )
+        for label, count in counts.items():
+            if count < 5 and n >= 100:
+                findings.add("rare_label", "warning", f"label {label!r} has only {count} example(s)", FIXES["rare_label"])
+    else:
+        report.stats["labels"] = None
+
+
+def _shape_stats(stats: _RowStats, n: int) -> dict[str, Any]:
+    """Shape of inputs and answers (what `advise` reads)."""
+    return {
+        "input_words": _percentiles(np.frombuffer(stats.input_words, dtype=np.uint32)) if n else None,
+        "answer_words": _percentiles(np.frombuffer(stats.answer_words, dtype=np.uint32)) if n else None,
+        "answer_overlap_with_prompt_median": float(np.median(np.frombuffer(stats.overlap, dtype=np.float32))) if n else None,
+        "question_share": stats.questions / n if n else 0.0,
+        "multi_turn_share": stats.multi_turn / n if n else 0.0,
+        "json_answer_share": stats.json_like / n if n else 0.0,
+        "json_parse_share": stats.json_ok / stats.json_like if stats.json_like else None,
+        "json_top_keys_share": stats.key_sets.most_common(1)[0][1] / stats.json_ok if stats.key_sets and stats.json_ok else None,
+    }
+
+
+def _pii_findings(report: CheckReport, findings: _Findings, stats: _RowStats) -> None:
+    report.stats["pii"] = dict(stats.pii_counts)
+    for kind in PII_KINDS:
+        if stats.pii_counts.get(kind):
+            where = stats.pii_lines[kind]
+            findings.add(
+                "pii", "warning", f"{stats.pii_counts[kind]} {kind.replace('_', ' ')} match(es)",
+                FIXES["pii"], where[0], where[1:],
+            )
+
+
+def _token_findings(report: CheckReport, findings: _Findings, counter: _TokenCounter, model: str | None, max_length: int | None) -> None:
+    """Token percentiles; with max_length, what cutting the end (or data.truncate) would lose."""
+    total = np.frombuffer(counter.total, dtype=np.uint32).astype(np.int64)
+    prompt = np.frombuffer(counter.prompt, dtype=np.uint32).astype(np.int64)
+    answer = np.frombuffer(counter.answer, dtype=np.uint32).astype(np.int64)
+    token_stats: dict[str, Any] = {
+        "model": model or getattr(counter.tokenizer, "name_or_path", None),
+        "total": _percentiles(total),
+        "prompt": _percentiles(prompt),
+        "assistant": _percentiles(answer),
+        "total_tokens": int(total.sum()),
+        "assistant_tokens": int(answer.sum()),
+    }
+    report.stats["tokens"] = token_stats
+    if max_length is None:
+        return
+    from tunesmith.formatting import PROMPT_TAIL_KEPT
+
+    over = np.nonzero(total > max_length)[0]
+    dropped = np.minimum(total[over] - max_length, answer[over])
+    # What training does with data.truncate: cut the prompt before the answer when the
+    # prompt is long enough for it (formatting.truncate_example), else cut the end.
+    answer_kept = (prompt[over] - PROMPT_TAIL_KEPT - 1) >= (total[over] - max_length)
+    token_stats.update(
+        max_length=max_length,
+        over_max_length=int(len(over)),
+        dropped_assistant_tokens=int(dropped.sum()),
+        examples_losing_whole_answer=int((prompt[over] >= max_length).sum()),
+        answer_kept_by_prompt_truncation=int(answer_kept.sum()),
+    )
+    token_lines = np.frombuffer(counter.lines, dtype=np.uint32)
+    for i, d, kept in zip(over, dropped, answer_kept):
+        whole = " (the whole answer)" if prompt[i] >= max_length else ""
+        how = (
+            "; data.truncate cuts the prompt instead and keeps the answer"
+            if kept
+            else "; the prompt is too short to cut instead, so data.truncate loses them"
+        )
+        findings.add(
+            "over_max_length", "warning",
+            f"{total[i]} tokens > max length {max_length}: cutting the end would drop {d} of {answer[i]} answer tokens{whole}{how}",
+            FIXES["over_max_length"], int(token_lines[i]),
+        )
+
+
+def _eval_leakage_findings(report, findings, stats: _RowStats, line_arr, eval_path: Path, read_args: tuple, threshold: float) -> None:
+    """Leakage between this file and the eval file."""
+    try:
+        eval_hash, eval_lines, eval_sig, eval_bad = _read_eval(eval_path, *read_args, True)
+    except UserError as e:
+        findings.add("eval_unreadable", "error", f"eval file: {e.message}", e.hint or FIXES["eval_unreadable"])
+        return
+    if eval_bad:
+        findings.add("eval_unreadable", "warning", f"eval file: {eval_bad} row(s) with problems were skipped", FIXES["eval_unreadable"])
+    report.stats["leakage"] = _leakage(
+        findings, np.frombuffer(stats.input_hash, dtype=np.uint64), line_arr, stats.input_signatures(),
+        eval_hash, eval_lines, eval_sig, threshold, str(eval_path),
+    )
+
+
 def check_file(
     path: str | Path,
     *,
@@ -303,18 +633,23 @@ def check_file(
     near_dup_threshold: float = 0.9,
     redact_path: str | Path | None = None,
     tokenizer: Any = None,
+    force: bool = False,
 ) -> CheckReport:
     """Check a data file and return every problem found, with lines and fixes.
 
     Never raises for a bad file: an unreadable one is a report with one error. `tokenizer` may
-    be passed instead of `model` by a caller that already holds one.
+    be passed instead of `model` by a caller that already holds one. `force` lets the redacted
+    copy replace a file tunesmith did not write (never the input itself).
     """
-    from tunesmith.artifacts import atomic_path
+    from tunesmith.artifacts import guard_output
 
     if not 0.0 < near_dup_threshold <= 1.0:
         raise UserError(f"near-duplicate threshold {near_dup_threshold} is outside (0, 1]", "use e.g. 0.9")
     started = time.perf_counter()
     path = Path(path)
+    inputs = [path, Path(eval_path) if eval_path is not None else None]
+    if redact_path is not None:
+        guard_output(Path(redact_path), inputs, force)  # a refusal, not a report: nothing was checked
     findings = _Findings()
     report = CheckReport(path=str(path), format=None, rows=0, examples=0)
     try:
@@ -334,284 +669,25 @@ def check_file(
         started += time.perf_counter() - loading  # rows/s measures the check, not the model load
     counter = _TokenCounter(tokenizer, findings) if tokenizer is not None else None
 
-    # Per-example numbers, in compact arrays: this is what keeps a million rows small.
-    lines, conv_hash, prompt_hash, target_hash, input_hash = array("I"), array("Q"), array("Q"), array("Q"), array("Q")
-    input_words, answer_words, overlap = array("I"), array("I"), array("f")
-    signature_batches: list[np.ndarray] = []
-    input_signature_batches: list[np.ndarray] = []
-    dedup_texts: list[str] = []
-    input_texts: list[str] = []
-    want_input_signatures = eval_path is not None
-    labels: Counter[str] | None = Counter()
-    json_like = json_ok = questions = multi_turn = 0
-    key_sets: Counter[str] = Counter()
-    pii_counts: Counter[str] = Counter()
-    pii_lines: dict[str, list[int]] = {}
-    # Contents that repeat on every row (a system prompt) are scanned once.
-    pii_cache: dict[str, list[tuple[int, int, str]]] = {}
-    redacted_rows = 0
-
-    def consume(out) -> None:
-        nonlocal json_like, json_ok, questions, multi_turn, labels, redacted_rows
-        for row in rows:
-            report.rows += 1
-            for p in row.problems:
-                findings.add(p.code, p.severity, p.message, p.fix, p.line)
-            conv = row.conversation
-            if conv is None or any(p.severity == "error" for p in row.problems):
-                continue
-            report.examples += 1
-            line = row.line
-            lines.append(line)
-            conv_hash.append(_hash64(_conversation_key(conv)))
-            prompt_hash.append(_hash64(_prompt_key(conv)))
-            target = (conv.target or "").strip()
-            target_hash.append(_hash64(target))
-            user_text = conv.input_text
-            dedup_texts.append(_dedup_text(conv))
-            if len(dedup_texts) >= MINHASH_BATCH:
-                signature_batches.append(minhash_signatures(dedup_texts))
-                dedup_texts.clear()
-            if want_input_signatures:
-                input_hash.append(_hash64(normalize_text(user_text)))
-                input_texts.append(user_text)
-                if len(input_texts) >= MINHASH_BATCH:
-                    input_signature_batches.append(minhash_signatures(input_texts))
-                    input_texts.clear()
-
-            # Shape of the task, for the label check and for `advise`.
-            if labels is not None:
-                labels[target] += 1
-                if len(labels) > LABEL_MAX_DISTINCT:
-                    labels = None
-            looks_json, parsed = _json_answer(target)
-            if looks_json:
-                json_like += 1
-                if parsed is None:
-                    findings.add(
-                        "invalid_json_output", "warning", "the answer looks like JSON but does not parse",
-                        FIXES["invalid_json_output"], line,
-                    )
-                else:
-                    json_ok += 1
-                    if isinstance(parsed, dict) and len(key_sets) < 1000:
-                        key_sets[",".join(sorted(parsed))] += 1
-            prompt_words = _WORD.findall(user_text.casefold())
-            target_words = _WORD.findall(target.casefold())
-            input_words.append(len(prompt_words))
-            answer_words.append(len(target_words))
-            if target_words:
-                prompt_set = set(prompt_words)
-                overlap.append(sum(w in prompt_set for w in target_words) / len(target_words))
-            else:
-                overlap.append(0.0)
-            if "?" in user_text:
-                questions += 1
-            if sum(m.role == "user" for m in conv.messages) > 1:
-                multi_turn += 1
-
-            # PII, and the redacted copy.
-            redacted_messages = []
-            for m in conv.messages:
-                spans = pii_cache.get(m.content)
-                if spans is None:
-                    spans = find_pii(m.content)
-                    if m.role == "system" and len(pii_cache) < 1000:
-                        pii_cache[m.content] = spans
-                for _, _, kind in spans:
-                    pii_counts[kind] += 1
-                    seen = pii_lines.setdefault(kind, [])
-                    if len(seen) < 20 and (not seen or seen[-1] != line):
-                        seen.append(line)
-                if out is not None:
-                    redacted_messages.append(
-                        Message(m.role, redact_text(m.content, spans) if spans else m.content, m.weight, m.name, m.extra)
-                    )
-            if out is not None:
-                out.write(conversation_line(Conversation(redacted_messages, conv.source_line, conv.extra)) + "\n")
-                redacted_rows += 1
-
-            if counter is not None:
-                counter.add(line, conv)
-
-    try:
-        if redact_path is not None:
-            with atomic_path(Path(redact_path)) as tmp, open(tmp, "w", encoding="utf-8") as out:
-                consume(out)
-            report.stats["redacted"] = {"path": str(redact_path), "examples": redacted_rows, "skipped_rows": report.rows - redacted_rows}
-        else:
-            consume(None)
-    except UserError as e:
-        # A reader that cannot go on (a JSON array with a bad byte, a corrupt Parquet page):
-        # report it with what was read so far.
-        findings.add("unreadable", "error", e.message, e.hint or "", None)
-    if dedup_texts:
-        signature_batches.append(minhash_signatures(dedup_texts))
-    if input_texts:
-        input_signature_batches.append(minhash_signatures(input_texts))
-    if counter is not None:
-        counter.flush()
-
+    # One pass over the rows, then each whole-file analysis on what it kept.
+    stats = _RowStats(want_input_signatures=eval_path is not None)
+    _read_rows(report, findings, stats, counter, rows, redact_path, inputs, force)
     n = report.examples
-    line_arr = np.frombuffer(lines, dtype=np.uint32) if n else np.zeros(0, dtype=np.uint32)
-
-    # Size.
-    report.stats["size_advice"] = size_advice(n)
-    if n < MIN_EXAMPLES:
-        findings.add("too_few_examples", "error", f"only {n} valid examples (at least {MIN_EXAMPLES} needed)", FIXES["too_few_examples"])
-    elif n < FEW_EXAMPLES:
-        findings.add("small_dataset", "warning", f"{n} examples: fewer than a few hundred", FIXES["small_dataset"])
-
-    # Exact duplicates: stable sort by hash, every non-first member of a run repeats the first.
-    dup_first = np.full(n, -1, dtype=np.int64)
-    if n:
-        h = np.frombuffer(conv_hash, dtype=np.uint64)
-        order = np.argsort(h, kind="stable")
-        sh = h[order]
-        starts = np.r_[True, sh[1:] != sh[:-1]]
-        first_pos = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
-        dups = np.nonzero(~starts)[0]
-        dup_first[order[dups]] = order[first_pos[dups]]
-        for i in np.sort(order[dups]):
-            findings.add("duplicate", "warning", f"repeats line {line_arr[dup_first[i]]} exactly", FIXES["duplicate"], int(line_arr[i]), [int(line_arr[dup_first[i]])])
-    report.stats["exact_duplicates"] = int((dup_first >= 0).sum())
-
-    # Same prompt, different answers.
-    conflicts = 0
-    if n:
-        ph = np.frombuffer(prompt_hash, dtype=np.uint64)
-        th = np.frombuffer(target_hash, dtype=np.uint64)
-        order = np.lexsort((np.arange(n), ph))
-        sp = ph[order]
-        starts = np.nonzero(np.r_[True, sp[1:] != sp[:-1]])[0]
-        ends = np.r_[starts[1:], n]
-        repeated = ends - starts > 1
-        for s, e in zip(starts[repeated], ends[repeated]):
-            if len(np.unique(th[order[s:e]])) > 1:
-                conflicts += 1
-                members = sorted(int(line_arr[i]) for i in order[s:e])
-                answers = len(np.unique(th[order[s:e]]))
-                findings.add(
-                    "conflicting_outputs", "warning",
-                    f"the same prompt appears on {e - s} lines with {answers} different answers",
-                    FIXES["conflicting_outputs"], members[0], members[1:21],
-                )
-    report.stats["conflicting_inputs"] = conflicts
-
-    # Near-duplicates (exact duplicates and empty texts excluded: they are reported otherwise).
-    signatures = np.concatenate(signature_batches) if signature_batches else np.zeros((0, MINHASH_PERMUTATIONS), np.uint16)
-    eligible = (dup_first < 0) & ~(signatures == 0xFFFF).all(axis=1) if n else np.zeros(0, bool)
-    match, similarity = near_duplicates(signatures, eligible, near_dup_threshold)
-    near = np.nonzero(match >= 0)[0]
-    for i in near:
-        findings.add(
-            "near_duplicate", "warning",
-            f"near-duplicate of line {line_arr[match[i]]} (estimated similarity {similarity[i]:.2f})",
-            FIXES["near_duplicate"], int(line_arr[i]), [int(line_arr[match[i]])],
-        )
-    report.stats["near_duplicates"] = {"count": int(len(near)), "threshold": near_dup_threshold}
-
-    # Labels.
-    if labels is not None and is_closed_label_set(len(labels), n):
-        counts = dict(labels.most_common())
-        ratio = max(counts.values()) / min(counts.values())
-        report.stats["labels"] = {"distinct": len(counts), "counts": counts, "imbalance_ratio": round(ratio, 2)}
-        if ratio >= IMBALANCE_RATIO:
-            top, bottom = next(iter(counts)), list(counts)[-1]
-            findings.add(
-                "label_imbalance", "warning",
-                f"labels are imbalanced: {top!r} has {counts[top]} examples, {bottom!r} {counts[bottom]} ({ratio:.0f}x)",
-                FIXES["label_imbalance"],
-            )
-        for label, count in counts.items():
-            if count < 5 and n >= 100:
-                findings.add("rare_label", "warning", f"label {label!r} has only {count} example(s)", FIXES["rare_label"])
-    else:
-        report.stats["labels"] = None
-
-    # Shape of inputs and answers.
-    report.stats["shape"] = {
-        "input_words": _percentiles(np.frombuffer(input_words, dtype=np.uint32)) if n else None,
-        "answer_words": _percentiles(np.frombuffer(answer_words, dtype=np.uint32)) if n else None,
-        "answer_overlap_with_prompt_median": float(np.median(np.frombuffer(overlap, dtype=np.float32))) if n else None,
-        "question_share": questions / n if n else 0.0,
-        "multi_turn_share": multi_turn / n if n else 0.0,
-        "json_answer_share": json_like / n if n else 0.0,
-        "json_parse_share": json_ok / json_like if json_like else None,
-        "json_top_keys_share": key_sets.most_common(1)[0][1] / json_ok if key_sets and json_ok else None,
-    }
-
-    # PII.
-    report.stats["pii"] = dict(pii_counts)
-    for kind in PII_KINDS:
-        if pii_counts.get(kind):
-            where = pii_lines[kind]
-            findings.add(
-                "pii", "warning", f"{pii_counts[kind]} {kind.replace('_', ' ')} match(es)",
-                FIXES["pii"], where[0], where[1:],
-            )
-
-    # Tokens.
+    line_arr = np.frombuffer(stats.lines, dtype=np.uint32) if n else np.zeros(0, dtype=np.uint32)
+    _size_findings(report, findings, n)
+    dup_first = _exact_duplicates(report, findings, stats, line_arr)
+    _conflicting_outputs(report, findings, stats, line_arr)
+    _near_duplicate_findings(report, findings, stats, line_arr, dup_first, near_dup_threshold)
+    _label_findings(report, findings, stats.labels, n)
+    report.stats["shape"] = _shape_stats(stats, n)
+    _pii_findings(report, findings, stats)
     if counter is not None:
-        total = np.frombuffer(counter.total, dtype=np.uint32).astype(np.int64)
-        prompt = np.frombuffer(counter.prompt, dtype=np.uint32).astype(np.int64)
-        answer = np.frombuffer(counter.answer, dtype=np.uint32).astype(np.int64)
-        token_stats: dict[str, Any] = {
-            "model": model or getattr(tokenizer, "name_or_path", None),
-            "total": _percentiles(total),
-            "prompt": _percentiles(prompt),
-            "assistant": _percentiles(answer),
-            "total_tokens": int(total.sum()),
-            "assistant_tokens": int(answer.sum()),
-        }
-        if max_length is not None:
-            over = np.nonzero(total > max_length)[0]
-            from tunesmith.formatting import PROMPT_TAIL_KEPT
-
-            dropped = np.minimum(total[over] - max_length, answer[over])
-            # What training does with data.truncate: cut the prompt before the answer when the
-            # prompt is long enough for it (formatting.truncate_example), else cut the end.
-            answer_kept = (prompt[over] - PROMPT_TAIL_KEPT - 1) >= (total[over] - max_length)
-            token_stats.update(
-                max_length=max_length,
-                over_max_length=int(len(over)),
-                dropped_assistant_tokens=int(dropped.sum()),
-                examples_losing_whole_answer=int((prompt[over] >= max_length).sum()),
-                answer_kept_by_prompt_truncation=int(answer_kept.sum()),
-            )
-            token_lines = np.frombuffer(counter.lines, dtype=np.uint32)
-            for i, d, kept in zip(over, dropped, answer_kept):
-                whole = " (the whole answer)" if prompt[i] >= max_length else ""
-                how = (
-                    "; data.truncate cuts the prompt instead and keeps the answer"
-                    if kept
-                    else "; the prompt is too short to cut instead, so data.truncate loses them"
-                )
-                findings.add(
-                    "over_max_length", "warning",
-                    f"{total[i]} tokens > max length {max_length}: cutting the end would drop {d} of {answer[i]} answer tokens{whole}{how}",
-                    FIXES["over_max_length"], int(token_lines[i]),
-                )
-        report.stats["tokens"] = token_stats
+        _token_findings(report, findings, counter, model, max_length)
     elif max_length is not None:
         report.stats["tokens"] = {"note": "pass --model to count tokens against --max-length"}
-
-    # Leakage between this file and the eval file.
     if eval_path is not None:
-        try:
-            eval_hash, eval_lines, eval_sig, eval_bad = _read_eval(
-                Path(eval_path), format, input_col, output_col, system_prompt, True
-            )
-        except UserError as e:
-            findings.add("eval_unreadable", "error", f"eval file: {e.message}", e.hint or FIXES["eval_unreadable"])
-        else:
-            if eval_bad:
-                findings.add("eval_unreadable", "warning", f"eval file: {eval_bad} row(s) with problems were skipped", FIXES["eval_unreadable"])
-            report.stats["leakage"] = _leakage(
-                findings, np.frombuffer(input_hash, dtype=np.uint64), line_arr,
-                np.concatenate(input_signature_batches) if input_signature_batches else np.zeros((0, MINHASH_PERMUTATIONS), np.uint16),
-                eval_hash, eval_lines, eval_sig, near_dup_threshold, str(eval_path),
-            )
+        read_args = (format, input_col, output_col, system_prompt)
+        _eval_leakage_findings(report, findings, stats, line_arr, Path(eval_path), read_args, near_dup_threshold)
     return _finish(report, findings, started)
 
 

@@ -190,11 +190,12 @@ def export_command(
     fmt: str = typer.Option(..., "--format", help="merged, adapter, gguf or ollama."),
     gguf_type: list[str] = typer.Option([], "--gguf-type", help="GGUF tensor type: f16, q8_0, bf16, f32 (repeatable; default from the config)."),
     allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Load the adapter on a base whose fingerprint differs from the run's."),
+    force: bool = typer.Option(False, "--force", help="Replace RUN/export/FORMAT even when it holds files tunesmith did not write."),
 ) -> None:
     """Export the trained model (RUN/export/FORMAT/) and check it against the trained model."""
     from tunesmith import export
 
-    report = export.run(run_dir, fmt, gguf_types=gguf_type or None, allow_base_mismatch=allow_base_mismatch)
+    report = export.run(run_dir, fmt, gguf_types=gguf_type or None, allow_base_mismatch=allow_base_mismatch, force=force)
     console.print(f"exported {fmt}: {report['path']}", markup=False, highlight=False)
     if report.get("warning"):
         err_console.print(f"warning: {report['warning']}", markup=False, highlight=False)
@@ -299,6 +300,7 @@ FormatOption = typer.Option("auto", "--format", help="Input format: auto, openai
 InputColOption = typer.Option(None, "--input-col", help="Tabular data: the column holding the user input.")
 OutputColOption = typer.Option(None, "--output-col", help="Tabular data: the column holding the expected answer.")
 SystemOption = typer.Option(None, "--system", help="System prompt added to every example without one.")
+ForceOption = typer.Option(False, "--force", help="Replace an output that tunesmith did not write (a user's file or folder).")
 
 
 @data_app.command("check")
@@ -311,6 +313,7 @@ def data_check(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable report."),
     strict: bool = typer.Option(False, help="Exit 1 on warnings."),
     redact: Optional[Path] = typer.Option(None, "--redact", help="Write a copy with PII replaced by [EMAIL], [PHONE], ..."),
+    force: bool = ForceOption,
     format: str = FormatOption,
     input_col: Optional[str] = InputColOption,
     output_col: Optional[str] = OutputColOption,
@@ -321,7 +324,7 @@ def data_check(
 
     report = check_file(
         file, format=format, input_col=input_col, output_col=output_col, system_prompt=system, model=model,
-        max_length=max_length, eval_path=eval_file, near_dup_threshold=near_dup_threshold, redact_path=redact,
+        max_length=max_length, eval_path=eval_file, near_dup_threshold=near_dup_threshold, redact_path=redact, force=force,
     )
     if as_json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
@@ -338,11 +341,12 @@ def data_convert(
     input_col: Optional[str] = InputColOption,
     output_col: Optional[str] = OutputColOption,
     system: Optional[str] = SystemOption,
+    force: bool = ForceOption,
 ) -> None:
     """Convert any supported format to OpenAI chat JSONL."""
     from tunesmith.data import convert
 
-    count = convert(src, dst, format, input_col, output_col, system)
+    count = convert(src, dst, format, input_col, output_col, system, force=force)
     console.print(f"wrote {count} conversations to {dst}")
 
 
@@ -356,11 +360,12 @@ def data_split(
     input_col: Optional[str] = InputColOption,
     output_col: Optional[str] = OutputColOption,
     system: Optional[str] = SystemOption,
+    force: bool = ForceOption,
 ) -> None:
     """Deterministic train/eval split, stratified by label, no input on both sides."""
     from tunesmith.data import split_file
 
-    train_path, eval_path, n_train, n_eval = split_file(file, out, eval_fraction, seed, format, input_col, output_col, system)
+    train_path, eval_path, n_train, n_eval = split_file(file, out, eval_fraction, seed, format, input_col, output_col, system, force=force)
     console.print(f"wrote {n_train} examples to {train_path} and {n_eval} to {eval_path}")
 
 
@@ -421,10 +426,11 @@ def config_check(
     config: Path = typer.Argument(..., help="Run config YAML."),
     overrides: list[str] = SetOption,
 ) -> None:
-    """Validate a config (every error at once) and print it resolved."""
-    from tunesmith.config import config_to_yaml, load_config
+    """Validate a config (every error at once), check that its model, data and schema exist, and print it resolved."""
+    from tunesmith.config import check_inputs, config_to_yaml, load_config
 
     cfg = load_config(config, overrides)
+    check_inputs(cfg, str(config))
     console.print(config_to_yaml(cfg), markup=False, highlight=False)
 
 

@@ -10,18 +10,33 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tunesmith.errors import UserError
 
 
+# Bounds that no run can exceed: past them a value is a typo (a seed numpy and torch refuse, a
+# length no tokenizer reaches), and refusing it at load beats a traceback or a NaN loss later.
+MAX_SEED = 2**32 - 1  # numpy's limit; torch and random take it too
+MAX_TOKENS = 1 << 20
+MAX_COUNT = 10**9
+
+
+def _path_text(value: str | None, what: str) -> str | None:
+    if value is not None and (not value.strip() or "\x00" in value):
+        raise ValueError(f"{what} must be a non-empty path")
+    return value
+
+
 class _Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` and `.nan` are YAML floats, and every float field here must be finite.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Closed):
     name: str = Field(
         "smollm2-135m-instruct",
+        min_length=1,
         description="Base model: a builtin name (`tunesmith models`), a local Hugging Face folder, "
         "a local .gguf file, or a hub id (needs network).",
     )
@@ -41,7 +56,7 @@ class ModelConfig(_Closed):
 
 
 class DataConfig(_Closed):
-    train: str = Field(..., description="Training data file (any supported format), relative to the config.")
+    train: str = Field(..., min_length=1, description="Training data file (any supported format), relative to the config.")
     eval: str | None = Field(
         None, description="Held-out evaluation file. When absent, `eval_fraction` of `train` is held out."
     )
@@ -57,16 +72,28 @@ class DataConfig(_Closed):
     eval_fraction: float = Field(
         0.15, ge=0.0, lt=1.0, description="Share held out for evaluation when `eval` is not given (0.1-0.2 advised)."
     )
-    split_seed: int = Field(0, description="Seed of the train/eval split.")
-    max_length: int = Field(1024, ge=8, description="Longest example in tokens (prompt + answer) after the chat template.")
+    split_seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the train/eval split.")
+    max_length: int = Field(1024, ge=8, le=MAX_TOKENS, description="Longest example in tokens (prompt + answer) after the chat template.")
     truncate: bool = Field(
         False,
         description="Allow truncating examples over `max_length` (reported). Otherwise they stop the run.",
     )
 
+    @field_validator("train", "eval")
+    @classmethod
+    def _data_path(cls, value: str | None) -> str | None:
+        return _path_text(value, "a data file")
+
+    @field_validator("input_col", "output_col")
+    @classmethod
+    def _column(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("a column name must not be empty (null: guess it)")
+        return value
+
 
 class LoraConfig(_Closed):
-    r: int = Field(16, ge=1, description="LoRA rank.")
+    r: int = Field(16, ge=1, le=4096, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
@@ -74,16 +101,23 @@ class LoraConfig(_Closed):
     )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha/sqrt(r)).")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _modules(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and (not value or any(not m.strip() for m in value)):
+            raise ValueError('list at least one module name (e.g. [q_proj, v_proj]), or write "all-linear"')
+        return value
+
 
 class TrainConfig(_Closed):
     method: Literal["lora", "qlora", "full"] = Field("lora", description="Fine-tuning method.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (lora and qlora).")
-    epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when `max_steps` is set).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: float = Field(3.0, gt=0, le=10_000, description="Passes over the training data (ignored when `max_steps` is set).")
+    max_steps: int | None = Field(None, ge=1, le=MAX_COUNT, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(8, ge=1, le=65536, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, le=65536, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(0.0, ge=0, le=10.0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup.")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
@@ -98,13 +132,13 @@ class TrainConfig(_Closed):
         True, description="Compute a prompt prefix shared by a whole batch once per batch."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
-    eval_every: int | None = Field(None, ge=1, description="Eval loss every N steps (and always at the end).")
-    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (and always at the end).")
+    eval_every: int | None = Field(None, ge=1, le=MAX_COUNT, description="Eval loss every N steps (and always at the end).")
+    save_every: int | None = Field(None, ge=1, le=MAX_COUNT, description="Checkpoint every N steps (and always at the end).")
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after this many evals without a better eval loss."
+        None, ge=1, le=MAX_COUNT, description="Stop after this many evals without a better eval loss."
     )
-    seed: int = Field(0, description="Seed for weights init, data order and dropout.")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in the run folder (the newest ones).")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for weights init, data order and dropout.")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Checkpoints kept in the run folder (the newest ones).")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="Several processes (torchrun, `--nproc`): `ddp` keeps a whole model on each; `fsdp` shards "
@@ -123,19 +157,19 @@ class EvalConfig(_Closed):
         default_factory=lambda: ["base", "base-fewshot", "tuned"], description="What to evaluate."
     )
     few_shot_k: int | None = Field(
-        None, ge=0, description="Examples in the few-shot prompt; null: as many as fit the context."
+        None, ge=0, le=MAX_TOKENS, description="Examples in the few-shot prompt; null: as many as fit the context."
     )
-    max_new_tokens: int = Field(128, ge=1, description="Longest generated answer.")
-    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    max_new_tokens: int = Field(128, ge=1, le=MAX_TOKENS, description="Longest generated answer.")
+    batch_size: int = Field(16, ge=1, le=65536, description="Prompts generated together.")
     task: Literal["auto", "classification", "json", "text"] = Field(
         "auto", description="Metric family; `auto` infers it from the training answers."
     )
-    max_examples: int | None = Field(None, ge=1, description="Evaluate only the first N held-out examples.")
+    max_examples: int | None = Field(None, ge=1, le=MAX_COUNT, description="Evaluate only the first N held-out examples.")
     gates: list[str] = Field(
         default_factory=list, description='Gates such as "accuracy>=0.85"; a failure exits 3.'
     )
     few_shot_max_tokens: int = Field(
-        1024, ge=0, description="Token budget of the few-shot examples when `few_shot_k` is null (also capped by the context)."
+        1024, ge=0, le=MAX_TOKENS, description="Token budget of the few-shot examples when `few_shot_k` is null (also capped by the context)."
     )
     abstain_label: str | None = Field(
         None,
@@ -148,8 +182,25 @@ class EvalConfig(_Closed):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Inference precision. `auto`: bf16 on CUDA with bf16 and on CPUs with AMX/AVX512-BF16, else fp32."
     )
-    bootstrap_samples: int = Field(1000, ge=10, description="Bootstrap resamples for intervals and paired tests.")
-    seed: int = Field(0, description="Seed of the few-shot choice and of the bootstrap.")
+    bootstrap_samples: int = Field(1000, ge=10, le=1_000_000, description="Bootstrap resamples for intervals and paired tests.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the few-shot choice and of the bootstrap.")
+
+    @field_validator("gates")
+    @classmethod
+    def _gates(cls, gates: list[str]) -> list[str]:
+        from tunesmith.metrics import parse_gate  # the one reader of gate syntax
+
+        for gate in gates:
+            try:
+                parse_gate(gate)
+            except UserError as e:
+                raise ValueError(f"{e.message}: {e.hint}") from None
+        return gates
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_path(cls, value: str | None) -> str | None:
+        return _path_text(value, "a JSON Schema file")
 
 
 class ExportConfig(_Closed):
@@ -162,16 +213,17 @@ class ExportConfig(_Closed):
 
 
 class RunConfig(_Closed):
-    name: str = Field("run", description="Run name; the run folder is `output_dir`.")
-    output_dir: str = Field("runs/run", description="Run folder, relative to the config file.")
+    # Where the YAML file lives; relative paths in it are resolved against this folder. First, so
+    # that the output_dir check below sees it.
+    base_dir: str = Field(".", exclude=True, description="Folder the config was loaded from (set by the loader).")
+    name: str = Field("run", min_length=1, max_length=200, description="Run name; the run folder is `output_dir`.")
+    output_dir: str = Field("runs/run", min_length=1, description="Run folder, relative to the config file.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     data: DataConfig = Field(..., description="Training and evaluation data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation against baselines.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export.")
 
-    # Where the YAML file lives; relative paths in it are resolved against this folder.
-    base_dir: str = Field(".", exclude=True, description="Folder the config was loaded from (set by the loader).")
 
     def resolve(self, relative: str | None) -> Path | None:
         """A path from the config, resolved against the config's folder."""
@@ -184,19 +236,108 @@ class RunConfig(_Closed):
     def run_dir(self) -> Path:
         return self.resolve(self.output_dir)  # type: ignore[return-value]
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # The name becomes file names (RUN/export/gguf/NAME-q8_0.gguf): no separators, no "..".
+        if value.strip() in (".", "..") or any(c in value for c in "/\\\x00") or not value.strip():
+            raise ValueError("use a plain name (letters, digits, '-', '_', '.'), not a path")
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _run_folder(cls, value: str, info: ValidationInfo) -> str:
+        # The run folder is written into (data/, train/, export/): the filesystem root, the home
+        # folder or a folder above the config would mix the run with the user's own files.
+        config_dir = Path(info.data.get("base_dir", ".")).resolve()
+        path = Path(value).expanduser()
+        run_dir = (path if path.is_absolute() else config_dir / path).resolve()
+        if run_dir == Path(run_dir.anchor) or run_dir == Path.home().resolve() or run_dir in config_dir.parents:
+            raise ValueError(f"{value!r} resolves to {run_dir}, which holds more than this run: use a folder of its own, e.g. runs/NAME")
+        return value
+
+
+def _error_line(e: dict[str, Any]) -> tuple[str, str]:
+    """(key path, message) of one pydantic error, in words a config author can act on."""
+    path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; `tunesmith init` writes every key with its doc)"
+    elif e["type"] == "missing":
+        msg = "required key is missing"
+    elif e["type"] == "finite_number":
+        msg = f"{e.get('input')!r} is not a finite number: write a plain number"
+    return path, msg
+
+
+CONFIG_FIX = "`tunesmith config reference` lists every key with its type and bounds"
+
 
 def format_validation_error(err: ValidationError, source: str) -> str:
     """Every error of a pydantic failure, one per line, with its key path."""
     lines = [f"{source}: {err.error_count()} error(s) in the config"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `tunesmith init` writes every key with its doc)"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
+        path, msg = _error_line(e)
         lines.append(f"  {path}: {msg}")
     return "\n".join(lines)
+
+
+def validation_user_error(err: ValidationError, source: str) -> UserError:
+    """One error: one line naming the key. Several: every one, each on its line with its key."""
+    if err.error_count() == 1:
+        path, msg = _error_line(err.errors()[0])
+        return UserError(f"{source}: {path}: {msg}", CONFIG_FIX)
+    return UserError(format_validation_error(err, source))
+
+
+def _model_problem(ref: str) -> str | None:
+    """Why a model reference cannot resolve, without downloading anything; None when it can."""
+    from tunesmith.models import BUILTIN_MODELS, HUB_ID
+
+    if ref in BUILTIN_MODELS:
+        return None
+    path = Path(ref).expanduser()
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return None
+    if path.exists():
+        return f"{ref!r} is a file but not a .gguf"
+    if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        return None  # a hub id: only a download can tell whether it exists
+    return f"{ref!r} is not a builtin name ({', '.join(BUILTIN_MODELS)}), an existing folder or .gguf file, or a hub id (org/name)"
+
+
+MODEL_FIX = "use a builtin name (`tunesmith models`), a local HF folder or .gguf file, or a hub id org/name"
+PATH_FIX = "correct the path: relative paths are read from the config's folder"
+
+
+def missing_inputs(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(problem, fix) for what a run would fail to find: the model, the data files, the schema.
+
+    Kept out of `load_config`, because eval and export reload a finished run's config whose
+    data may have moved since; `tunesmith config check` runs it.
+    """
+    problems = []
+    model = _model_problem(cfg.model.name)
+    if model:
+        problems.append((f"model.name: {model}", MODEL_FIX))
+    for key, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval), ("eval.json_schema", cfg.eval.json_schema)):
+        path = cfg.resolve(value)
+        if path is None:
+            continue
+        if not path.exists():
+            problems.append((f"{key}: {path} not found", PATH_FIX))
+        elif key == "eval.json_schema" and not path.is_file():
+            problems.append((f"{key}: {path} is a folder, not a JSON Schema file", PATH_FIX))
+    return problems
+
+
+def check_inputs(cfg: RunConfig, source: str) -> None:
+    """`tunesmith config check`: UserError naming every missing input (one line when one)."""
+    problems = missing_inputs(cfg)
+    if len(problems) == 1:
+        raise UserError(f"{source}: {problems[0][0]}", problems[0][1])
+    if problems:
+        raise UserError(f"{source}: {len(problems)} missing input(s)\n" + "\n".join(f"  {p} (fix: {fix})" for p, fix in problems))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -249,7 +390,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, str(path))) from None
+        raise validation_user_error(e, str(path)) from None
 
 
 def config_to_yaml(cfg: RunConfig) -> str:
@@ -283,6 +424,17 @@ def starter_yaml(values: dict[str, Any]) -> str:
     return "\n".join(_field_doc_lines(RunConfig, 0, "", values)) + "\n"
 
 
+def _bounds_text(field: Any) -> str:
+    """` (>= 1, <= 65536)`: the numeric bounds of a field, for the reference."""
+    bounds = []
+    for item in field.metadata:
+        for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "length >=")):
+            value = getattr(item, attr, None)
+            if value is not None:
+                bounds.append(f"{op} {value}")
+    return f" ({', '.join(bounds)})" if bounds else ""
+
+
 def config_reference_markdown() -> str:
     """The configuration reference, generated from the field docs (docs/config.md)."""
     lines = ["# Configuration reference", "", "Generated from `tunesmith.config`; do not edit by hand.", ""]
@@ -298,7 +450,7 @@ def config_reference_markdown() -> str:
                 subs.append((name, annotation, field.description))
                 continue
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            type_name = str(annotation).replace("typing.", "")
+            type_name = str(annotation).replace("typing.", "") + _bounds_text(field)
             rows.append(f"| `{prefix}{name}` | `{type_name}` | `{default}` | {field.description or ''} |")
         if rows:
             lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "", "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])

@@ -22,12 +22,13 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from tunesmith.artifacts import atomic_path
+from tunesmith.artifacts import atomic_output, atomic_path, guard_output
 from tunesmith.errors import UserError
 from tunesmith.parsers import FIXES, PARSERS, ParsedRow, Problem, parse_rows
 from tunesmith.schema import Conversation
@@ -69,16 +70,84 @@ def _utf8_problem(raw: bytes, err: UnicodeDecodeError, line: int) -> Problem:
 
 
 def iter_text_lines(path: Path) -> Iterator[tuple[int, str, Problem | None]]:
-    """(1-based line, text without the newline, UTF-8 problem or None). A leading BOM is dropped."""
+    """(1-based line, text without the newline, UTF-8 or NUL problem or None). A leading BOM is dropped."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             raw = raw.rstrip(b"\r\n")
             try:
-                yield number, raw.decode("utf-8"), None
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 yield number, raw.decode("utf-8", "replace"), _utf8_problem(raw, e, number)
+                continue
+            if "\x00" in text:
+                yield number, text, Problem("nul_byte", f"a NUL byte (0x00) at column {raw.index(0) + 1}", number)
+                continue
+            yield number, text, None
+
+
+# Byte-order marks and magic numbers: a file in another encoding, or compressed, is named as
+# what it is, with its fix, instead of a report of a thousand garbage lines.
+_BOMS = (
+    (b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"),
+    (b"\xff\xfe\x00\x00", "UTF-32 (little-endian)"),
+    (b"\xfe\xff", "UTF-16 (big-endian)"),
+    (b"\xff\xfe", "UTF-16 (little-endian)"),
+)
+_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip FILE)"),
+    (b"PK\x03\x04", "a zip archive (or an .xlsx workbook)", "unzip it, or save the sheet as CSV UTF-8"),
+    (b"BZh", "bzip2-compressed", "decompress it first (bunzip2 FILE)"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz FILE)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (unzstd FILE)"),
+    (b"PAR1", "a Parquet file", "name it *.parquet, or pass --format parquet"),
+    (b"SQLite format 3\x00", "an SQLite database", "export the table as CSV or JSONL"),
+)
+REENCODE_FIX = "re-save it as UTF-8 (Excel: Save As > CSV UTF-8; an editor: encoding UTF-8; iconv -f UTF-16 -t UTF-8)"
+
+
+def _wide_encoding(head: bytes) -> str | None:
+    """UTF-16 or UTF-32 without a BOM, told by where the NULs fall: ASCII text in them has a
+    NUL beside (or three around) every character."""
+    n = len(head) - len(head) % 4
+    if n < 8:
+        return None
+    share = [head[i:n:4].count(0) / (n // 4) for i in range(4)]
+    high = [s > 0.7 for s in share]
+    low = [s < 0.1 for s in share]
+    if high[1] and high[2] and high[3] and low[0]:
+        return "UTF-32 (little-endian)"
+    if high[0] and high[1] and high[2] and low[3]:
+        return "UTF-32 (big-endian)"
+    if high[1] and high[3] and low[0] and low[2]:
+        return "UTF-16 (little-endian)"
+    if high[0] and high[2] and low[1] and low[3]:
+        return "UTF-16 (big-endian)"
+    return None
+
+
+def check_text_encoding(path: Path) -> None:
+    """UserError when a text data file is not UTF-8 text as a whole: UTF-16/32, compressed, binary.
+
+    A NUL or a bad byte on a line of an otherwise UTF-8 file is not this: that line gets its
+    own problem from `iter_text_lines`.
+    """
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    encoding = next((name for bom, name in _BOMS if head.startswith(bom)), None) or _wide_encoding(head)
+    if encoding:
+        raise UserError(f"{path} is {encoding} text, not UTF-8", REENCODE_FIX)
+    for magic, what, fix in _MAGIC:
+        if head.startswith(magic):
+            raise UserError(f"{path} is {what}, not a text data file", fix)
+    text = head.decode("utf-8", "replace")
+    junk = sum(1 for ch in text if ch == "\ufffd" or ch == "\x7f" or (ch < " " and ch not in "\t\n\r\f"))
+    if junk > 0.1 * max(len(text), 1):
+        raise UserError(
+            f"{path} looks like a binary file ({junk} of its first {len(text)} characters are not text)",
+            "pass a UTF-8 JSONL, JSON, CSV or TSV file, or a Parquet file named *.parquet",
+        )
 
 
 def _read_text_strict(path: Path) -> str:
@@ -86,7 +155,7 @@ def _read_text_strict(path: Path) -> str:
     lines = []
     for number, text, problem in iter_text_lines(path):
         if problem is not None:
-            raise UserError(f"{path}: line {number}: {problem.message}", FIXES["invalid_utf8"])
+            raise UserError(f"{path}: line {number}: {problem.message}", problem.fix)
         lines.append(text)
     return "\n".join(lines)
 
@@ -121,6 +190,22 @@ def _first_char(path: Path) -> str:
     return text[:1]
 
 
+def _refuse_pretty_printed_records(path: Path, text: str) -> None:
+    """UserError when the file is several JSON objects each spread over lines (`json.dump(indent=2)`
+    in a loop): one error for the file, not one per line of it."""
+    try:
+        first, end = json.JSONDecoder().raw_decode(text, len(text) - len(text.lstrip()))
+    except (ValueError, RecursionError):
+        return
+    rest = text[end:].lstrip()
+    if isinstance(first, dict) and "\n" in text[:end].strip() and rest.startswith("{"):
+        last = text.count("\n", 0, end) + 1
+        raise UserError(
+            f"{path}: the records are JSON objects spread over several lines (the first one runs to line {last}), not one per line",
+            "write one object per line, e.g. jq -c . FILE > FILE.jsonl",
+        )
+
+
 def detect_format(path: Path, columns_given: bool = False) -> tuple[str, str]:
     """(record format, container) of a file or folder; UserError when it cannot tell.
 
@@ -136,16 +221,15 @@ def detect_format(path: Path, columns_given: bool = False) -> tuple[str, str]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return "parquet", "table"
+    check_text_encoding(path)
     if suffix == ".csv":
         return "csv", "table"
     if suffix in (".tsv", ".tab"):
         return "tsv", "table"
     with open(path, "rb") as f:
         head = f.read(8192)
-    if not head.strip():
+    if not head.removeprefix(b"\xef\xbb\xbf").strip():
         raise UserError(f"{path} is empty", "add examples, one JSON object per line")
-    if b"\x00" in head:
-        raise UserError(f"{path} looks like a binary file (it holds NUL bytes)", "pass a JSONL, JSON, CSV, TSV or Parquet file")
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head.removeprefix(b"\xef\xbb\xbf"), final=False)
         text_head = True
@@ -162,7 +246,7 @@ def detect_format(path: Path, columns_given: bool = False) -> tuple[str, str]:
             continue
         try:
             record = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(record, dict):
             fmt = _format_from_keys(record)
@@ -178,9 +262,10 @@ def detect_format(path: Path, columns_given: bool = False) -> tuple[str, str]:
     if first == "{":
         # Not one object per line: maybe one JSON document spread over lines.
         text = _read_text_strict(path)
+        _refuse_pretty_printed_records(path, text)
         try:
             document = json.loads(text)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             if json_suffix:
                 return "openai", "lines"  # let the per-line report show what is wrong
             raise UserError(f"{path}: not valid JSON ({e})", FIXES["invalid_json"]) from None
@@ -214,7 +299,8 @@ def detect_format(path: Path, columns_given: bool = False) -> tuple[str, str]:
 def _iter_json_array(path: Path) -> Iterator[tuple[int, Any, Problem | None]]:
     """Elements of a top-level JSON array with the line each starts on."""
     text = _read_text_strict(path)
-    decoder = json.JSONDecoder()
+    reader = _JsonReader()
+    decoder = reader.decoder
     start = text.index("[") + 1
     pos, n = start, len(text)
 
@@ -243,18 +329,56 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any, Problem | None]]:
         counted_to = pos
         try:
             value, end = decoder.raw_decode(text, pos)
+        except RecursionError:
+            yield line, None, Problem("invalid_json", "invalid JSON (nested too deeply)", line)
+            return
         except ValueError as e:
             yield line_of(getattr(e, "pos", pos)), None, Problem(
                 "invalid_json", f"invalid JSON ({getattr(e, 'msg', e)})", line_of(getattr(e, "pos", pos))
             )
             return
-        yield line, value, None
+        bad = reader.problem(text[pos:end], value, line)
+        yield line, (None if bad else value), bad
         pos = end
         expect_value = False
     yield line_of(n), None, Problem("invalid_json", "the JSON array is not closed with ']'", line_of(n))
 
 
+class _JsonReader:
+    """JSON decoding that notes duplicate keys and lone surrogates, which `json` lets through:
+    a duplicate silently keeps its last value, a lone surrogate fails later, when written."""
+
+    def __init__(self) -> None:
+        self.duplicates: list[str] = []
+        # One decoder for the file: json.loads(..., object_pairs_hook=) would build one per line.
+        self.decoder = json.JSONDecoder(object_pairs_hook=self._pairs)
+
+    def _pairs(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        record = dict(pairs)
+        if len(record) != len(pairs):
+            seen: set[str] = set()
+            self.duplicates.extend(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        return record
+
+    def problem(self, text: str, value: Any, line: int) -> Problem | None:
+        """The duplicate-key or lone-surrogate problem of a decoded value, if any."""
+        if self.duplicates:
+            keys = sorted(set(self.duplicates))
+            self.duplicates.clear()
+            return Problem("duplicate_key", f"key {keys[0]!r} appears twice in one object", line)
+        if _SURROGATE_ESCAPE.search(text):
+            try:
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as e:
+                return Problem("lone_surrogate", f"a lone UTF-16 surrogate escape (\\u{ord(e.object[e.start]):04x}) without its pair", line)
+        return None
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _iter_json_lines(path: Path) -> Iterator[tuple[int, Any, Problem | None]]:
+    reader = _JsonReader()
     for number, text, problem in iter_text_lines(path):
         if problem is not None:
             yield number, None, problem
@@ -262,14 +386,22 @@ def _iter_json_lines(path: Path) -> Iterator[tuple[int, Any, Problem | None]]:
         if not text.strip():
             continue
         try:
-            yield number, json.loads(text), None
+            value = reader.decoder.decode(text)
         except RecursionError:
             yield number, None, Problem("invalid_json", "invalid JSON (nested too deeply)", number)
+            continue
         except ValueError as e:
-            msg = getattr(e, "msg", str(e))
+            # json's own messages end in " at" ("Invalid control character at"): the column follows.
+            msg = getattr(e, "msg", str(e)).removesuffix(" at")
             col = getattr(e, "colno", None)
             where = f" at column {col}" if col else ""
+            if "\r" in text:
+                where += "; the file's lines end with a bare CR (old Mac style): convert them to LF"
+            reader.duplicates.clear()
             yield number, None, Problem("invalid_json", f"invalid JSON ({msg}{where})", number)
+            continue
+        bad = reader.problem(text, value, number)
+        yield number, (None if bad else value), bad
 
 
 def _iter_delimited(path: Path, delimiter: str) -> tuple[list[str], Iterator[tuple[int, dict | None, Problem | None]]]:
@@ -314,7 +446,11 @@ def _iter_delimited(path: Path, delimiter: str) -> tuple[list[str], Iterator[tup
             if not fields or all(not f.strip() for f in fields):
                 continue
             if len(fields) != len(header):
-                yield line, None, Problem("bad_row", f"the row has {len(fields)} fields, the header {len(header)}", line)
+                if start - line > 1 and any("\n" in f for f in fields):
+                    # An unclosed quote swallows every line after it into one field.
+                    yield line, None, Problem("bad_row", f"a quote opened on this line is not closed: the row runs to line {start - 1}", line)
+                else:
+                    yield line, None, Problem("bad_row", f"the row has {len(fields)} fields, the header {len(header)}", line)
                 continue
             yield line, dict(zip(header, fields)), None
 
@@ -415,9 +551,12 @@ def open_source(
         format, container = detect_format(path, columns_given=bool(input_col and output_col))
     elif format in TABLE_FORMATS:
         container = "table"
+        if format in ("csv", "tsv") and path.is_file():
+            check_text_encoding(path)
     elif path.is_dir():
         raise UserError(f"{path} is a folder", "pass a file, or --format hf_disk for a save_to_disk folder")
     else:
+        check_text_encoding(path)
         container = "array" if _first_char(path) == "[" else "lines"
 
     if container == "table":
@@ -439,8 +578,10 @@ def open_source(
         # Peek the first object of the array for its keys, then parse every element in that format.
         first = next((value for _, value, p in _iter_json_array(path) if p is None and isinstance(value, dict)), None)
         format = _format_from_keys(first or {}) or ("columns" if (input_col and output_col) else "")
+        if not format and first is None:
+            raise UserError(f"{path}: the JSON array holds no readable object", "make it an array of example objects, or JSONL")
         if not format:
-            keys = sorted(first)[:8] if isinstance(first, dict) else []
+            keys = sorted(first)[:8]
             raise UserError(
                 f"{path}: the array's objects have keys {keys}, which match no known format",
                 "use instruction/output (alpaca), messages, conversations or prompt/completion; "
@@ -489,10 +630,17 @@ def conversation_line(conv: Conversation) -> str:
     return json.dumps(conv.to_openai(), ensure_ascii=False)
 
 
-def write_conversations(path: str | Path, conversations: Iterable[Conversation]) -> int:
-    """Write canonical OpenAI chat JSONL atomically; returns the number of lines written."""
+def write_conversations(
+    path: str | Path, conversations: Iterable[Conversation], *, inputs: Iterable[Path | None] | None = None, force: bool = False
+) -> int:
+    """Write canonical OpenAI chat JSONL atomically; returns the number of lines written.
+
+    With `inputs` the path is one the user named: it is guarded (`artifacts.guard_output`) and
+    recorded as tunesmith's; without, it is a run-folder artifact tunesmith owns.
+    """
     count = 0
-    with atomic_path(Path(path)) as tmp:
+    writing = atomic_path(Path(path)) if inputs is None else atomic_output(Path(path), list(inputs), force)
+    with writing as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for conv in conversations:
                 f.write(conversation_line(conv) + "\n")
@@ -507,10 +655,12 @@ def convert(
     input_col: str | None = None,
     output_col: str | None = None,
     system_prompt: str | None = None,
+    force: bool = False,
 ) -> int:
     """`tunesmith data convert`: any supported format -> canonical chat JSONL. Returns the count."""
+    guard_output(Path(dst), [Path(src)], force)  # before reading: a refusal should not wait for it
     conversations = read_conversations(src, format, input_col, output_col, system_prompt)
-    return write_conversations(dst, conversations)
+    return write_conversations(dst, conversations, inputs=[Path(src)], force=force)
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,15 +742,18 @@ def split_file(
     input_col: str | None = None,
     output_col: str | None = None,
     system_prompt: str | None = None,
+    force: bool = False,
 ) -> tuple[Path, Path, int, int]:
     """`tunesmith data split`: write OUT/train.jsonl and OUT/eval.jsonl; returns paths and counts."""
     from tunesmith.artifacts import EVAL_SPLIT_FILE, TRAIN_SPLIT_FILE
 
-    conversations = read_conversations(path, format, input_col, output_col, system_prompt)
-    train, held_out = split_conversations(conversations, eval_fraction, seed)
     out_dir = Path(out_dir)
     train_path = out_dir / Path(TRAIN_SPLIT_FILE).name
     eval_path = out_dir / Path(EVAL_SPLIT_FILE).name
-    write_conversations(train_path, train)
-    write_conversations(eval_path, held_out)
+    for out in (train_path, eval_path):
+        guard_output(out, [Path(path)], force)
+    conversations = read_conversations(path, format, input_col, output_col, system_prompt)
+    train, held_out = split_conversations(conversations, eval_fraction, seed)
+    write_conversations(train_path, train, inputs=[Path(path)], force=force)
+    write_conversations(eval_path, held_out, inputs=[Path(path)], force=force)
     return train_path, eval_path, len(train), len(held_out)

@@ -28,6 +28,8 @@ from tunesmith.artifacts import (
     EXPORT_DIR,
     FULL_MODEL_DIR,
     atomic_path,
+    guard_output,
+    record_output,
     read_manifest,
     update_manifest,
 )
@@ -440,11 +442,16 @@ def export_ollama(run: RunModel, out_dir: Path, gguf_type: str) -> dict[str, Any
 # The stage
 
 
-def run(run_dir: Path, fmt: str, *, gguf_types: list[str] | None = None, allow_base_mismatch: bool = False) -> dict[str, Any]:
-    """Export a run's trained model in one format into RUN/export/<format>/, then parity-check it."""
+def run(run_dir: Path, fmt: str, *, gguf_types: list[str] | None = None, allow_base_mismatch: bool = False, force: bool = False) -> dict[str, Any]:
+    """Export a run's trained model in one format into RUN/export/<format>/, then parity-check it.
+
+    An existing RUN/export/<format>/ is replaced only when tunesmith wrote it and nobody changed
+    it since (`artifacts.guard_output`), or with `force`: a user's file in it is never lost silently.
+    """
     run_dir = Path(run_dir)
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
+    guard_output(run_dir / EXPORT_DIR / fmt, force=force)
     trained = load_run_model(run_dir, allow_base_mismatch=allow_base_mismatch)
     gguf_types = gguf_types or list(trained.cfg.export.gguf_types)
     for t in gguf_types:
@@ -459,6 +466,7 @@ def run(run_dir: Path, fmt: str, *, gguf_types: list[str] | None = None, allow_b
         report = export_gguf(trained, out_dir, gguf_types)
     else:
         report = export_ollama(trained, out_dir, gguf_types[0])
+    record_output(out_dir)
     if "base_mismatch_warning" in trained.manifest:
         report["warning"] = trained.manifest["base_mismatch_warning"]
     report["format"] = fmt

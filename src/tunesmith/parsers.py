@@ -41,6 +41,12 @@ SHAREGPT_ROLES = {
 FIXES: dict[str, str] = {
     "invalid_utf8": "save the file as UTF-8 (a BOM is fine); CESU-8 surrogate pairs convert with "
     "raw.decode('utf-8', 'surrogatepass').encode('utf-16', 'surrogatepass').decode('utf-16')",
+    "nul_byte": "remove the NUL bytes: they are not text (left by a crash, or a binary paste); a UTF-16 file must be re-saved as UTF-8",
+    "duplicate_key": "keep the key once: JSON readers silently keep only its last value",
+    "lone_surrogate": "write the character itself, or both halves of its \\ud83d\\ude00-style escape pair",
+    "unsupported_content_part": "keep only {\"type\": \"text\", \"text\": ...} parts: tunesmith trains text models "
+    "(describe the image or audio in text, or drop the example)",
+    "bad_content_part": "write each content part as {\"type\": \"text\", \"text\": \"...\"}",
     "invalid_json": "make the line one complete JSON object (one example per line, no trailing commas)",
     "not_object": "each line must be a JSON object such as {\"messages\": [...]}",
     "missing_messages": "add a \"messages\" list of {\"role\", \"content\"} turns",
@@ -52,7 +58,8 @@ FIXES: dict[str, str] = {
     "missing_role": "add \"role\": one of system, user, assistant, tool",
     "unknown_role": "use one of the roles system, user, assistant, tool",
     "missing_content": "add a \"content\" string to the message",
-    "non_string_content": "make \"content\" a plain string",
+    "non_string_content": "make \"content\" a string, or a list of {\"type\": \"text\", \"text\": ...} parts",
+    "bad_tool_calls": "make \"tool_calls\" a list of {\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\"}}",
     "bad_name": "\"name\" must be a string",
     "bad_weight": "set \"weight\" to 0 (do not train on this turn) or 1 (train on it)",
     "weight_not_assistant": "remove \"weight\": only assistant turns can have one",
@@ -139,6 +146,23 @@ def _with_system(conv: Conversation, system_prompt: str | None) -> Conversation:
     return conv
 
 
+def content_part_problems(parts: list, i: int, role: Any, line: int) -> list[Problem]:
+    """OpenAI content parts: text parts are read (joined, see `schema.content_text`); any
+    other part (image_url, input_audio, file, refusal) is named, since a text model cannot train on it."""
+    if not parts:
+        return [Problem("missing_content", f"message {i} ({role}) has an empty list of content parts", line)]
+    problems = []
+    for j, part in enumerate(parts, 1):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(part, dict) or not isinstance(kind, str):
+            problems.append(Problem("bad_content_part", f"message {i} ({role}) content part {j} is not a {{\"type\": ...}} object", line))
+        elif kind != "text":
+            problems.append(Problem("unsupported_content_part", f"message {i} ({role}) content part {j} has type {kind!r}: only text parts can be trained", line))
+        elif not isinstance(part.get("text"), str):
+            problems.append(Problem("bad_content_part", f"message {i} ({role}) content part {j} is a text part without a \"text\" string", line))
+    return problems
+
+
 def parse_openai(record: Any, line: int) -> tuple[Conversation | None, list[Problem]]:
     """Validate one OpenAI chat record field by field (every check of OpenAI's notebook)."""
     if not isinstance(record, dict):
@@ -173,9 +197,13 @@ def parse_openai(record: Any, line: int) -> tuple[Conversation | None, list[Prob
         if "content" not in m or m["content"] is None:
             if not (role == "assistant" and has_call):
                 problems.append(Problem("missing_content", f"message {i} ({role}) has no content", line))
+        elif isinstance(m["content"], list):
+            problems.extend(content_part_problems(m["content"], i, role, line))
         elif not isinstance(m["content"], str):
             kind = type(m["content"]).__name__
             problems.append(Problem("non_string_content", f"message {i} ({role}) has {kind} content, not a string", line))
+        if "tool_calls" in m and m["tool_calls"] is not None and not isinstance(m["tool_calls"], list):
+            problems.append(Problem("bad_tool_calls", f"message {i} has tool_calls that are not a list", line))
         if "name" in m and not isinstance(m["name"], str):
             problems.append(Problem("bad_name", f"message {i} has a non-string name", line))
         if "weight" in m:

@@ -12,6 +12,16 @@ from typing import Any
 ROLES = ("system", "user", "assistant", "tool")
 
 
+def content_text(content: Any) -> str:
+    """A message's content as text: a string as is, OpenAI text parts joined as they are written
+    (no separator, as chat templates render a list of text parts); None is empty."""
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content)
+    return content
+
+
 @dataclass
 class Message:
     """One turn. `weight` only matters on assistant turns: 0 means "context, do not train"."""
@@ -77,7 +87,7 @@ class Conversation:
             messages.append(
                 Message(
                     role=raw["role"],
-                    content=raw.get("content") or "",
+                    content=content_text(raw.get("content")),
                     weight=int(raw.get("weight", 1)),
                     name=raw.get("name"),
                     extra=extra,
