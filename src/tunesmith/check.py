@@ -570,7 +570,7 @@ def check_file(
 
             dropped = np.minimum(total[over] - max_length, answer[over])
             # What training does with data.truncate: cut the prompt before the answer when the
-            # prompt is long enough for it (formatting.truncate_example), else cut the end.
+            # prompt is long enough for it (formatting.truncate_example), else refuse the row.
             answer_kept = (prompt[over] - PROMPT_TAIL_KEPT - 1) >= (total[over] - max_length)
             token_stats.update(
                 max_length=max_length,
@@ -585,7 +585,7 @@ def check_file(
                 how = (
                     "; data.truncate cuts the prompt instead and keeps the answer"
                     if kept
-                    else "; the prompt is too short to cut instead, so data.truncate loses them"
+                    else "; the prompt is too short to cut instead, so data.truncate refuses this row (final_answer_too_long)"
                 )
                 findings.add(
                     "over_max_length", "warning",
