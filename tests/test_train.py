@@ -357,3 +357,56 @@ def test_serving_lint_warns_before_training(tiny_model_dir, tmp_path):
     text = out.getvalue()
     assert "serving lint" in text and "--max-lora-rank 32" in text
     assert text.index("serving lint") < text.index("training lora")
+
+
+@pytest.mark.parametrize("max_length", [290, 310])
+def test_packing_trains_every_example_once_per_epoch(tiny_model_dir, tmp_path, monkeypatch, max_length):
+    """First-fit packing after each epoch's reshuffle gives a different number of rows per
+    epoch (at 290 tokens: 15, 16, 15 rows; at 310: 13, 13, 12); each epoch is planned from its
+    own rows, so none is skipped and no step is empty."""
+    from tunesmith.formatting import packed_batches
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, max_steps=None, epochs=3, packing=True, batch_size=1)
+    cfg.data.max_length = max_length
+    fed: list[int] = []
+    real_collate = train.collate
+
+    def spy(examples, batch, pad_id):
+        if len(examples) == 32:  # the training split (eval has 8)
+            fed.extend(i for row in batch for i in row)
+        return real_collate(examples, batch, pad_id)
+
+    monkeypatch.setattr(train, "collate", spy)
+    summary = train.run(cfg)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples = tokenize_dataset(tokenizer, read_conversations(tmp_path / "train.jsonl", format="openai"), max_length=max_length)[0]
+    lengths = [len(e) for e in examples]
+    rows_per_epoch = [len(packed_batches(lengths, 1, max_length, seed=0, epoch=e)) for e in range(3)]
+    assert len(set(rows_per_epoch)) > 1  # the case this test is about
+    assert summary["total_steps"] == summary["steps"] == sum(rows_per_epoch)
+    assert len(fed) == 3 * 32
+    for epoch in range(3):
+        assert sorted(fed[epoch * 32 : (epoch + 1) * 32]) == list(range(32))
+    assert summary["trained_tokens"] == 3 * sum(e.trained_tokens for e in examples)
+
+
+def test_ddp_with_a_short_batch_matches_one_process(tiny_model_dir, tmp_path, cli):
+    """33 examples, global batch 8 over 2 DDP ranks: the batch of 1 comes first (only the last batch was padded), where one
+    rank has no row. That rank runs an untrained row (zero loss, zero gradients), so every step
+    equals the single process's with batch 8."""
+    write_data(tmp_path, train_count=33)
+    keys = dict(max_steps=None, epochs=1, learning_rate=1e-2)
+    train.run(load_config(write_config(tmp_path, tiny_model_dir, "one", batch_size=8, **keys)))
+    two_cfg = write_config(tmp_path, tiny_model_dir, "two", batch_size=4, parallel="ddp", **keys)
+    result = cli("train", str(two_cfg), "--nproc", "2", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    from tunesmith.formatting import length_grouped_batches
+
+    # Where the short batch lands depends only on the seed and the count, not on the lengths.
+    sizes = [len(b) for b in length_grouped_batches([1] * 33, 8, seed=0, epoch=0)]
+    assert sorted(sizes) == [1, 8, 8, 8, 8] and sizes[-1] == 8  # not last: the case this test is about
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert len(one) == len(two) == 5
+    assert two == pytest.approx(one, rel=1e-5)
+    manifest = json.loads((tmp_path / "two" / artifacts.MANIFEST_FILE).read_text())["train"]
+    assert manifest["trained_tokens"] == json.loads((tmp_path / "one" / artifacts.MANIFEST_FILE).read_text())["train"]["trained_tokens"]

@@ -121,42 +121,51 @@ class DataPlan:
 
     A step is `grad_accum` micro-batches; a micro-batch is `batch_size * world` rows, of which
     each rank takes its contiguous share. So 2 processes with batch 2 see exactly the batches
-    of 1 process with batch 4.
+    of 1 process with batch 4. Every epoch is planned from its own batches, and all of them up
+    front: packing after a reshuffle gives each epoch a different number of rows, and the LR
+    schedule needs the total number of steps before the first one.
     """
 
     def __init__(self, examples: list[Example], cfg: RunConfig, world: int, rank: int):
         self.examples, self.cfg, self.world, self.rank = examples, cfg, world, rank
         self.global_batch = cfg.train.batch_size * world
         self.lengths = [len(e) for e in examples]
-        self._epoch_cache: dict[int, list[list[list[int]]]] = {}
-        micro = len(self.epoch_batches(0))
-        self.steps_per_epoch = math.ceil(micro / cfg.train.grad_accum)
-        t = cfg.train
-        self.total_steps = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        self.steps, self.step_epochs = self._plan_steps()
+        self.total_steps = len(self.steps)
 
     def epoch_batches(self, epoch: int) -> list[list[list[int]]]:
-        if epoch not in self._epoch_cache:
-            t = self.cfg.train
-            if t.packing:
-                batches = packed_batches(self.lengths, self.global_batch, self.cfg.data.max_length, seed=t.seed, epoch=epoch)
-            else:
-                batches = length_grouped_batches(self.lengths, self.global_batch, seed=t.seed, epoch=epoch)
-            if self.world > 1:
-                # Every rank needs rows: the last batch borrows from the first (as DistributedSampler does).
-                flat = [row for batch in batches for row in batch]
-                last = batches[-1]
-                while len(last) < self.global_batch:
-                    last.append(flat[len(last) % len(flat)])
-            self._epoch_cache = {epoch: batches}
-        return self._epoch_cache[epoch]
+        """The global micro-batches of one epoch, in order."""
+        t = self.cfg.train
+        if t.packing:
+            return packed_batches(self.lengths, self.global_batch, self.cfg.data.max_length, seed=t.seed, epoch=epoch)
+        return length_grouped_batches(self.lengths, self.global_batch, seed=t.seed, epoch=epoch)
+
+    def _plan_steps(self) -> tuple[list[list[list[list[int]]]], list[int]]:
+        """(the micro-batches of every step, the epoch of every step): whole epochs until
+        `epochs` (the last one partly, when fractional) or `max_steps` is reached."""
+        t = self.cfg.train
+        ga = t.grad_accum
+        steps: list[list[list[list[int]]]] = []
+        epochs: list[int] = []
+        epoch = 0
+        while (len(steps) < t.max_steps) if t.max_steps is not None else (epoch < t.epochs):
+            batches = self.epoch_batches(epoch)
+            epoch_steps = [batches[b : b + ga] for b in range(0, len(batches), ga)]
+            if t.max_steps is None and t.epochs - epoch < 1:
+                epoch_steps = epoch_steps[: max(1, math.ceil((t.epochs - epoch) * len(epoch_steps)))]
+            steps += epoch_steps
+            epochs += [epoch] * len(epoch_steps)
+            epoch += 1
+        if t.max_steps is not None:
+            steps, epochs = steps[: t.max_steps], epochs[: t.max_steps]
+        return steps, epochs
 
     def step(self, step: int) -> list[list[list[int]]]:
         """The global micro-batches of optimizer step `step` (0-based)."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        ga = self.cfg.train.grad_accum
-        return self.epoch_batches(epoch)[within * ga : (within + 1) * ga]
+        return self.steps[step]
 
     def shard(self, global_batch: list[list[int]]) -> list[list[int]]:
+        """This rank's rows of a global micro-batch; empty when a short batch has none left for it."""
         per_rank = math.ceil(len(global_batch) / self.world)
         return global_batch[self.rank * per_rank : (self.rank + 1) * per_rank]
 
@@ -165,6 +174,24 @@ class DataPlan:
 
     def tokens(self, global_batches: list[list[list[int]]]) -> int:
         return sum(len(self.examples[i]) for batch in global_batches for row in batch for i in row)
+
+
+def shard_tensors(plan: DataPlan, examples: list[Example], global_batch: list[list[int]], pad_id: int) -> dict[str, Any]:
+    """This rank's tensors of a global micro-batch.
+
+    A rank whose share of a short batch is empty still runs a forward and backward (DDP and
+    FSDP reduce gradients in collectives every rank joins), on a row with no trained token:
+    its loss and gradients are exactly zero, so the step's maths is that of one process.
+    Borrowing rows instead would train some examples twice.
+    """
+    rows = plan.shard(global_batch)
+    if rows:
+        tensors = collate(examples, rows, pad_id)
+        tensors["fed_tokens"] = sum(len(examples[i]) for row in rows for i in row)
+        return tensors
+    tensors = collate(examples, global_batch[:1], pad_id)
+    tensors["labels"].fill_(IGNORE_INDEX)
+    return {**tensors, "trained_tokens": 0, "fed_tokens": 0, "fed_tokens_shared": 0}
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -568,7 +595,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
             step_trained = plan.trained_tokens(global_batches)
             loss_sum, fed_tokens = 0.0, 0
             for m, global_batch in enumerate(global_batches):
-                tensors = collate(train_examples, plan.shard(global_batch), pad_id)
+                tensors = shard_tensors(plan, train_examples, global_batch, pad_id)
                 sync = m == len(global_batches) - 1 or world == 1
                 with gradient_sync(train_module, sync, fsdp), autocast(device, bf16):
                     loss = train_module(
@@ -580,7 +607,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
                 # DDP and FSDP average gradients over ranks; scaling by world makes it the global token mean.
                 (loss * world / step_trained).backward()
                 loss_sum += float(loss.detach())
-                fed_tokens += tensors["fed_tokens_shared"] if shared_prefix else sum(len(train_examples[i]) for row in plan.shard(global_batch) for i in row)
+                fed_tokens += tensors["fed_tokens_shared"] if shared_prefix else tensors["fed_tokens"]
             grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm else float("inf")))
             optimizer.step()
             scheduler.step()
