@@ -410,3 +410,59 @@ def test_ddp_with_a_short_batch_matches_one_process(tiny_model_dir, tmp_path, cl
     assert two == pytest.approx(one, rel=1e-5)
     manifest = json.loads((tmp_path / "two" / artifacts.MANIFEST_FILE).read_text())["train"]
     assert manifest["trained_tokens"] == json.loads((tmp_path / "one" / artifacts.MANIFEST_FILE).read_text())["train"]["trained_tokens"]
+
+
+def tiny_transformed_lm(kind: str, vocab_size: int = 512):
+    """A 2-layer random model whose forward transforms its logits (offline, no download)."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    if kind == "granite":
+        return GraniteForCausalLM(GraniteConfig(**common, logits_scaling=4.0))
+    if kind == "cohere":
+        return CohereForCausalLM(CohereConfig(**common, logit_scale=0.25))
+    # A cap this low bends the tiny logits (about 0.02) of a random model; real Gemma 2 caps at 30.
+    return Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, final_logit_softcapping=0.01))
+
+
+@pytest.mark.parametrize("kind", ["granite", "cohere", "gemma2"])
+def test_loss_applies_the_models_own_logit_transform(kind):
+    """Our loss (head on trained positions only) equals `model(..., labels=...).loss` for models
+    that scale or soft-cap their logits; without the transform it would not (checked too)."""
+    model = tiny_transformed_lm(kind).eval()
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 512, (2, 24), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :10] = train.IGNORE_INDEX  # a prompt
+    position_ids = torch.arange(24).expand(2, 24)
+    with torch.no_grad():
+        ours = train.loss_at_trained_positions(model, input_ids, labels, position_ids) / int((labels[:, 1:] != train.IGNORE_INDEX).sum())
+        theirs = model(input_ids=input_ids, position_ids=position_ids, labels=labels).loss
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+        hidden = model.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+        raw = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1]).flatten(0, 1), labels[:, 1:].flatten())
+        assert abs(raw.item() - theirs.item()) > 1e-3  # the transform matters here
+
+
+def save_tiny_granite(folder: Path, tiny_model_dir: Path) -> Path:
+    """A tiny Granite (logits_scaling 4) with the tiny model's tokenizer, as an HF folder."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_transformed_lm("granite", vocab_size=len(tokenizer))
+    model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_start_up_refuses_a_loss_that_differs_from_the_models(tiny_model_dir, tmp_path, monkeypatch):
+    granite = save_tiny_granite(tmp_path / "granite", tiny_model_dir)
+    summary = train.run(make_cfg(tmp_path, granite, "ok", max_steps=2))
+    assert summary["steps"] == 2
+    # A loss that skipped the transform (as before this check) is refused before step 1.
+    monkeypatch.setattr(train, "model_logits", lambda lm, logits: logits)
+    with pytest.raises(RuntimeError, match="differs from the model's own loss.*granite"):
+        train.run(make_cfg(tmp_path, granite, "skipped", max_steps=2))
+    assert not (tmp_path / "skipped" / artifacts.METRICS_FILE).exists()

@@ -323,8 +323,54 @@ def loss_at_trained_positions(model, input_ids, labels, position_ids, shared_pre
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][trained]).float()
+    logits = model_logits(lm, head(hidden[:, :-1][trained]).float())
     return F.cross_entropy(logits, targets[trained], reduction="sum")
+
+
+def model_logits(lm, logits):
+    """The head's output through the model's own logit transforms, as its forward applies them.
+
+    Granite divides by `logits_scaling`, Cohere multiplies by `logit_scale`, Gemma 2 and later
+    soft-cap with `final_logit_softcapping`: without them training would optimise another
+    objective than the one inference samples from. A transform not listed here is caught at
+    start-up by `check_loss_matches_model`.
+    """
+    import torch
+
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None and scaling != 1:
+        logits = logits / scaling
+    scale = getattr(lm, "logit_scale", getattr(config, "logit_scale", None))
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def check_loss_matches_model(model, examples: list[Example], pad_id: int, device, bf16: bool) -> None:
+    """Refuse to train when our loss on one example differs from the model's own
+    `model(..., labels=...).loss`: the loss skips the full logits for speed, so it must prove
+    it computes the model's objective (an unknown logit transform would make it differ)."""
+    import torch
+
+    tensors = collate(examples, [[0]], pad_id)
+    input_ids, labels, position_ids = (tensors[k].to(device) for k in ("input_ids", "labels", "position_ids"))
+    was_training = model.training
+    model.eval()  # no dropout: the two forwards must see the same network
+    with torch.no_grad(), autocast(device, bf16):
+        ours = float(loss_at_trained_positions(model, input_ids, labels, position_ids)) / tensors["trained_tokens"]
+        theirs = float(model(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False).loss)
+    model.train(was_training)
+    tolerance = 2e-2 if bf16 else 1e-4
+    if not abs(ours - theirs) <= tolerance * max(abs(theirs), 1e-6):
+        model_type = causal_lm(model).config.model_type
+        raise RuntimeError(
+            f"the training loss ({ours:.6f}) differs from the model's own loss ({theirs:.6f}) on the first example: "
+            f"{model_type} transforms its logits in a way train.model_logits does not apply; refusing to train another objective"
+        )
 
 
 def make_loss_module(model):
@@ -481,6 +527,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
     torch.manual_seed(t.seed)
     bf16 = use_bf16(t.precision, device)
     model, loaded = load_for_training(cfg, device, bf16, fsdp=fsdp)
+    # Before any wrapping: FSDP's root unit gathers weights only through the loss module.
+    check_loss_matches_model(model, train_examples, pad_id, device, bf16)
     torch.manual_seed(t.seed + rank)  # dropout differs per rank, as with a larger batch
     trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
