@@ -466,3 +466,27 @@ def test_start_up_refuses_a_loss_that_differs_from_the_models(tiny_model_dir, tm
     with pytest.raises(RuntimeError, match="differs from the model's own loss.*granite"):
         train.run(make_cfg(tmp_path, granite, "skipped", max_steps=2))
     assert not (tmp_path / "skipped" / artifacts.METRICS_FILE).exists()
+
+
+def test_resume_refuses_changed_plan_or_schedule_settings(tiny_model_dir, tmp_path, capsys):
+    from tunesmith.cli import main
+    from tunesmith.errors import UserError
+
+    path = write_config(tmp_path, tiny_model_dir, max_steps=4, save_every=2, batch_size=4)
+    write_data(tmp_path)
+    train.run(load_config(path))
+    for checkpoint in list_checkpoints(tmp_path / "run" / artifacts.CHECKPOINTS_DIR)[1:]:
+        shutil.rmtree(checkpoint)  # stand in for a crash after step 2
+    changed = load_config(path, ["train.batch_size=2", "train.max_steps=8", "data.max_length=300", "train.lr_schedule=linear"])
+    with pytest.raises(UserError) as err:
+        train.run(changed, resume=True)
+    for key in ("train.batch_size x processes (4 -> 2)", "train.max_steps (4 -> 8)", "data.max_length (256 -> 300)", "train.lr_schedule ('cosine' -> 'linear')"):
+        assert key in err.value.message
+    assert "train.seed" not in err.value.message and "step-2" in err.value.message
+    # Through the CLI: one line, exit code 2.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(path), "--resume", "--set", "train.seed=1"])
+    assert exit_info.value.code == 2
+    assert "train.seed (0 -> 1)" in capsys.readouterr().err
+    # Unchanged settings resume.
+    assert train.run(load_config(path), resume=True)["steps"] == 4

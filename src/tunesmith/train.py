@@ -27,6 +27,7 @@ from tunesmith.checkpoints import (
     full_tensor,
     list_checkpoints,
     load_checkpoint,
+    refuse_changed_settings,
     rng_state,
     save_checkpoint,
     save_optimizer_shards,
@@ -192,6 +193,27 @@ def shard_tensors(plan: DataPlan, examples: list[Example], global_batch: list[li
     tensors = collate(examples, global_batch[:1], pad_id)
     tensors["labels"].fill_(IGNORE_INDEX)
     return {**tensors, "trained_tokens": 0, "fed_tokens": 0, "fed_tokens_shared": 0}
+
+
+def plan_settings(cfg: RunConfig, world: int) -> dict[str, Any]:
+    """The settings that decide the data plan and the LR schedule, by config key: a resumed
+    run must keep them (the global batch, not the process count, decides the plan)."""
+    t, d = cfg.train, cfg.data
+    return {
+        "train.batch_size x processes": t.batch_size * world,
+        "train.grad_accum": t.grad_accum,
+        "train.max_steps": t.max_steps,
+        "train.epochs": t.epochs if t.max_steps is None else None,  # ignored under max_steps
+        "train.seed": t.seed,
+        "train.packing": t.packing,
+        "train.learning_rate": t.learning_rate,
+        "train.lr_schedule": t.lr_schedule,
+        "train.warmup_ratio": t.warmup_ratio,
+        "train.weight_decay": t.weight_decay,
+        "data.max_length": d.max_length,
+        "data.truncate": d.truncate,
+        "data.system_prompt": d.system_prompt,
+    }
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -564,6 +586,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
         state = load_checkpoint(found[-1], model, optimizer, scheduler, rank, fsdp_root=loss_module if fsdp else None)
         if state.get("train_sha256") not in (None, data_info["train_sha256"]):
             raise UserError("the training data changed since the checkpoint was written", "resume with the same data, or start again without --resume")
+        refuse_changed_settings(found[-1], state.get("settings"), plan_settings(cfg, world))
         console.print(f"resuming from {found[-1].name}")
         metrics = read_metrics(metrics_path, up_to_step=state["step"])
     else:
@@ -591,7 +614,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
             save_optimizer_shards(loss_module, optimizer, shards)
             dist.barrier()
         if main_rank:
-            ckpt_state = {**state, "train_sha256": data_info["train_sha256"]}
+            ckpt_state = {**state, "train_sha256": data_info["train_sha256"], "settings": plan_settings(cfg, world)}
             save_checkpoint(ckpt_dir, weights, None if fsdp else optimizer, scheduler, rngs, ckpt_state, t.keep_checkpoints, shards)
         if world > 1:
             dist.barrier()
