@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -490,3 +491,19 @@ def test_resume_refuses_changed_plan_or_schedule_settings(tiny_model_dir, tmp_pa
     assert "train.seed (0 -> 1)" in capsys.readouterr().err
     # Unchanged settings resume.
     assert train.run(load_config(path), resume=True)["steps"] == 4
+
+
+@pytest.mark.parametrize("keys", [{"learning_rate": 1e30}, {"lora": {"alpha": 1e30}}], ids=["lr", "alpha"])
+def test_divergence_stops_at_the_first_non_finite_step_and_writes_no_artifact(tiny_model_dir, tmp_path, keys):
+    from tunesmith.errors import UserError
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, max_steps=20, save_every=1, warmup_ratio=0, **keys)
+    with pytest.raises(UserError, match=r"training diverged at step \d+: loss \S+, gradient norm \S+;") as err:
+        train.run(cfg)
+    assert "nan" in err.value.message or "inf" in err.value.message
+    step = int(err.value.message.split("step ")[1].split(":")[0])
+    assert not (cfg.run_dir / artifacts.ADAPTER_DIR).exists() and not (cfg.run_dir / artifacts.MANIFEST_FILE).exists()
+    # Every step before it was finite and checkpointed; the diverged one was not.
+    losses = step_losses(cfg.run_dir)
+    assert len(losses) == step - 1 and all(math.isfinite(x) for x in losses)
+    assert [c.name for c in list_checkpoints(cfg.run_dir / artifacts.CHECKPOINTS_DIR)][-1:] == ([f"step-{step - 1}"] if step > 1 else [])

@@ -501,6 +501,16 @@ def evaluate_loss(loss_module, examples: list[Example], cfg: RunConfig, pad_id: 
     return total / max(tokens, 1)
 
 
+def refuse_non_finite(step: int, loss: float, grad_norm: float) -> None:
+    """Stop at the first non-finite loss or gradient norm, before the update: every later step
+    and the saved weights would be NaN, and a finished run's artifact must be a usable one."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise UserError(
+            f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; no adapter or model was written",
+            "lower train.learning_rate (or train.lora.alpha), or set train.max_grad_norm; then train again",
+        )
+
+
 def autocast(device, bf16: bool):
     import torch
 
@@ -680,11 +690,13 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
                 loss_sum += float(loss.detach())
                 fed_tokens += tensors["fed_tokens_shared"] if shared_prefix else tensors["fed_tokens"]
             grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm else float("inf")))
+            # Summed over ranks before the update: every rank sees the same values and stops alike.
+            loss_sum, fed_tokens = all_sum([loss_sum, fed_tokens], world, device)
+            refuse_non_finite(step + 1, loss_sum / step_trained, float(grad_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            loss_sum, fed_tokens = all_sum([loss_sum, fed_tokens], world, device)
             elapsed = time.perf_counter() - step_start
             step_tokens = plan.tokens(global_batches)
             state["step"] = step + 1
