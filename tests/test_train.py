@@ -507,3 +507,26 @@ def test_divergence_stops_at_the_first_non_finite_step_and_writes_no_artifact(ti
     losses = step_losses(cfg.run_dir)
     assert len(losses) == step - 1 and all(math.isfinite(x) for x in losses)
     assert [c.name for c in list_checkpoints(cfg.run_dir / artifacts.CHECKPOINTS_DIR)][-1:] == ([f"step-{step - 1}"] if step > 1 else [])
+
+
+def test_training_again_over_a_finished_run_needs_force(tiny_model_dir, tmp_path, capsys):
+    from tunesmith.cli import main
+    from tunesmith.errors import UserError
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, max_steps=2, save_every=1)
+    train.run(cfg)
+    weights = cfg.run_dir / artifacts.ADAPTER_DIR / "adapter_model.safetensors"
+    before = weights.read_bytes()
+    checkpoints = [p.name for p in list_checkpoints(cfg.run_dir / artifacts.CHECKPOINTS_DIR)]
+    with pytest.raises(UserError, match="already holds a trained run") as err:
+        train.run(cfg)
+    assert "--force" in err.value.hint
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(tmp_path / "run.yaml")])
+    assert exit_info.value.code == 2 and "--force" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+    assert [p.name for p in list_checkpoints(cfg.run_dir / artifacts.CHECKPOINTS_DIR)] == checkpoints
+    # --resume finishes nothing new and keeps the adapter; --force trains again from step 0.
+    assert train.run(cfg, resume=True)["steps"] == 2
+    cfg.train.learning_rate = 1e-2
+    assert train.run(cfg, force=True)["steps"] == 2 and weights.read_bytes() != before

@@ -529,13 +529,30 @@ def want_compile(setting: str, device) -> bool:
 # --- the stage ------------------------------------------------------------------------------
 
 
-def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]:
-    """Train per `cfg`; write the adapter or model, metrics, loss plot, checkpoints, manifest."""
+def refuse_replacing_finished_run(cfg: RunConfig, *, resume: bool, force: bool) -> None:
+    """A finished run's adapter or model, and its checkpoints, are replaced only when asked:
+    training again from step 0 deletes them, and they may be what is deployed."""
+    if resume or force:
+        return
+    for relative in (artifacts.ADAPTER_DIR, artifacts.FULL_MODEL_DIR):
+        if (cfg.run_dir / relative).exists():
+            raise UserError(
+                f"{cfg.run_dir} already holds a trained run ({relative})",
+                "pass --force to train again from step 0 (replaces it and its checkpoints), or use another output_dir",
+            )
+
+
+def run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console=None) -> dict[str, Any]:
+    """Train per `cfg`; write the adapter or model, metrics, loss plot, checkpoints, manifest.
+
+    A run folder that already holds a finished run is refused unless `force` or `resume`.
+    """
     import torch
     import torch.distributed as dist
     from rich.console import Console
 
     started = time.time()
+    refuse_replacing_finished_run(cfg, resume=resume, force=force)
     t = cfg.train
     world, rank, local_rank, device = init_distributed()
     main_rank = rank == 0
