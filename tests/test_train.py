@@ -369,16 +369,18 @@ def test_packing_trains_every_example_once_per_epoch(tiny_model_dir, tmp_path, m
 
     cfg = make_cfg(tmp_path, tiny_model_dir, max_steps=None, epochs=3, packing=True, batch_size=1)
     cfg.data.max_length = max_length
-    fed: list[int] = []
+    calls: list[list[int]] = []
     real_collate = train.collate
 
     def spy(examples, batch, pad_id):
         if len(examples) == 32:  # the training split (eval has 8)
-            fed.extend(i for row in batch for i in row)
+            calls.append([i for row in batch for i in row])
         return real_collate(examples, batch, pad_id)
 
     monkeypatch.setattr(train, "collate", spy)
     summary = train.run(cfg)
+    assert calls[0] == [0]  # the start-up check of the loss against the model's own
+    fed = [i for call in calls[1:] for i in call]
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = tokenize_dataset(tokenizer, read_conversations(tmp_path / "train.jsonl", format="openai"), max_length=max_length)[0]
     lengths = [len(e) for e in examples]
