@@ -2,8 +2,10 @@
 
 Read top to bottom: distributed setup, data (tokenised and checked before any model is
 loaded, so a bad mask costs seconds, not a model load), model, optimizer, the data plan,
-resume, the loop, the artifacts. The data plan is a pure function of (seed, dataset, config),
-so the data position in a checkpoint is just the step number, and resuming is exact.
+resume, the loop, the artifacts: `run` at the bottom calls them in that order (`prepare`,
+`start_or_resume`, `train_loop`, `save_outputs`), with the loop's state in `TrainingState`.
+The data plan is a pure function of (seed, dataset, config), so the data position in a
+checkpoint is just the step number, and resuming is exact.
 What a checkpoint holds, and how it is written and read back, is in `checkpoints.py`;
 the torch.distributed plumbing (DDP/FSDP setup, sums across ranks) in `distributed.py`.
 """
@@ -670,8 +672,10 @@ def prepare(cfg: RunConfig, world: int, rank: int, device) -> TrainingSetup:
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, plan.total_steps))
     return TrainingSetup(
-        cfg, world, rank, device, fsdp, bf16, tokenizer, train_examples, eval_examples, data_info, model, loaded,
-        trainable_count, plan, loss_module, train_module, compiled, shared_prefix, optimizer, scheduler,
+        cfg=cfg, world=world, rank=rank, device=device, fsdp=fsdp, bf16=bf16, tokenizer=tokenizer,
+        train_examples=train_examples, eval_examples=eval_examples, data_info=data_info, model=model, loaded=loaded,
+        trainable_count=trainable_count, plan=plan, loss_module=loss_module, train_module=train_module,
+        compiled=compiled, shared_prefix=shared_prefix, optimizer=optimizer, scheduler=scheduler,
     )
 
 
