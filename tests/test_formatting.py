@@ -98,10 +98,10 @@ def test_preflight_collects_every_problem_with_lines(tokenizer):
     assert "would cut assistant tokens (line 4)" in message
     assert "data.truncate" in err.value.hint
 
-    # With truncation allowed, line 4 is cut and reported instead.
-    examples, report = preflight(tokenizer, [convs[0], convs[3]], DataConfig(train="x", max_length=200, truncate=True), "d")
-    assert report.truncated_lines == [4]
-    assert len(examples[1]) == 200 and examples[1].cut_trained_tokens > 0
+    # With truncation allowed, line 4 still fails: only its answer is long, and the final answer is never cut.
+    with pytest.raises(UserError) as err:
+        preflight(tokenizer, [convs[0], convs[3]], DataConfig(train="x", max_length=200, truncate=True), "d")
+    assert "1 of 2" in err.value.message and "final answer (no earlier turn or prompt left to cut) (line 4)" in err.value.message
 
 
 def test_preflight_catches_untrained_end_of_turn_and_unstable_templates(tokenizer):
@@ -189,3 +189,47 @@ def test_truncation_cuts_the_prompt_and_keeps_the_answer(tokenizer):
     tail = formatting.PROMPT_TAIL_KEPT + full.trained_tokens + 1
     assert cut.input_ids[-tail:] == full.input_ids[-tail:] and cut.labels[-tail:] == full.labels[-tail:]
     assert cut.input_ids[:20] == full.input_ids[:20]
+
+
+def multi_turn(long_first: str, long_last: str, line=9):
+    return conv(
+        ("system", "You route tickets."),
+        ("user", "first question " + long_first),
+        ("assistant", "first answer"),
+        ("user", "second question " + long_last),
+        ("assistant", "final answer"),
+        line=line,
+    )
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_multi_turn_truncation_drops_earliest_turns_and_keeps_the_final_answer(tokenizer, where):
+    """Whatever turn is long, the final answer and its end-of-turn token survive token for token,
+    the system message stays, and the first exchange goes before the final prompt is cut."""
+    long_text = "words " * 150
+    c = multi_turn(long_text if where == "first" else "", long_text if where == "last" else "")
+    full, _ = tokenize_conversation(tokenizer, c, max_length=10_000)
+    examples, report = preflight(tokenizer, [c], DataConfig(train="x", max_length=100, truncate=True), "d")
+    cut = examples[0]
+    assert len(cut) <= 100 and report.truncated_lines == [9]
+    assert trained_runs(tokenizer, cut) == ["final answer<|im_end|>"]
+    tail = formatting.PROMPT_TAIL_KEPT + cut.trained_tokens
+    assert cut.input_ids[-tail:] == full.input_ids[-tail:] and cut.labels[-tail:] == full.labels[-tail:]
+    text = tokenizer.decode(cut.input_ids)
+    assert text.startswith("<|im_start|>system\nYou route tickets.<|im_end|>\n<|im_start|>user\nsecond question")
+    assert "first" not in text
+    assert cut.cut_trained_tokens == full.trained_tokens - cut.trained_tokens > 0
+    assert cut.cut_prompt_tokens + cut.cut_trained_tokens == len(full) - len(cut)
+
+
+def test_truncation_that_would_cut_the_final_answer_is_refused_alike_by_training_and_estimate(tokenizer):
+    from tunesmith.estimate import count_tokens
+
+    c = multi_turn("", "", line=5)
+    c_long = conv(("user", "hi"), ("assistant", "long answer " * 80), line=6)
+    data_cfg = DataConfig(train="x", max_length=60, truncate=True)
+    with pytest.raises(UserError) as err:
+        preflight(tokenizer, [c, c_long], data_cfg, "d")
+    assert "final answer" in err.value.message and "(line 6)" in err.value.message and "1 of 2" in err.value.message
+    assert "data.max_length" in err.value.hint
+    assert count_tokens([c, c_long], tokenizer, 60)["problems"] == {"final_answer_too_long": [6]}

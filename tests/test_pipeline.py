@@ -138,3 +138,17 @@ def test_gates_judge_the_fine_tune_not_the_baselines(tiny_model_dir, tmp_path, c
     assert states["baseline"] == "done" and states["train"] == "done" and states["eval"] == "running"
     assert "export" not in states
     assert (tmp_path / "run" / "eval" / "report.md").exists()
+
+
+def test_pipeline_replaces_its_own_training_but_not_one_run_by_hand(tiny_model_dir, tmp_path):
+    from tunesmith.config import load_config
+    from tunesmith.errors import UserError
+
+    config = write_project(tmp_path, tiny_model_dir)
+    train.run(load_config(config))  # by hand: the pipeline has no record of it
+    with pytest.raises(UserError, match="already holds a trained run"):
+        pipeline.run(load_config(config), until_stage="train")
+    pipeline.run(load_config(config), until_stage="train", force=True)
+    # Its own training, with changed inputs, is redone without --force; unchanged, skipped.
+    assert "skipped" not in pipeline.run(load_config(config, ["train.learning_rate=1e-2"]), until_stage="train")["train"]
+    assert pipeline.run(load_config(config, ["train.learning_rate=1e-2"]), until_stage="train")["train"]["skipped"]

@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -357,3 +358,177 @@ def test_serving_lint_warns_before_training(tiny_model_dir, tmp_path):
     text = out.getvalue()
     assert "serving lint" in text and "--max-lora-rank 32" in text
     assert text.index("serving lint") < text.index("training lora")
+
+
+@pytest.mark.parametrize("max_length", [290, 310])
+def test_packing_trains_every_example_once_per_epoch(tiny_model_dir, tmp_path, monkeypatch, max_length):
+    """First-fit packing after each epoch's reshuffle gives a different number of rows per
+    epoch (at 290 tokens: 15, 16, 15 rows; at 310: 13, 13, 12); each epoch is planned from its
+    own rows, so none is skipped and no step is empty."""
+    from tunesmith.formatting import packed_batches
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, max_steps=None, epochs=3, packing=True, batch_size=1)
+    cfg.data.max_length = max_length
+    calls: list[list[int]] = []
+    real_collate = train.collate
+
+    def spy(examples, batch, pad_id):
+        if len(examples) == 32:  # the training split (eval has 8)
+            calls.append([i for row in batch for i in row])
+        return real_collate(examples, batch, pad_id)
+
+    monkeypatch.setattr(train, "collate", spy)
+    summary = train.run(cfg)
+    assert calls[0] == [0]  # the start-up check of the loss against the model's own
+    fed = [i for call in calls[1:] for i in call]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples = tokenize_dataset(tokenizer, read_conversations(tmp_path / "train.jsonl", format="openai"), max_length=max_length)[0]
+    lengths = [len(e) for e in examples]
+    rows_per_epoch = [len(packed_batches(lengths, 1, max_length, seed=0, epoch=e)) for e in range(3)]
+    assert len(set(rows_per_epoch)) > 1  # the case this test is about
+    assert summary["total_steps"] == summary["steps"] == sum(rows_per_epoch)
+    assert len(fed) == 3 * 32
+    for epoch in range(3):
+        assert sorted(fed[epoch * 32 : (epoch + 1) * 32]) == list(range(32))
+    assert summary["trained_tokens"] == 3 * sum(e.trained_tokens for e in examples)
+
+
+def test_ddp_with_a_short_batch_matches_one_process(tiny_model_dir, tmp_path, cli):
+    """33 examples, global batch 8 over 2 DDP ranks: the batch of 1 comes first (only the last batch was padded), where one
+    rank has no row. That rank runs an untrained row (zero loss, zero gradients), so every step
+    equals the single process's with batch 8."""
+    write_data(tmp_path, train_count=33)
+    keys = dict(max_steps=None, epochs=1, learning_rate=1e-2)
+    train.run(load_config(write_config(tmp_path, tiny_model_dir, "one", batch_size=8, **keys)))
+    two_cfg = write_config(tmp_path, tiny_model_dir, "two", batch_size=4, parallel="ddp", **keys)
+    result = cli("train", str(two_cfg), "--nproc", "2", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    from tunesmith.formatting import length_grouped_batches
+
+    # Where the short batch lands depends only on the seed and the count, not on the lengths.
+    sizes = [len(b) for b in length_grouped_batches([1] * 33, 8, seed=0, epoch=0)]
+    assert sorted(sizes) == [1, 8, 8, 8, 8] and sizes[-1] == 8  # not last: the case this test is about
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert len(one) == len(two) == 5
+    assert two == pytest.approx(one, rel=1e-5)
+    manifest = json.loads((tmp_path / "two" / artifacts.MANIFEST_FILE).read_text())["train"]
+    assert manifest["trained_tokens"] == json.loads((tmp_path / "one" / artifacts.MANIFEST_FILE).read_text())["train"]["trained_tokens"]
+
+
+def tiny_transformed_lm(kind: str, vocab_size: int = 512):
+    """A 2-layer random model whose forward transforms its logits (offline, no download)."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    if kind == "granite":
+        return GraniteForCausalLM(GraniteConfig(**common, logits_scaling=4.0))
+    if kind == "cohere":
+        return CohereForCausalLM(CohereConfig(**common, logit_scale=0.25))
+    # A cap this low bends the tiny logits (about 0.02) of a random model; real Gemma 2 caps at 30.
+    return Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, final_logit_softcapping=0.01))
+
+
+@pytest.mark.parametrize("kind", ["granite", "cohere", "gemma2"])
+def test_loss_applies_the_models_own_logit_transform(kind):
+    """Our loss (head on trained positions only) equals `model(..., labels=...).loss` for models
+    that scale or soft-cap their logits; without the transform it would not (checked too)."""
+    model = tiny_transformed_lm(kind).eval()
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 512, (2, 24), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :10] = train.IGNORE_INDEX  # a prompt
+    position_ids = torch.arange(24).expand(2, 24)
+    with torch.no_grad():
+        ours = train.loss_at_trained_positions(model, input_ids, labels, position_ids) / int((labels[:, 1:] != train.IGNORE_INDEX).sum())
+        theirs = model(input_ids=input_ids, position_ids=position_ids, labels=labels).loss
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+        hidden = model.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+        raw = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1]).flatten(0, 1), labels[:, 1:].flatten())
+        assert abs(raw.item() - theirs.item()) > 1e-3  # the transform matters here
+
+
+def save_tiny_granite(folder: Path, tiny_model_dir: Path) -> Path:
+    """A tiny Granite (logits_scaling 4) with the tiny model's tokenizer, as an HF folder."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_transformed_lm("granite", vocab_size=len(tokenizer))
+    model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_start_up_refuses_a_loss_that_differs_from_the_models(tiny_model_dir, tmp_path, monkeypatch):
+    granite = save_tiny_granite(tmp_path / "granite", tiny_model_dir)
+    summary = train.run(make_cfg(tmp_path, granite, "ok", max_steps=2))
+    assert summary["steps"] == 2
+    # A loss that skipped the transform (as before this check) is refused before step 1.
+    monkeypatch.setattr(train, "model_logits", lambda lm, logits: logits)
+    with pytest.raises(RuntimeError, match="differs from the model's own loss.*granite"):
+        train.run(make_cfg(tmp_path, granite, "skipped", max_steps=2))
+    assert not (tmp_path / "skipped" / artifacts.METRICS_FILE).exists()
+
+
+def test_resume_refuses_changed_plan_or_schedule_settings(tiny_model_dir, tmp_path, capsys):
+    from tunesmith.cli import main
+    from tunesmith.errors import UserError
+
+    path = write_config(tmp_path, tiny_model_dir, max_steps=4, save_every=2, batch_size=4)
+    write_data(tmp_path)
+    train.run(load_config(path))
+    for checkpoint in list_checkpoints(tmp_path / "run" / artifacts.CHECKPOINTS_DIR)[1:]:
+        shutil.rmtree(checkpoint)  # stand in for a crash after step 2
+    changed = load_config(path, ["train.batch_size=2", "train.max_steps=8", "data.max_length=300", "train.lr_schedule=linear"])
+    with pytest.raises(UserError) as err:
+        train.run(changed, resume=True)
+    for key in ("train.batch_size x processes (4 -> 2)", "train.max_steps (4 -> 8)", "data.max_length (256 -> 300)", "train.lr_schedule ('cosine' -> 'linear')"):
+        assert key in err.value.message
+    assert "train.seed" not in err.value.message and "step-2" in err.value.message
+    # Through the CLI: one line, exit code 2.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(path), "--resume", "--set", "train.seed=1"])
+    assert exit_info.value.code == 2
+    assert "train.seed (0 -> 1)" in capsys.readouterr().err
+    # Unchanged settings resume.
+    assert train.run(load_config(path), resume=True)["steps"] == 4
+
+
+@pytest.mark.parametrize("keys", [{"learning_rate": 1e30}, {"lora": {"alpha": 1e30}}], ids=["lr", "alpha"])
+def test_divergence_stops_at_the_first_non_finite_step_and_writes_no_artifact(tiny_model_dir, tmp_path, keys):
+    from tunesmith.errors import UserError
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, max_steps=20, save_every=1, warmup_ratio=0, **keys)
+    with pytest.raises(UserError, match=r"training diverged at step \d+: loss \S+, gradient norm \S+;") as err:
+        train.run(cfg)
+    assert "nan" in err.value.message or "inf" in err.value.message
+    step = int(err.value.message.split("step ")[1].split(":")[0])
+    assert not (cfg.run_dir / artifacts.ADAPTER_DIR).exists() and not (cfg.run_dir / artifacts.MANIFEST_FILE).exists()
+    # Every step before it was finite and checkpointed; the diverged one was not.
+    losses = step_losses(cfg.run_dir)
+    assert len(losses) == step - 1 and all(math.isfinite(x) for x in losses)
+    assert [c.name for c in list_checkpoints(cfg.run_dir / artifacts.CHECKPOINTS_DIR)][-1:] == ([f"step-{step - 1}"] if step > 1 else [])
+
+
+def test_training_again_over_a_finished_run_needs_force(tiny_model_dir, tmp_path, capsys):
+    from tunesmith.cli import main
+    from tunesmith.errors import UserError
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, max_steps=2, save_every=1)
+    train.run(cfg)
+    weights = cfg.run_dir / artifacts.ADAPTER_DIR / "adapter_model.safetensors"
+    before = weights.read_bytes()
+    checkpoints = [p.name for p in list_checkpoints(cfg.run_dir / artifacts.CHECKPOINTS_DIR)]
+    with pytest.raises(UserError, match="already holds a trained run") as err:
+        train.run(cfg)
+    assert "--force" in err.value.hint
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(tmp_path / "run.yaml")])
+    assert exit_info.value.code == 2 and "--force" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+    assert [p.name for p in list_checkpoints(cfg.run_dir / artifacts.CHECKPOINTS_DIR)] == checkpoints
+    # --resume finishes nothing new and keeps the adapter; --force trains again from step 0.
+    assert train.run(cfg, resume=True)["steps"] == 2
+    cfg.train.learning_rate = 1e-2
+    assert train.run(cfg, force=True)["steps"] == 2 and weights.read_bytes() != before

@@ -581,7 +581,7 @@ def _token_findings(report: CheckReport, findings: _Findings, counter: _TokenCou
     over = np.nonzero(total > max_length)[0]
     dropped = np.minimum(total[over] - max_length, answer[over])
     # What training does with data.truncate: cut the prompt before the answer when the
-    # prompt is long enough for it (formatting.truncate_example), else cut the end.
+    # prompt is long enough for it (formatting.truncate_example), else refuse the row.
     answer_kept = (prompt[over] - PROMPT_TAIL_KEPT - 1) >= (total[over] - max_length)
     token_stats.update(
         max_length=max_length,
@@ -596,7 +596,7 @@ def _token_findings(report: CheckReport, findings: _Findings, counter: _TokenCou
         how = (
             "; data.truncate cuts the prompt instead and keeps the answer"
             if kept
-            else "; the prompt is too short to cut instead, so data.truncate loses them"
+            else "; the prompt is too short to cut instead, so data.truncate refuses this row (final_answer_too_long)"
         )
         findings.add(
             "over_max_length", "warning",

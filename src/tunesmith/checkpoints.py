@@ -142,6 +142,20 @@ def check_resumable(cfg: RunConfig, world: int) -> None:
         refuse_parallel_mismatch(found[-1], world > 1 and cfg.train.parallel == "fsdp")
 
 
+def refuse_changed_settings(path: Path, written: dict | None, now: dict) -> None:
+    """Refuse a resume whose data plan or LR schedule settings differ from the checkpoint's:
+    the step number is the only data position a checkpoint keeps, so it means something else
+    under another plan. Checkpoints from before this record (`written` None) are not checked."""
+    if written is None:
+        return
+    changed = [f"{key} ({written.get(key)!r} -> {value!r})" for key, value in now.items() if written.get(key) != value]
+    if changed:
+        raise UserError(
+            f"settings changed since checkpoint {path.name}: {', '.join(changed)}",
+            "resume with the settings the checkpoint was written with, or start again without --resume",
+        )
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int, fsdp_root=None) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG; return the loop state.
 

@@ -101,6 +101,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the run folder."),
     show_mask: int = typer.Option(0, "--show-mask", min=0, help="Print N examples with trained tokens highlighted, then stop."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun; DDP, or FSDP with train.parallel fsdp)."),
+    force: bool = typer.Option(False, "--force", help="Train again from step 0 over a finished run (replaces its adapter or model and checkpoints)."),
 ) -> None:
     """Fine-tune (LoRA, QLoRA or full) per the config; writes the adapter or model to the run folder."""
     from tunesmith import train as train_stage
@@ -113,13 +114,14 @@ def train(
         return
     if resume:
         check_resumable(cfg, max(nproc, int(os.environ.get("WORLD_SIZE", "1"))))
+    train_stage.refuse_replacing_finished_run(cfg, resume=resume, force=force)
     if nproc > 1:
         import subprocess
 
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "tunesmith", "train", str(config)]
-        command += [arg for o in overrides for arg in ("--set", o)] + (["--resume"] if resume else [])
+        command += [arg for o in overrides for arg in ("--set", o)] + (["--resume"] if resume else []) + (["--force"] if force else [])
         sys.exit(subprocess.call(command))
-    train_stage.run(cfg, resume=resume, console=err_console)
+    train_stage.run(cfg, resume=resume, force=force, console=err_console)
 
 
 @app.command("eval")

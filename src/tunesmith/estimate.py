@@ -259,8 +259,9 @@ def count_tokens(conversations, tokenizer, max_length: int) -> dict[str, Any]:
     """Fed and trained tokens per epoch as training would see them, with truncation to max_length.
 
     Each example is tokenised once without a limit (its full length is what OpenAI bills), then
-    cut to max_length by training's own `data.truncate` (the prompt first, the answer only when
-    the prompt is too short), so the trained tokens lost are those training would lose.
+    cut to max_length by training's own `data.truncate` (earlier turns, then the prompt; never
+    the final answer: that is the problem `final_answer_too_long`, which training refuses), so
+    the trained tokens lost are those training would lose.
     """
     from tunesmith.formatting import tokenize_conversation, truncate_example
 
@@ -275,7 +276,10 @@ def count_tokens(conversations, tokenizer, max_length: int) -> dict[str, Any]:
         kept = min(length, max_length)
         trained_kept = example.trained_tokens
         if length > max_length:
-            trained_kept = truncate_example(example.input_ids, example.labels, max_length, conv.source_line).trained_tokens
+            cut, cut_kinds = truncate_example(example, max_length)
+            for kind in cut_kinds:
+                problems.setdefault(kind, []).append(conv.source_line)
+            trained_kept = cut.trained_tokens
             truncated += 1
             dropped += example.trained_tokens - trained_kept
         full += length

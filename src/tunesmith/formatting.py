@@ -32,6 +32,10 @@ PROBLEMS = {
         "use a template whose render of messages[:k] is a prefix of the full render",
     ),
     "too_long": ("truncation to data.max_length would cut assistant tokens", "raise data.max_length or set data.truncate: true"),
+    "final_answer_too_long": (
+        "data.truncate cannot fit the example without cutting its final answer (no earlier turn or prompt left to cut)",
+        "raise data.max_length, or shorten the final answer of these examples",
+    ),
 }
 
 
@@ -44,6 +48,8 @@ class Example:
     source_line: int | None = None
     cut_trained_tokens: int = 0  # assistant tokens dropped by truncation (data.truncate)
     cut_prompt_tokens: int = 0  # prompt tokens dropped by truncation (data.truncate)
+    turn_starts: list[int] = field(default_factory=list)  # token position where each message starts
+    turn_roles: list[str] = field(default_factory=list)  # the role of each message
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -168,10 +174,13 @@ def tokenize_conversation(
     # 4. Drop the untrained tail (the newline after the last end-of-turn): it predicts nothing.
     last = max((t for t, label in enumerate(labels) if label != IGNORE_INDEX), default=-1)
     input_ids, labels = input_ids[: last + 1], labels[: last + 1]
-    example = Example(input_ids=input_ids, labels=labels, source_line=conv.source_line)
+    kept_turns = [k for k in range(len(owners)) if k in owner_of[: last + 1]]
+    turn_starts, turn_roles = [owner_of.index(k) for k in kept_turns], [messages[k]["role"] for k in kept_turns]
+    example = Example(input_ids, labels, conv.source_line, turn_starts=turn_starts, turn_roles=turn_roles)
     if len(input_ids) > max_length:
         if truncate:
-            example = truncate_example(input_ids, labels, max_length, conv.source_line)
+            example, cut_problems = truncate_example(example, max_length)
+            problems += cut_problems
         else:
             problems.append("too_long")
     if example.trained_tokens == 0:
@@ -184,24 +193,46 @@ def tokenize_conversation(
 PROMPT_TAIL_KEPT = 16
 
 
-def truncate_example(input_ids: list[int], labels: list[int], max_length: int, source_line: int | None) -> Example:
-    """Fit an example into `max_length`, cutting the prompt before the answer when possible.
+def truncate_example(example: Example, max_length: int) -> tuple[Example, list[str]]:
+    """(example fitted into `max_length`, problem kinds): earliest exchanges first, never the final answer.
 
-    Cutting the end would drop the answer, the very thing a classification example teaches; so
-    the excess comes out of the prompt, just before its last PROMPT_TAIL_KEPT tokens (the turn
-    boundary and assistant header stay intact). Only when the prompt is too short for that is
-    the end cut, and the assistant tokens lost are counted.
+    The final answer is what the example teaches (the label of a classification row, the last
+    reply of a chat), so it and its end-of-turn token are never cut. First whole earlier
+    exchanges go, oldest first, each from its user turn up to the next user turn (an explicit
+    system message stays: it frames every turn). If the final exchange alone is still too long,
+    its prompt is cut just before its last PROMPT_TAIL_KEPT tokens (the turn boundary and the
+    assistant header stay intact). When even that cannot fit, the problem
+    `final_answer_too_long` is returned, with the end-cut example for counting what would be lost.
     """
-    excess = len(input_ids) - max_length
-    first_trained = next((t for t, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
-    cut_end = first_trained - PROMPT_TAIL_KEPT
-    cut_start = cut_end - excess
-    if cut_start >= 1:  # keep at least the first token (the first turn's header starts there)
-        return Example(
-            input_ids[:cut_start] + input_ids[cut_end:], labels[:cut_start] + labels[cut_end:], source_line, cut_prompt_tokens=excess
-        )
-    cut = sum(1 for label in labels[max_length:] if label != IGNORE_INDEX)
-    return Example(input_ids[:max_length], labels[:max_length], source_line, cut_trained_tokens=cut)
+    if len(example) <= max_length:
+        return example, []
+    ids, labels, starts, roles = example.input_ids, example.labels, example.turn_starts, example.turn_roles
+    first_kept = 1 if roles[:1] == ["system"] else 0
+    last_trained = max(t for t, label in enumerate(labels) if label != IGNORE_INDEX)
+    final_turn = max((k for k, start in enumerate(starts) if start <= last_trained), default=0)
+    # Where the kept part may resume: each later user turn up to the final answer's exchange.
+    resume_at = [k for k in range(first_kept + 1, final_turn + 1) if roles[k] == "user"]
+    drop_from = starts[first_kept] if first_kept < len(starts) else 0
+    drop_to = drop_from
+    for k in resume_at:
+        drop_to = starts[k]
+        if len(ids) - (drop_to - drop_from) <= max_length:
+            break
+    ids, labels = ids[:drop_from] + ids[drop_to:], labels[:drop_from] + labels[drop_to:]
+    cut_trained = example.trained_tokens - sum(1 for label in labels if label != IGNORE_INDEX)
+    cut_prompt = (drop_to - drop_from) - cut_trained
+    excess = len(ids) - max_length
+    if excess > 0:
+        first_trained = next(t for t, label in enumerate(labels) if label != IGNORE_INDEX)
+        cut_end = first_trained - PROMPT_TAIL_KEPT
+        cut_start = cut_end - excess
+        if cut_start < 1:  # keep at least the first token (the first turn's header starts there)
+            lost = sum(1 for label in example.labels[max_length:] if label != IGNORE_INDEX)
+            end_cut = Example(example.input_ids[:max_length], example.labels[:max_length], example.source_line, cut_trained_tokens=lost)
+            return end_cut, ["final_answer_too_long"]
+        ids, labels = ids[:cut_start] + ids[cut_end:], labels[:cut_start] + labels[cut_end:]
+        cut_prompt += excess
+    return Example(ids, labels, example.source_line, cut_trained_tokens=cut_trained, cut_prompt_tokens=cut_prompt), []
 
 
 def tokenize_dataset(

@@ -123,10 +123,10 @@ def _stage_baseline(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
     return {"subjects": subjects}
 
 
-def _stage_train(cfg: RunConfig, fingerprint: str, resume: bool) -> dict[str, Any]:
+def _stage_train(cfg: RunConfig, fingerprint: str, resume: bool, replace: bool) -> dict[str, Any]:
     from tunesmith import train
 
-    result = train.run(cfg, resume=resume)
+    result = train.run(cfg, resume=resume, force=replace)
     return result if isinstance(result, dict) else {}
 
 
@@ -186,7 +186,7 @@ def run(
         "check": lambda: _stage_check(cfg, model_fp),
         "split": lambda: _stage_split(cfg, model_fp),
         "baseline": lambda: _stage_baseline(cfg, model_fp),
-        "train": lambda: _stage_train(cfg, model_fp, resume=resume_training),
+        "train": lambda: _stage_train(cfg, model_fp, resume=resume_training, replace=replace_training),
         "eval": lambda: _stage_eval(cfg, model_fp),
         "export": lambda: _stage_export(cfg, model_fp),
     }
@@ -206,6 +206,9 @@ def run(
             continue
         # A training interrupted with the same inputs resumes from its last checkpoint.
         resume_training = stage == "train" and not force and record.get("status") == "running" and record.get("inputs") == inputs
+        # The pipeline replaces a training it recorded itself (its inputs changed); one run by
+        # hand with `tunesmith train` only with --force.
+        replace_training = force or bool(record)
         console.print(f"[bold]{stage}[/bold]{' (resuming)' if resume_training else ''}")
         _record_stage(run_dir, stage, {"status": "running", "inputs": inputs, "started_at": time.time()})
         start = time.perf_counter()

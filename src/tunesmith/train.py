@@ -2,14 +2,17 @@
 
 Read top to bottom: distributed setup, data (tokenised and checked before any model is
 loaded, so a bad mask costs seconds, not a model load), model, optimizer, the data plan,
-resume, the loop, the artifacts. The data plan is a pure function of (seed, dataset, config),
-so the data position in a checkpoint is just the step number, and resuming is exact.
+resume, the loop, the artifacts: `run` at the bottom calls them in that order (`prepare`,
+`start_or_resume`, `train_loop`, `save_outputs`), with the loop's state in `TrainingState`.
+The data plan is a pure function of (seed, dataset, config), so the data position in a
+checkpoint is just the step number, and resuming is exact.
 What a checkpoint holds, and how it is written and read back, is in `checkpoints.py`;
 the torch.distributed plumbing (DDP/FSDP setup, sums across ranks) in `distributed.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -18,6 +21,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from tunesmith.checkpoints import (
     full_tensor,
     list_checkpoints,
     load_checkpoint,
+    refuse_changed_settings,
     rng_state,
     save_checkpoint,
     save_optimizer_shards,
@@ -121,42 +126,51 @@ class DataPlan:
 
     A step is `grad_accum` micro-batches; a micro-batch is `batch_size * world` rows, of which
     each rank takes its contiguous share. So 2 processes with batch 2 see exactly the batches
-    of 1 process with batch 4.
+    of 1 process with batch 4. Every epoch is planned from its own batches, and all of them up
+    front: packing after a reshuffle gives each epoch a different number of rows, and the LR
+    schedule needs the total number of steps before the first one.
     """
 
     def __init__(self, examples: list[Example], cfg: RunConfig, world: int, rank: int):
         self.examples, self.cfg, self.world, self.rank = examples, cfg, world, rank
         self.global_batch = cfg.train.batch_size * world
         self.lengths = [len(e) for e in examples]
-        self._epoch_cache: dict[int, list[list[list[int]]]] = {}
-        micro = len(self.epoch_batches(0))
-        self.steps_per_epoch = math.ceil(micro / cfg.train.grad_accum)
-        t = cfg.train
-        self.total_steps = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        self.steps, self.step_epochs = self._plan_steps()
+        self.total_steps = len(self.steps)
 
     def epoch_batches(self, epoch: int) -> list[list[list[int]]]:
-        if epoch not in self._epoch_cache:
-            t = self.cfg.train
-            if t.packing:
-                batches = packed_batches(self.lengths, self.global_batch, self.cfg.data.max_length, seed=t.seed, epoch=epoch)
-            else:
-                batches = length_grouped_batches(self.lengths, self.global_batch, seed=t.seed, epoch=epoch)
-            if self.world > 1:
-                # Every rank needs rows: the last batch borrows from the first (as DistributedSampler does).
-                flat = [row for batch in batches for row in batch]
-                last = batches[-1]
-                while len(last) < self.global_batch:
-                    last.append(flat[len(last) % len(flat)])
-            self._epoch_cache = {epoch: batches}
-        return self._epoch_cache[epoch]
+        """The global micro-batches of one epoch, in order."""
+        t = self.cfg.train
+        if t.packing:
+            return packed_batches(self.lengths, self.global_batch, self.cfg.data.max_length, seed=t.seed, epoch=epoch)
+        return length_grouped_batches(self.lengths, self.global_batch, seed=t.seed, epoch=epoch)
+
+    def _plan_steps(self) -> tuple[list[list[list[list[int]]]], list[int]]:
+        """(the micro-batches of every step, the epoch of every step): whole epochs until
+        `epochs` (the last one partly, when fractional) or `max_steps` is reached."""
+        t = self.cfg.train
+        ga = t.grad_accum
+        steps: list[list[list[list[int]]]] = []
+        epochs: list[int] = []
+        epoch = 0
+        while (len(steps) < t.max_steps) if t.max_steps is not None else (epoch < t.epochs):
+            batches = self.epoch_batches(epoch)
+            epoch_steps = [batches[b : b + ga] for b in range(0, len(batches), ga)]
+            if t.max_steps is None and t.epochs - epoch < 1:
+                epoch_steps = epoch_steps[: max(1, math.ceil((t.epochs - epoch) * len(epoch_steps)))]
+            steps += epoch_steps
+            epochs += [epoch] * len(epoch_steps)
+            epoch += 1
+        if t.max_steps is not None:
+            steps, epochs = steps[: t.max_steps], epochs[: t.max_steps]
+        return steps, epochs
 
     def step(self, step: int) -> list[list[list[int]]]:
         """The global micro-batches of optimizer step `step` (0-based)."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        ga = self.cfg.train.grad_accum
-        return self.epoch_batches(epoch)[within * ga : (within + 1) * ga]
+        return self.steps[step]
 
     def shard(self, global_batch: list[list[int]]) -> list[list[int]]:
+        """This rank's rows of a global micro-batch; empty when a short batch has none left for it."""
         per_rank = math.ceil(len(global_batch) / self.world)
         return global_batch[self.rank * per_rank : (self.rank + 1) * per_rank]
 
@@ -165,6 +179,45 @@ class DataPlan:
 
     def tokens(self, global_batches: list[list[list[int]]]) -> int:
         return sum(len(self.examples[i]) for batch in global_batches for row in batch for i in row)
+
+
+def shard_tensors(plan: DataPlan, examples: list[Example], global_batch: list[list[int]], pad_id: int) -> dict[str, Any]:
+    """This rank's tensors of a global micro-batch.
+
+    A rank whose share of a short batch is empty still runs a forward and backward (DDP and
+    FSDP reduce gradients in collectives every rank joins), on a row with no trained token:
+    its loss and gradients are exactly zero, so the step's maths is that of one process.
+    Borrowing rows instead would train some examples twice.
+    """
+    rows = plan.shard(global_batch)
+    if rows:
+        tensors = collate(examples, rows, pad_id)
+        tensors["fed_tokens"] = sum(len(examples[i]) for row in rows for i in row)
+        return tensors
+    tensors = collate(examples, global_batch[:1], pad_id)
+    tensors["labels"].fill_(IGNORE_INDEX)
+    return {**tensors, "trained_tokens": 0, "fed_tokens": 0, "fed_tokens_shared": 0}
+
+
+def plan_settings(cfg: RunConfig, world: int) -> dict[str, Any]:
+    """The settings that decide the data plan and the LR schedule, by config key: a resumed
+    run must keep them (the global batch, not the process count, decides the plan)."""
+    t, d = cfg.train, cfg.data
+    return {
+        "train.batch_size x processes": t.batch_size * world,
+        "train.grad_accum": t.grad_accum,
+        "train.max_steps": t.max_steps,
+        "train.epochs": t.epochs if t.max_steps is None else None,  # ignored under max_steps
+        "train.seed": t.seed,
+        "train.packing": t.packing,
+        "train.learning_rate": t.learning_rate,
+        "train.lr_schedule": t.lr_schedule,
+        "train.warmup_ratio": t.warmup_ratio,
+        "train.weight_decay": t.weight_decay,
+        "data.max_length": d.max_length,
+        "data.truncate": d.truncate,
+        "data.system_prompt": d.system_prompt,
+    }
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -296,8 +349,54 @@ def loss_at_trained_positions(model, input_ids, labels, position_ids, shared_pre
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][trained]).float()
+    logits = model_logits(lm, head(hidden[:, :-1][trained]).float())
     return F.cross_entropy(logits, targets[trained], reduction="sum")
+
+
+def model_logits(lm, logits):
+    """The head's output through the model's own logit transforms, as its forward applies them.
+
+    Granite divides by `logits_scaling`, Cohere multiplies by `logit_scale`, Gemma 2 and later
+    soft-cap with `final_logit_softcapping`: without them training would optimise another
+    objective than the one inference samples from. A transform not listed here is caught at
+    start-up by `check_loss_matches_model`.
+    """
+    import torch
+
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None and scaling != 1:
+        logits = logits / scaling
+    scale = getattr(lm, "logit_scale", getattr(config, "logit_scale", None))
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def check_loss_matches_model(model, examples: list[Example], pad_id: int, device, bf16: bool) -> None:
+    """Refuse to train when our loss on one example differs from the model's own
+    `model(..., labels=...).loss`: the loss skips the full logits for speed, so it must prove
+    it computes the model's objective (an unknown logit transform would make it differ)."""
+    import torch
+
+    tensors = collate(examples, [[0]], pad_id)
+    input_ids, labels, position_ids = (tensors[k].to(device) for k in ("input_ids", "labels", "position_ids"))
+    was_training = model.training
+    model.eval()  # no dropout: the two forwards must see the same network
+    with torch.no_grad(), autocast(device, bf16):
+        ours = float(loss_at_trained_positions(model, input_ids, labels, position_ids)) / tensors["trained_tokens"]
+        theirs = float(model(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False).loss)
+    model.train(was_training)
+    tolerance = 2e-2 if bf16 else 1e-4
+    if not abs(ours - theirs) <= tolerance * max(abs(theirs), 1e-6):
+        model_type = causal_lm(model).config.model_type
+        raise RuntimeError(
+            f"the training loss ({ours:.6f}) differs from the model's own loss ({theirs:.6f}) on the first example: "
+            f"{model_type} transforms its logits in a way train.model_logits does not apply; refusing to train another objective"
+        )
 
 
 def make_loss_module(model):
@@ -406,6 +505,16 @@ def evaluate_loss(loss_module, examples: list[Example], cfg: RunConfig, pad_id: 
     return total / max(tokens, 1)
 
 
+def refuse_non_finite(step: int, loss: float, grad_norm: float) -> None:
+    """Stop at the first non-finite loss or gradient norm, before the update: every later step
+    and the saved weights would be NaN, and a finished run's artifact must be a usable one."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise UserError(
+            f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; no adapter or model was written",
+            "lower train.learning_rate (or train.lora.alpha), or set train.max_grad_norm; then train again",
+        )
+
+
 def autocast(device, bf16: bool):
     import torch
 
@@ -424,36 +533,121 @@ def want_compile(setting: str, device) -> bool:
 # --- the stage ------------------------------------------------------------------------------
 
 
-def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]:
-    """Train per `cfg`; write the adapter or model, metrics, loss plot, checkpoints, manifest."""
-    import torch
-    import torch.distributed as dist
-    from rich.console import Console
+def refuse_replacing_finished_run(cfg: RunConfig, *, resume: bool, force: bool) -> None:
+    """A finished run's adapter or model, and its checkpoints, are replaced only when asked:
+    training again from step 0 deletes them, and they may be what is deployed."""
+    if resume or force:
+        return
+    for relative in (artifacts.ADAPTER_DIR, artifacts.FULL_MODEL_DIR):
+        if (cfg.run_dir / relative).exists():
+            raise UserError(
+                f"{cfg.run_dir} already holds a trained run ({relative})",
+                "pass --force to train again from step 0 (replaces it and its checkpoints), or use another output_dir",
+            )
 
-    started = time.time()
+
+@dataclass
+class TrainingState:
+    """What the loop carries from step to step. A checkpoint saves it (state.json) and a resume
+    reads it back; the last two fields belong to this process's session only."""
+
+    step: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    tokens_fed: int = 0  # what the model ran: a shared prefix counts once per batch
+    train_time_s: float = 0.0
+    initial_eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
+    last_eval_loss: float | None = None
+    stopped_early: bool = False
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        saved = dataclasses.asdict(self)
+        del saved["last_eval_loss"], saved["stopped_early"]
+        return saved
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainingState:
+        known = {f.name for f in dataclasses.fields(cls)} - {"last_eval_loss", "stopped_early"}
+        return cls(**{key: value for key, value in saved.items() if key in known})
+
+
+@dataclass
+class TrainingSetup:
+    """What the loop trains with, built once by `prepare`: data, model, its wrappers, optimizer."""
+
+    cfg: RunConfig
+    world: int
+    rank: int
+    device: Any
+    fsdp: bool
+    bf16: bool
+    tokenizer: Any
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    data_info: dict[str, Any]
+    model: Any
+    loaded: Any
+    trainable_count: int
+    plan: DataPlan
+    loss_module: Any  # the model's loss as one module (evaluation, FSDP's root unit)
+    train_module: Any  # the loss module under DDP and/or compile
+    compiled: bool
+    shared_prefix: bool
+    optimizer: Any
+    scheduler: Any
+
+    @property
+    def main_rank(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def eval_loss(self) -> float | None:
+        return evaluate_loss(self.loss_module, self.eval_examples, self.cfg, self.pad_id, self.device, self.bf16, self.world, self.rank, self.fsdp)
+
+
+@dataclass
+class MetricsLog:
+    """The metrics rows so far; rank 0 appends each to metrics.jsonl as it comes."""
+
+    rows: list[dict]
+    file: Any = None
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def prepare(cfg: RunConfig, world: int, rank: int, device) -> TrainingSetup:
+    """Steps 1-3: the data, checked; the model, seeded; wrapped for the ranks; the optimizer."""
+    import torch
+
     t = cfg.train
-    world, rank, local_rank, device = init_distributed()
-    main_rank = rank == 0
     fsdp = world > 1 and t.parallel == "fsdp"  # the config refuses fsdp with qlora
-    console = console or Console(stderr=True)
-    if not main_rank:
-        console = Console(quiet=True)
-    run_dir = cfg.run_dir
-    ckpt_dir = run_dir / artifacts.CHECKPOINTS_DIR
-    metrics_path = run_dir / artifacts.METRICS_FILE
 
     # 1. Data first: the pre-flight mask check fails in seconds, before a model load.
     from tunesmith.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
     train_examples, eval_examples, data_info = load_examples(cfg, tokenizer)
-    pad_id = tokenizer.pad_token_id
 
     # 2. Seeds before the model: LoRA init draws from the torch RNG.
     random.seed(t.seed + rank)
     torch.manual_seed(t.seed)
     bf16 = use_bf16(t.precision, device)
     model, loaded = load_for_training(cfg, device, bf16, fsdp=fsdp)
+    # Before any wrapping: FSDP's root unit gathers weights only through the loss module.
+    check_loss_matches_model(model, train_examples, tokenizer.pad_token_id, device, bf16)
     torch.manual_seed(t.seed + rank)  # dropout differs per rank, as with a larger batch
     trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -477,216 +671,286 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
 
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, plan.total_steps))
-
-    # 4. Resume, or start clean (stale checkpoints of an earlier run would be resumed later).
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "trained_tokens": 0, "train_time_s": 0.0, "best_eval_loss": None, "evals_without_improvement": 0}
-    if resume:
-        found = list_checkpoints(ckpt_dir)
-        if not found:
-            console.print(f"no checkpoint in {ckpt_dir}: starting from step 0")
-            resume = False
-    if resume:
-        state = load_checkpoint(found[-1], model, optimizer, scheduler, rank, fsdp_root=loss_module if fsdp else None)
-        if state.get("train_sha256") not in (None, data_info["train_sha256"]):
-            raise UserError("the training data changed since the checkpoint was written", "resume with the same data, or start again without --resume")
-        console.print(f"resuming from {found[-1].name}")
-        metrics = read_metrics(metrics_path, up_to_step=state["step"])
-    else:
-        metrics = []
-        if main_rank:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-    if main_rank:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        artifacts.write_text_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
-    metrics_file = open(metrics_path, "a", encoding="utf-8") if main_rank else None
-
-    def checkpoint() -> None:
-        rngs = [rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-        # Under FSDP gathering is a collective every rank joins; under DDP only rank 0 writes.
-        weights = trainable_state(model) if fsdp or main_rank else None
-        shards = None
-        if fsdp:
-            shards = shards_folder(ckpt_dir, state["step"])
-            if main_rank:
-                shutil.rmtree(shards, ignore_errors=True)
-            dist.barrier()
-            save_optimizer_shards(loss_module, optimizer, shards)
-            dist.barrier()
-        if main_rank:
-            ckpt_state = {**state, "train_sha256": data_info["train_sha256"]}
-            save_checkpoint(ckpt_dir, weights, None if fsdp else optimizer, scheduler, rngs, ckpt_state, t.keep_checkpoints, shards)
-        if world > 1:
-            dist.barrier()
-
-    def log(row: dict) -> None:
-        metrics.append(row)
-        if metrics_file:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-
-    if t.method != "full":
-        # Warn now, not at deployment, when the serving engines will refuse this adapter.
-        from tunesmith.export import lint_adapter_config
-
-        peft_config = model.peft_config["default"].to_dict()
-        for problem in lint_adapter_config(peft_config, causal_lm(model).config.model_type):
-            console.print(f"[yellow]serving lint:[/yellow] {problem}")
-    console.print(
-        f"training {t.method} on {data_info['train_examples']} examples: {plan.total_steps} steps, "
-        f"{trainable_count:,} trainable parameters, {'bf16' if bf16 else 'fp32'}, world {world}"
-        + (" (fsdp)" if fsdp else "")
-        + (", compiled" if compiled else "")
+    return TrainingSetup(
+        cfg=cfg, world=world, rank=rank, device=device, fsdp=fsdp, bf16=bf16, tokenizer=tokenizer,
+        train_examples=train_examples, eval_examples=eval_examples, data_info=data_info, model=model, loaded=loaded,
+        trainable_count=trainable_count, plan=plan, loss_module=loss_module, train_module=train_module,
+        compiled=compiled, shared_prefix=shared_prefix, optimizer=optimizer, scheduler=scheduler,
     )
 
-    # 5. The loop. The loss of a step is the mean over all trained tokens of its global batch
-    #    (every micro-batch and rank), so accumulation and DDP change nothing in the maths.
+
+def start_or_resume(s: TrainingSetup, resume: bool, console) -> tuple[TrainingState, MetricsLog, bool]:
+    """Step 4: (state, metrics log, resumed) from the last checkpoint, or a clean start (stale
+    checkpoints of an earlier run would be resumed later, so they go)."""
+    ckpt_dir = s.cfg.run_dir / artifacts.CHECKPOINTS_DIR
+    metrics_path = s.cfg.run_dir / artifacts.METRICS_FILE
+    found = list_checkpoints(ckpt_dir) if resume else []
+    if resume and not found:
+        console.print(f"no checkpoint in {ckpt_dir}: starting from step 0")
+        resume = False
+    if resume:
+        saved = load_checkpoint(found[-1], s.model, s.optimizer, s.scheduler, s.rank, fsdp_root=s.loss_module if s.fsdp else None)
+        if saved.get("train_sha256") not in (None, s.data_info["train_sha256"]):
+            raise UserError("the training data changed since the checkpoint was written", "resume with the same data, or start again without --resume")
+        refuse_changed_settings(found[-1], saved.get("settings"), plan_settings(s.cfg, s.world))
+        console.print(f"resuming from {found[-1].name}")
+        state = TrainingState.from_checkpoint(saved)
+        metrics = MetricsLog(read_metrics(metrics_path, up_to_step=state.step))
+    else:
+        state, metrics = TrainingState(), MetricsLog([])
+        if s.main_rank:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if s.main_rank:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        artifacts.write_text_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics.rows))
+        metrics.file = open(metrics_path, "a", encoding="utf-8")
+    return state, metrics, resume
+
+
+def save_training_checkpoint(s: TrainingSetup, state: TrainingState) -> None:
+    """checkpoints/step-N: weights, optimizer, scheduler, every rank's RNG, the loop state."""
+    import torch.distributed as dist
+
+    ckpt_dir = s.cfg.run_dir / artifacts.CHECKPOINTS_DIR
+    rngs = [rng_state()]
+    if s.world > 1:
+        rngs = [None] * s.world
+        dist.all_gather_object(rngs, rng_state())
+    # Under FSDP gathering is a collective every rank joins; under DDP only rank 0 writes.
+    weights = trainable_state(s.model) if s.fsdp or s.main_rank else None
+    shards = None
+    if s.fsdp:
+        shards = shards_folder(ckpt_dir, state.step)
+        if s.main_rank:
+            shutil.rmtree(shards, ignore_errors=True)
+        dist.barrier()
+        save_optimizer_shards(s.loss_module, s.optimizer, shards)
+        dist.barrier()
+    if s.main_rank:
+        saved = {**state.to_checkpoint(), "train_sha256": s.data_info["train_sha256"], "settings": plan_settings(s.cfg, s.world)}
+        save_checkpoint(ckpt_dir, weights, None if s.fsdp else s.optimizer, s.scheduler, rngs, saved, s.cfg.train.keep_checkpoints, shards)
+    if s.world > 1:
+        dist.barrier()
+
+
+def announce(s: TrainingSetup, console) -> None:
+    """The serving lint (now, not at deployment, when the engines would refuse the adapter), then what trains."""
+    t = s.cfg.train
+    if t.method != "full":
+        from tunesmith.export import lint_adapter_config
+
+        peft_config = s.model.peft_config["default"].to_dict()
+        for problem in lint_adapter_config(peft_config, causal_lm(s.model).config.model_type):
+            console.print(f"[yellow]serving lint:[/yellow] {problem}")
+    console.print(
+        f"training {t.method} on {s.data_info['train_examples']} examples: {s.plan.total_steps} steps, "
+        f"{s.trainable_count:,} trainable parameters, {'bf16' if s.bf16 else 'fp32'}, world {s.world}"
+        + (" (fsdp)" if s.fsdp else "")
+        + (", compiled" if s.compiled else "")
+    )
+
+
+def train_step(s: TrainingSetup, state: TrainingState) -> dict[str, Any]:
+    """One optimizer step (every micro-batch's forward and backward, clip, update): advances
+    `state` and returns the step's metrics row.
+
+    The loss of a step is the mean over all trained tokens of its global batch (every
+    micro-batch and rank), so accumulation and DDP change nothing in the maths.
+    """
+    import torch
+
+    step_start = time.perf_counter()
+    global_batches = s.plan.step(state.step)
+    step_trained = s.plan.trained_tokens(global_batches)
+    loss_sum, fed_tokens = 0.0, 0
+    for m, global_batch in enumerate(global_batches):
+        tensors = shard_tensors(s.plan, s.train_examples, global_batch, s.pad_id)
+        sync = m == len(global_batches) - 1 or s.world == 1
+        with gradient_sync(s.train_module, sync, s.fsdp), autocast(s.device, s.bf16):
+            loss = s.train_module(
+                tensors["input_ids"].to(s.device),
+                tensors["labels"].to(s.device),
+                tensors["position_ids"].to(s.device),
+                tensors["shared_prefix_len"] if s.shared_prefix else 0,
+            )
+        # DDP and FSDP average gradients over ranks; scaling by world makes it the global token mean.
+        (loss * s.world / step_trained).backward()
+        loss_sum += float(loss.detach())
+        fed_tokens += tensors["fed_tokens_shared"] if s.shared_prefix else tensors["fed_tokens"]
+    max_norm = s.cfg.train.max_grad_norm
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(s.optimizer.param_groups[0]["params"], max_norm if max_norm else float("inf")))
+    # Summed over ranks before the update: every rank sees the same values and stops alike.
+    loss_sum, fed_tokens = all_sum([loss_sum, fed_tokens], s.world, s.device)
+    refuse_non_finite(state.step + 1, loss_sum / step_trained, float(grad_norm))
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+
+    elapsed = time.perf_counter() - step_start
+    step_tokens = s.plan.tokens(global_batches)
+    state.step += 1
+    state.tokens += step_tokens
+    state.trained_tokens += step_trained
+    state.tokens_fed += int(fed_tokens)
+    state.train_time_s += elapsed
+    return {
+        "step": state.step,
+        "loss": loss_sum / step_trained,
+        "lr": s.scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "tokens_per_s": step_tokens / elapsed,
+        "trained_tokens_per_s": step_trained / elapsed,
+    }
+
+
+def evaluate_and_track(s: TrainingSetup, state: TrainingState, console) -> float | None:
+    """The eval loss now; keeps the best one and stops early after `early_stopping_patience` worse ones."""
+    patience = s.cfg.train.early_stopping_patience
+    state.last_eval_loss = loss = s.eval_loss()
+    if state.best_eval_loss is None or loss < state.best_eval_loss:
+        state.best_eval_loss, state.evals_without_improvement = loss, 0
+    else:
+        state.evals_without_improvement += 1
+        if patience and state.evals_without_improvement >= patience:
+            state.stopped_early = True
+            console.print(f"early stop at step {state.step}: no better eval loss in {patience} evals")
+    return loss
+
+
+def train_loop(s: TrainingSetup, state: TrainingState, metrics: MetricsLog, console) -> None:
+    """Step 5: optimizer steps until the plan ends or early stopping, with evals and checkpoints when due."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    t = s.cfg.train
     progress = Progress(
         TextColumn("step {task.completed}/{task.total}"),
         BarColumn(),
         TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
         TimeRemainingColumn(),
         console=console,
-        disable=not main_rank,
+        disable=not s.main_rank,
     )
-    last_eval = None
-    stop_early = False
-    if eval_examples and state["step"] == 0:
+    if s.eval_examples and state.step == 0:
         # Step 0: the base model's eval loss, so the curve shows what training changed.
-        state["initial_eval_loss"] = state["best_eval_loss"] = evaluate_loss(loss_module, eval_examples, cfg, pad_id, device, bf16, world, rank, fsdp)
-        log({"step": 0, "eval_loss": state["initial_eval_loss"]})
+        state.initial_eval_loss = state.best_eval_loss = s.eval_loss()
+        metrics.log({"step": 0, "eval_loss": state.initial_eval_loss})
     with progress:
-        task = progress.add_task("train", total=plan.total_steps, completed=state["step"], loss="-", tps="-")
-        while state["step"] < plan.total_steps and not stop_early:
-            step = state["step"]
-            step_start = time.perf_counter()
-            global_batches = plan.step(step)
-            step_trained = plan.trained_tokens(global_batches)
-            loss_sum, fed_tokens = 0.0, 0
-            for m, global_batch in enumerate(global_batches):
-                tensors = collate(train_examples, plan.shard(global_batch), pad_id)
-                sync = m == len(global_batches) - 1 or world == 1
-                with gradient_sync(train_module, sync, fsdp), autocast(device, bf16):
-                    loss = train_module(
-                        tensors["input_ids"].to(device),
-                        tensors["labels"].to(device),
-                        tensors["position_ids"].to(device),
-                        tensors["shared_prefix_len"] if shared_prefix else 0,
-                    )
-                # DDP and FSDP average gradients over ranks; scaling by world makes it the global token mean.
-                (loss * world / step_trained).backward()
-                loss_sum += float(loss.detach())
-                fed_tokens += tensors["fed_tokens_shared"] if shared_prefix else sum(len(train_examples[i]) for row in plan.shard(global_batch) for i in row)
-            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm else float("inf")))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        task = progress.add_task("train", total=s.plan.total_steps, completed=state.step, loss="-", tps="-")
+        while state.step < s.plan.total_steps and not state.stopped_early:
+            row = train_step(s, state)
+            done = state.step == s.plan.total_steps
+            if s.eval_examples and (done or (t.eval_every and state.step % t.eval_every == 0)):
+                row["eval_loss"] = evaluate_and_track(s, state, console)
+            metrics.log(row)
+            progress.update(task, completed=state.step, loss=f"{row['loss']:.4f}", tps=f"{row['tokens_per_s']:.0f}")
+            if done or state.stopped_early or (t.save_every and state.step % t.save_every == 0):
+                save_training_checkpoint(s, state)
+    metrics.close()
+    if s.eval_examples and state.last_eval_loss is None:
+        state.last_eval_loss = s.eval_loss()
 
-            loss_sum, fed_tokens = all_sum([loss_sum, fed_tokens], world, device)
-            elapsed = time.perf_counter() - step_start
-            step_tokens = plan.tokens(global_batches)
-            state["step"] = step + 1
-            state["tokens"] += step_tokens
-            state["trained_tokens"] += step_trained
-            state["tokens_fed"] = state.get("tokens_fed", 0) + int(fed_tokens)
-            state["train_time_s"] += elapsed
-            row = {
-                "step": step + 1,
-                "loss": loss_sum / step_trained,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": step_tokens / elapsed,
-                "trained_tokens_per_s": step_trained / elapsed,
-            }
-            done = state["step"] == plan.total_steps
-            if eval_examples and (done or (t.eval_every and state["step"] % t.eval_every == 0)):
-                last_eval = evaluate_loss(loss_module, eval_examples, cfg, pad_id, device, bf16, world, rank, fsdp)
-                row["eval_loss"] = last_eval
-                best = state["best_eval_loss"]
-                if best is None or last_eval < best:
-                    state["best_eval_loss"], state["evals_without_improvement"] = last_eval, 0
-                else:
-                    state["evals_without_improvement"] += 1
-                    if t.early_stopping_patience and state["evals_without_improvement"] >= t.early_stopping_patience:
-                        stop_early = True
-                        console.print(f"early stop at step {state['step']}: no better eval loss in {t.early_stopping_patience} evals")
-            log(row)
-            progress.update(task, completed=state["step"], loss=f"{row['loss']:.4f}", tps=f"{row['tokens_per_s']:.0f}")
-            if done or stop_early or (t.save_every and state["step"] % t.save_every == 0):
-                checkpoint()
-    if metrics_file:
-        metrics_file.close()
-    if eval_examples and last_eval is None:
-        last_eval = evaluate_loss(loss_module, eval_examples, cfg, pad_id, device, bf16, world, rank, fsdp)
 
-    # 6. Artifacts (rank 0): the adapter or model in standard formats, the plot, the manifest.
-    #    Under FSDP every rank first takes part in gathering the whole weights.
+def save_outputs(s: TrainingSetup, metrics: MetricsLog) -> Path | None:
+    """Step 6: the adapter or model in standard formats and the loss plot (rank 0; under FSDP
+    every rank first takes part in gathering the whole weights). The folder written, on rank 0."""
     whole = None
-    if fsdp:
-        whole = full_model_state(model) if t.method == "full" else trainable_state(model)
-    if main_rank:
-        if t.method == "full":
-            out = run_dir / artifacts.FULL_MODEL_DIR
-            with artifacts.atomic_path(out) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True, state_dict=whole)
-                tokenizer.save_pretrained(tmp)
-        else:
-            out = run_dir / artifacts.ADAPTER_DIR
-            with artifacts.atomic_path(out) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True, state_dict=whole)
-        write_loss_plot(metrics, run_dir / artifacts.LOSS_PLOT_FILE)
-    summary = {
-        "method": t.method,
-        "output": str(out) if main_rank else None,
-        "steps": state["step"],
-        "total_steps": plan.total_steps,
-        "stopped_early": stop_early,
-        "final_loss": next((m["loss"] for m in reversed(metrics) if "loss" in m), None),
-        "initial_eval_loss": state.get("initial_eval_loss"),
-        "final_eval_loss": last_eval,
-        "best_eval_loss": state["best_eval_loss"],
-        "tokens_trained": state["tokens"],
-        "trained_tokens": state["trained_tokens"],
-        "tokens_fed": state.get("tokens_fed", 0),  # what the model ran: a shared prefix counts once per batch
-        "train_time_s": state["train_time_s"],
-        "tokens_per_s": state["tokens"] / max(state["train_time_s"], 1e-9),
-        "trainable_parameters": trainable_count,
-    }
-    if main_rank:
-        versions = artifacts.library_versions()
-        for dist_name in ("bitsandbytes", "accelerate"):
-            try:
-                import importlib.metadata as md
+    if s.fsdp:
+        whole = full_model_state(s.model) if s.cfg.train.method == "full" else trainable_state(s.model)
+    if not s.main_rank:
+        return None
+    run_dir = s.cfg.run_dir
+    if s.cfg.train.method == "full":
+        out = run_dir / artifacts.FULL_MODEL_DIR
+        with artifacts.atomic_path(out) as tmp:
+            s.model.save_pretrained(tmp, safe_serialization=True, state_dict=whole)
+            s.tokenizer.save_pretrained(tmp)
+    else:
+        out = run_dir / artifacts.ADAPTER_DIR
+        with artifacts.atomic_path(out) as tmp:
+            s.model.save_pretrained(tmp, safe_serialization=True, state_dict=whole)
+    write_loss_plot(metrics.rows, run_dir / artifacts.LOSS_PLOT_FILE)
+    return out
 
-                versions[dist_name] = md.version(dist_name)
-            except Exception:  # noqa: BLE001 - optional libraries
-                pass
-        artifacts.update_manifest(
-            run_dir,
-            "train",
-            {
-                **summary,
-                "base_model": {"reference": cfg.model.name, "path": str(loaded.path), "fingerprint": loaded.fingerprint},
-                "data": data_info,
-                "config": cfg.model_dump(mode="json"),
-                "versions": versions,
-                "seed": t.seed,
-                "precision": "bf16" if bf16 else "fp32",
-                "compiled": compiled,
-                "world_size": world,
-                "parallel": t.parallel if world > 1 else None,
-                "hardware": artifacts.hardware_summary(),
-                "wall_time_s": time.time() - started,
-                "resumed": resume,
-            },
-        )
+
+def summarize(s: TrainingSetup, state: TrainingState, metrics: MetricsLog, out: Path | None) -> dict[str, Any]:
+    """What `run` returns and the manifest records of the training."""
+    return {
+        "method": s.cfg.train.method,
+        "output": str(out) if out is not None else None,
+        "steps": state.step,
+        "total_steps": s.plan.total_steps,
+        "stopped_early": state.stopped_early,
+        "final_loss": next((m["loss"] for m in reversed(metrics.rows) if "loss" in m), None),
+        "initial_eval_loss": state.initial_eval_loss,
+        "final_eval_loss": state.last_eval_loss,
+        "best_eval_loss": state.best_eval_loss,
+        "tokens_trained": state.tokens,
+        "trained_tokens": state.trained_tokens,
+        "tokens_fed": state.tokens_fed,  # what the model ran: a shared prefix counts once per batch
+        "train_time_s": state.train_time_s,
+        "tokens_per_s": state.tokens / max(state.train_time_s, 1e-9),
+        "trainable_parameters": s.trainable_count,
+    }
+
+
+def write_manifest(s: TrainingSetup, summary: dict[str, Any], started: float, resumed: bool) -> None:
+    """The manifest's `train` record: the summary, inputs' hashes, versions, config, hardware."""
+    cfg, t, loaded = s.cfg, s.cfg.train, s.loaded
+    versions = artifacts.library_versions()
+    for dist_name in ("bitsandbytes", "accelerate"):
+        try:
+            import importlib.metadata as md
+
+            versions[dist_name] = md.version(dist_name)
+        except Exception:  # noqa: BLE001 - optional libraries
+            pass
+    artifacts.update_manifest(
+        cfg.run_dir,
+        "train",
+        {
+            **summary,
+            "base_model": {"reference": cfg.model.name, "path": str(loaded.path), "fingerprint": loaded.fingerprint},
+            "data": s.data_info,
+            "config": cfg.model_dump(mode="json"),
+            "versions": versions,
+            "seed": t.seed,
+            "precision": "bf16" if s.bf16 else "fp32",
+            "compiled": s.compiled,
+            "world_size": s.world,
+            "parallel": t.parallel if s.world > 1 else None,
+            "hardware": artifacts.hardware_summary(),
+            "wall_time_s": time.time() - started,
+            "resumed": resumed,
+        },
+    )
+
+
+def run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console=None) -> dict[str, Any]:
+    """Train per `cfg`; write the adapter or model, metrics, loss plot, checkpoints, manifest.
+
+    A run folder that already holds a finished run is refused unless `force` or `resume`.
+    """
+    import torch.distributed as dist
+    from rich.console import Console
+
+    started = time.time()
+    refuse_replacing_finished_run(cfg, resume=resume, force=force)
+    world, rank, _, device = init_distributed()
+    console = console or Console(stderr=True)
+    if rank != 0:
+        console = Console(quiet=True)
+
+    setup = prepare(cfg, world, rank, device)  # 1-3: data, model, wrappers, optimizer
+    state, metrics, resumed = start_or_resume(setup, resume, console)  # 4
+    announce(setup, console)
+    train_loop(setup, state, metrics, console)  # 5
+    out = save_outputs(setup, metrics)  # 6
+    summary = summarize(setup, state, metrics, out)
+    if setup.main_rank:
+        write_manifest(setup, summary, started, resumed)
         console.print(
-            f"done: {state['step']} steps, loss {summary['final_loss'] or float('nan'):.4f}"
-            + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
+            f"done: {state.step} steps, loss {summary['final_loss'] or float('nan'):.4f}"
+            + (f", eval loss {state.last_eval_loss:.4f}" if state.last_eval_loss is not None else "")
             + f", {summary['tokens_per_s']:.0f} tokens/s -> {out}"
         )
     if world > 1:
