@@ -21,7 +21,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from tunesmith import artifacts
+from tunesmith import artifacts, runs
 from tunesmith.checkpoints import (
     full_model_state,
     full_tensor,
@@ -34,7 +34,6 @@ from tunesmith.checkpoints import (
     trainable_state,
 )
 from tunesmith.config import RunConfig
-from tunesmith.data import read_conversations as read_any
 from tunesmith.distributed import all_sum, gradient_sync, init_distributed, shard_model
 from tunesmith.errors import UserError
 from tunesmith.formatting import (
@@ -46,40 +45,29 @@ from tunesmith.formatting import (
     packed_batches,
     preflight,
 )
+from tunesmith.inference import use_bf16
 
 
 # --- data -----------------------------------------------------------------------------------
 
 
-def data_paths(cfg: RunConfig) -> tuple[Path, Path | None, str]:
-    """(train, eval, format): the split stage's files when present, else the config's."""
-    run_dir = cfg.run_dir
-    split_train, split_eval = run_dir / artifacts.TRAIN_SPLIT_FILE, run_dir / artifacts.EVAL_SPLIT_FILE
-    if split_train.exists():
-        return split_train, split_eval if split_eval.exists() else None, "openai"
-    train = cfg.resolve(cfg.data.train)
-    if not train.exists():
-        raise UserError(f"training data {train} not found", "fix data.train in the config (relative to the config file)")
-    eval_path = cfg.resolve(cfg.data.eval)
-    if eval_path is not None and not eval_path.exists():
-        raise UserError(f"eval data {eval_path} not found", "fix data.eval in the config, or remove it")
-    return train, eval_path, cfg.data.format
-
-
-def read_conversations(cfg: RunConfig, path: Path, fmt: str):
-    """Conversations of a data file, through data.py's readers (any supported format)."""
-    if fmt == "openai":  # the split stage's files already carry the system prompt
-        return read_any(path, format="openai")
-    return read_any(path, format=fmt, input_col=cfg.data.input_col, output_col=cfg.data.output_col, system_prompt=cfg.data.system_prompt)
+def data_paths(cfg: RunConfig) -> tuple[Path, Path | None, runs.DataFiles]:
+    """(train, eval, files): runs.data_files' choice (the split's files, else the config's), checked."""
+    files = runs.data_files(cfg)
+    if files.train is None or not files.train.exists():
+        raise UserError(f"training data {files.train} not found", "fix data.train in the config (relative to the config file)")
+    if files.eval is not None and not files.eval.exists():
+        raise UserError(f"eval data {files.eval} not found", "fix data.eval in the config, or remove it")
+    return files.train, files.eval, files
 
 
 def load_examples(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example], dict[str, Any]]:
     """Tokenise and pre-flight both splits; raise one UserError for every bad example."""
-    train_path, eval_path, fmt = data_paths(cfg)
-    train_examples, train_report = preflight(tokenizer, read_conversations(cfg, train_path, fmt), cfg.data, str(train_path))
+    train_path, eval_path, files = data_paths(cfg)
+    train_examples, train_report = preflight(tokenizer, files.read(train_path), cfg.data, str(train_path))
     eval_examples: list[Example] = []
     if eval_path is not None:
-        eval_examples, _ = preflight(tokenizer, read_conversations(cfg, eval_path, fmt), cfg.data, str(eval_path))
+        eval_examples, _ = preflight(tokenizer, files.read(eval_path), cfg.data, str(eval_path))
     info = {
         "train_file": str(train_path),
         "train_sha256": artifacts.sha256_file(train_path),
@@ -101,8 +89,8 @@ def show_mask(cfg: RunConfig, count: int, console) -> None:
     from tunesmith.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
-    train_path, _, fmt = data_paths(cfg)
-    examples, report = preflight(tokenizer, read_conversations(cfg, train_path, fmt), cfg.data, str(train_path))
+    train_path, _, files = data_paths(cfg)
+    examples, report = preflight(tokenizer, files.read(train_path), cfg.data, str(train_path))
     for example in examples[:count]:
         console.rule(f"line {example.source_line}: {len(example)} tokens, {example.trained_tokens} trained")
         console.print(mask_text(tokenizer, example))
@@ -168,21 +156,6 @@ class DataPlan:
 
 
 # --- the model ------------------------------------------------------------------------------
-
-
-def use_bf16(precision: str, device) -> bool:
-    """bf16 autocast where the hardware runs it fast: CUDA with bf16, CPU with AVX512-BF16/AMX."""
-    import torch
-
-    if precision == "fp32":
-        return False
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if precision == "bf16" and not supported and device.type == "cuda":
-        raise UserError("train.precision is bf16 but this GPU has no bf16", "set train.precision: fp32")
-    return supported or precision == "bf16"
 
 
 def load_for_training(cfg: RunConfig, device, bf16: bool, fsdp: bool = False):
@@ -529,10 +502,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
 
     if t.method != "full":
         # Warn now, not at deployment, when the serving engines will refuse this adapter.
-        from tunesmith.export import lint_adapter_config
-
         peft_config = model.peft_config["default"].to_dict()
-        for problem in lint_adapter_config(peft_config, causal_lm(model).config.model_type):
+        for problem in runs.lint_adapter_config(peft_config, causal_lm(model).config.model_type):
             console.print(f"[yellow]serving lint:[/yellow] {problem}")
     console.print(
         f"training {t.method} on {data_info['train_examples']} examples: {plan.total_steps} steps, "
@@ -665,24 +636,23 @@ def run(cfg: RunConfig, *, resume: bool = False, console=None) -> dict[str, Any]
                 versions[dist_name] = md.version(dist_name)
             except Exception:  # noqa: BLE001 - optional libraries
                 pass
-        artifacts.update_manifest(
+        runs.write_train_record(
             run_dir,
-            "train",
-            {
+            runs.TrainRecord(
                 **summary,
-                "base_model": {"reference": cfg.model.name, "path": str(loaded.path), "fingerprint": loaded.fingerprint},
-                "data": data_info,
-                "config": cfg.model_dump(mode="json"),
-                "versions": versions,
-                "seed": t.seed,
-                "precision": "bf16" if bf16 else "fp32",
-                "compiled": compiled,
-                "world_size": world,
-                "parallel": t.parallel if world > 1 else None,
-                "hardware": artifacts.hardware_summary(),
-                "wall_time_s": time.time() - started,
-                "resumed": resume,
-            },
+                base_model=runs.BaseModelRecord(reference=cfg.model.name, path=str(loaded.path), fingerprint=loaded.fingerprint),
+                data=data_info,
+                config=cfg.model_dump(mode="json"),
+                versions=versions,
+                seed=t.seed,
+                precision="bf16" if bf16 else "fp32",
+                compiled=compiled,
+                world_size=world,
+                parallel=t.parallel if world > 1 else None,
+                hardware=artifacts.hardware_summary(),
+                wall_time_s=time.time() - started,
+                resumed=resume,
+            ),
         )
         console.print(
             f"done: {state['step']} steps, loss {summary['final_loss'] or float('nan'):.4f}"

@@ -120,8 +120,8 @@ class ServedSet:
 
 def resolve_served(refs: list[str]) -> ServedSet:
     """Sort the positional arguments into one base and named adapters (no weights loaded)."""
-    from tunesmith.artifacts import ADAPTER_DIR, CONFIG_FILE, FULL_MODEL_DIR, MANIFEST_FILE
-    from tunesmith.export import base_model_ref, read_run
+    from tunesmith.artifacts import ADAPTER_DIR, FULL_MODEL_DIR, MANIFEST_FILE
+    from tunesmith.runs import base_model_ref, read_run_config, trained_base_fingerprint
 
     explicit: list[tuple[str, str]] = []  # (id, ref): model arguments and full fine-tunes
     implied: list[tuple[str, str]] = []  # the bases that adapters name
@@ -130,8 +130,8 @@ def resolve_served(refs: list[str]) -> ServedSet:
     for raw in refs:
         name, _, ref = raw.partition("=") if "=" in raw and not Path(raw).exists() else ("", "", raw)
         path = Path(ref).expanduser()
-        if path.is_dir() and (path / MANIFEST_FILE).exists() and (path / CONFIG_FILE).exists():
-            cfg, manifest = read_run(path)
+        if path.is_dir() and (path / MANIFEST_FILE).exists():
+            cfg = read_run_config(path)
             if (path / FULL_MODEL_DIR / "config.json").exists():
                 explicit.append((name or cfg.name, str(path / FULL_MODEL_DIR)))
                 continue
@@ -139,14 +139,15 @@ def resolve_served(refs: list[str]) -> ServedSet:
                 raise UserError(f"run {path} has no trained adapter", "train it first: tunesmith train CONFIG")
             model_id = name or cfg.name
             adapters[model_id] = ServedModel(model_id, path / ADAPTER_DIR, cfg.data.system_prompt, str(path))
-            expected[model_id] = (manifest.get("train") or {}).get("base_fingerprint")
+            expected[model_id] = trained_base_fingerprint(path)
             implied.append((cfg.model.name, base_model_ref(cfg)))
         elif path.is_dir() and (path / "adapter_config.json").exists():
             adapter_cfg = json.loads((path / "adapter_config.json").read_text())
             model_id = name or path.name
             adapters[model_id] = ServedModel(model_id, path, None, str(path))
             tunesmith_manifest = path / "tunesmith_manifest.json"
-            expected[model_id] = json.loads(tunesmith_manifest.read_text()).get("base_fingerprint") if tunesmith_manifest.exists() else None
+            exported = json.loads(tunesmith_manifest.read_text()) if tunesmith_manifest.exists() else {}
+            expected[model_id] = exported.get("trained_on_base_fingerprint") or exported.get("base_fingerprint")
             if adapter_cfg.get("base_model_name_or_path"):
                 implied.append((adapter_cfg["base_model_name_or_path"], adapter_cfg["base_model_name_or_path"]))
         else:
@@ -172,7 +173,7 @@ def resolve_served(refs: list[str]) -> ServedSet:
 def create_app(settings: ServeSettings, *, loaded: Any = None) -> Any:
     """The FastAPI app. The base model is loaded now (a bad reference fails before binding);
     `loaded` lets a caller pass an already loaded `tunesmith.models.LoadedModel`."""
-    from tunesmith.export import check_base_fingerprint
+    from tunesmith.runs import check_base_fingerprint
     from tunesmith.models import load_model
 
     served = resolve_served(settings.models)
