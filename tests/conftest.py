@@ -51,8 +51,11 @@ def _training_corpus() -> list[str]:
     return texts
 
 
-def build_tiny_model(folder: Path) -> Path:
-    """A 2-layer, hidden-64 Llama with a 512-token byte-level BPE, saved as an HF folder."""
+def build_tiny_model(folder: Path, seed: int = 0, bf16_exact: bool = False) -> Path:
+    """A 2-layer, hidden-64 Llama with a 512-token byte-level BPE, saved as an HF folder.
+
+    `seed` draws other weights (same tokenizer and shapes: "the same model, retrained");
+    `bf16_exact` rounds the weights to bf16 values, as in a model released in bf16."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -87,8 +90,12 @@ def build_tiny_model(folder: Path) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if bf16_exact:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(torch.bfloat16).float())
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     folder.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,8 @@ Subjects, all with the same chat template, the same held-out examples and the sa
 decoding:
   base           the base model, system prompt only (zero-shot);
   base-fewshot   the base model, system prompt + k training examples as prior turns;
-  tuned          the fine-tune (adapter unmerged over the base, LoRA weights in fp32, as trained;
-                 or the full model folder), loaded by runs.load_run_model with the drift guard;
+  tuned          the fine-tune: runs.load_run_model (drift guard; an adapter unmerged and computed
+                 in fp32, so small updates are not rounded away; a full model in the eval dtype);
   against        optionally another run (`--against RUN_DIR`), e.g. the one in production.
 
 Stop ids, dtype, prompt rendering and batched greedy decoding are inference.py's; scores and

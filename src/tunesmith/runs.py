@@ -134,11 +134,9 @@ def data_files(cfg) -> DataFiles:
     """The one rule for "the run's split files, else the config's files" (train and eval use it)."""
     run_dir = cfg.run_dir
     split_train, split_eval = run_dir / artifacts.TRAIN_SPLIT_FILE, run_dir / artifacts.EVAL_SPLIT_FILE
-    if split_train.exists() or split_eval.exists():
-        # The split stage's files are canonical OpenAI chat and already carry the system prompt.
-        return DataFiles(
-            split_train if split_train.exists() else None, split_eval if split_eval.exists() else None, {"format": "openai"}
-        )
+    if split_train.exists() and split_eval.exists():
+        # The split stage writes both files, canonical OpenAI chat, the system prompt included.
+        return DataFiles(split_train, split_eval, {"format": "openai"})
     d = cfg.data
     options = dict(format=d.format, input_col=d.input_col, output_col=d.output_col, system_prompt=d.system_prompt)
     return DataFiles(cfg.resolve(d.train), cfg.resolve(d.eval), options)
@@ -193,12 +191,13 @@ class RunModel:
 
 
 def load_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, dtype: Any = None, device: Any = None) -> RunModel:
-    """Load the trained model of a run: base + adapter (drift-guarded), or the full model.
+    """Load the trained model of a run: base + adapter (drift-guarded), or the full model in `dtype`.
 
-    The adapter stays unmerged, its weights in fp32 beside a base in `dtype`, as in training:
-    merging into bf16 weights would round away every update below half a bf16 step of W, and
-    small LoRA updates are mostly that. Pickle weights are refused unless the run's config
-    allows them (models.load_model).
+    An adapter run is computed in fp32 whatever `dtype` says, the LoRA unmerged: merged into
+    bf16 weights, every update below half a bf16 step of W rounds away (small LoRA updates are
+    mostly that), and a bf16 forward loses the same updates again in its activations (measured:
+    docs in the test of this rule, tests/test_runs.py). Pickle weights are refused unless the
+    run's config allows them (models.load_model).
     """
     from tunesmith.models import load_model
 
@@ -217,16 +216,17 @@ def load_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, dtype: A
             f"{run_dir} has no trained model ({artifacts.ADAPTER_DIR}/ or {artifacts.FULL_MODEL_DIR}/)",
             "train it first: tunesmith train CONFIG",
         )
+    import torch
     from peft import PeftModel
 
+    opts["dtype"] = torch.float32
     base = load_model(base_model_ref(cfg), expected_fingerprint=m.expected_fingerprint, **opts)
     warning = check_base_fingerprint(expected, base.fingerprint, base=m.name, allow_base_mismatch=allow_base_mismatch)
-    # autocast_adapter_dtype (peft's default) keeps the LoRA weights fp32 over a bf16/fp16 base.
-    model = PeftModel.from_pretrained(base.model, str(adapter_dir), autocast_adapter_dtype=True)
+    model = PeftModel.from_pretrained(base.model, str(adapter_dir))
     if device is not None:
         model.to(device)
     model.eval()
-    info = {"kind": "adapter", "path": str(adapter_dir), "base_fingerprint": base.fingerprint, "trained_on_base_fingerprint": expected}
+    info = {"kind": "adapter", "path": str(adapter_dir), "base_fingerprint": base.fingerprint, "trained_on_base_fingerprint": expected, "dtype": "float32"}
     if warning:
         info["warning"] = warning
     return RunModel(model, base.tokenizer, "adapter", base.fingerprint, base.path, cfg, run_dir, adapter_dir, expected, warning, info)
