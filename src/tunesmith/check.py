@@ -27,10 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from tunesmith import metrics as M
 from tunesmith.data import (
-    LABEL_MAX_DISTINCT,
     conversation_line,
-    is_closed_label_set,
     normalize_text,
     open_source,
 )
@@ -342,7 +341,9 @@ def check_file(
     dedup_texts: list[str] = []
     input_texts: list[str] = []
     want_input_signatures = eval_path is not None
-    labels: Counter[str] | None = Counter()
+    labels: Counter[str] | None = Counter()  # None once the answers cannot be a label set
+    label_keys: set[str] = set()
+    answer_shape = {"json": 0}
     json_like = json_ok = questions = multi_turn = 0
     key_sets: Counter[str] = Counter()
     pii_counts: Counter[str] = Counter()
@@ -379,11 +380,16 @@ def check_file(
                     input_signature_batches.append(minhash_signatures(input_texts))
                     input_texts.clear()
 
-            # Shape of the task, for the label check and for `advise`.
+            # Shape of the task (metrics.task_kind's counts), for the label check and `advise`.
+            answer_shape["json"] += M.is_json_answer(target)
             if labels is not None:
-                labels[target] += 1
-                if len(labels) > LABEL_MAX_DISTINCT:
+                if not M.is_label(target):
                     labels = None
+                else:
+                    labels[target] += 1
+                    label_keys.add(M.normalize_label(target))
+                    if len(label_keys) > M.LABEL_MAX_COUNT:
+                        labels = None
             looks_json, parsed = _json_answer(target)
             if looks_json:
                 json_like += 1
@@ -511,8 +517,10 @@ def check_file(
         )
     report.stats["near_duplicates"] = {"count": int(len(near)), "threshold": near_dup_threshold}
 
-    # Labels.
-    if labels is not None and is_closed_label_set(len(labels), n):
+    # Labels: present exactly when the task is classification, by eval's own rule.
+    task = M.task_kind(n, answer_shape["json"], labels is not None, len(label_keys))
+    report.stats["task"] = task
+    if labels is not None and task == "classification":
         counts = dict(labels.most_common())
         ratio = max(counts.values()) / min(counts.values())
         report.stats["labels"] = {"distinct": len(counts), "counts": counts, "imbalance_ratio": round(ratio, 2)}
