@@ -211,3 +211,19 @@ def test_smollm2_base_vs_fewshot_on_sms_spam(tmp_path, smollm2_dir):
     for entry in results["subjects"].values():
         assert entry["ended_on_end_of_turn"] > 0  # the real model stops at <|im_end|>
     assert "No comparison with a fine-tune" in results["verdict"]["text"]
+
+
+def test_eval_truncates_prompts_like_training_and_says_so(tmp_path, tiny_model_dir):
+    config = make_run(tmp_path, tiny_model_dir, adapter_seed=None, eval_settings=", max_examples: 3")
+    text = config.read_text().replace("max_length: 256", "max_length: 48, truncate: true")
+    config.write_text(text)
+    results = evaluate.run(load_config(config, ["eval.subjects=[base]"]))
+    pt = results["prompt_truncation"]
+    assert pt["data_truncate"] and pt["max_length"] == 48 and pt["truncated_examples"] == pt["over_max_length"] == 3
+    assert pt["cut_tokens"] > 0
+    assert "Prompt truncation as in training (data.truncate, max length 48): 3 prompt(s)" in (tmp_path / "runs/r/eval/report.md").read_text()
+    assert artifacts.read_manifest(tmp_path / "runs/r")["eval"]["prompt_truncation"] == pt
+    # Off: prompts stay whole, and the report counts the ones over the length.
+    config.write_text(text.replace("truncate: true", "truncate: false"))
+    results = evaluate.run(load_config(config, ["eval.subjects=[base]"]))
+    assert results["prompt_truncation"]["truncated_examples"] == 0 and results["prompt_truncation"]["over_max_length"] == 3

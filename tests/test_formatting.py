@@ -189,3 +189,22 @@ def test_truncation_cuts_the_prompt_and_keeps_the_answer(tokenizer):
     tail = formatting.PROMPT_TAIL_KEPT + full.trained_tokens + 1
     assert cut.input_ids[-tail:] == full.input_ids[-tail:] and cut.labels[-tail:] == full.labels[-tail:]
     assert cut.input_ids[:20] == full.input_ids[:20]
+
+
+def test_eval_prompt_truncation_is_the_training_rule(tokenizer):
+    """formatting.truncate_prompt leaves exactly the prompt that training's data.truncate kept in
+    front of the answer, so evaluation asks the fine-tune what it was trained on."""
+    from tunesmith.formatting import truncate_prompt
+    from tunesmith.inference import render_ids
+
+    long_user = " ".join(["the parcel was late and the courier lost the invoice again"] * 12)
+    example, problems = tokenize_conversation(tokenizer, conv(("user", long_user), ("assistant", "billing")), max_length=64, truncate=True)
+    assert problems == [] and example.cut_prompt_tokens > 0
+    prompt = render_ids(tokenizer, [{"role": "user", "content": long_user}])
+    answer_tokens = len(tokenizer("billing", add_special_tokens=False)["input_ids"]) + 1  # + <|im_end|>
+    cut_prompt, cut = truncate_prompt(prompt, answer_tokens, 64)
+    assert cut == example.cut_prompt_tokens and len(cut_prompt) == len(prompt) - cut
+    assert example.input_ids[: len(cut_prompt)] == cut_prompt
+    # A prompt that fits is left alone.
+    short = render_ids(tokenizer, [{"role": "user", "content": "hi"}])
+    assert truncate_prompt(short, answer_tokens, len(short) + answer_tokens) == (short, 0)

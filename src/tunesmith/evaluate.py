@@ -26,6 +26,7 @@ from tunesmith import artifacts, runs
 from tunesmith import metrics as M
 from tunesmith.config import RunConfig
 from tunesmith.errors import GateFailed, UserError
+from tunesmith.formatting import cut_before_tail, truncate_prompt
 from tunesmith.inference import Generation, generate_greedy, inference_dtype, render_ids, stop_token_ids
 from tunesmith.schema import Conversation
 
@@ -124,6 +125,21 @@ def choose_shots(
 # --------------------------------------------------------------------------- generation
 
 
+def truncate_prompts(tokenizer, prompts: list[list[int]], golds: list[str], data_cfg) -> tuple[list[list[int]], list[int], dict[str, Any]]:
+    """(prompts, tokens cut from each, summary): with data.truncate on, each prompt cut as
+    training cut its example (formatting.truncate_prompt, the example's answer length known),
+    so the fine-tune is asked what it was trained on; off, prompts stay whole and are counted."""
+    answer_tokens = [len(tokenizer(g, add_special_tokens=False)["input_ids"]) + 1 for g in golds]  # + end of turn
+    over = sum(1 for p, a in zip(prompts, answer_tokens) if len(p) + a > data_cfg.max_length)
+    summary: dict[str, Any] = {"data_truncate": data_cfg.truncate, "max_length": data_cfg.max_length, "over_max_length": over}
+    if not data_cfg.truncate:
+        return prompts, [0] * len(prompts), {**summary, "truncated_examples": 0, "cut_tokens": 0}
+    cut_pairs = [truncate_prompt(p, a, data_cfg.max_length) for p, a in zip(prompts, answer_tokens)]
+    cuts = [c for _, c in cut_pairs]
+    summary.update(truncated_examples=sum(1 for c in cuts if c), cut_tokens=sum(cuts))
+    return [p for p, _ in cut_pairs], cuts, summary
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -214,6 +230,7 @@ def run(
     #    is also a held-out input).
     systems = [system_prompt_of(c, cfg.data.system_prompt) for c in examples]
     zero_shot = [render_ids(tokenizer, prompt_messages(c, s)) for c, s in zip(examples, systems)]
+    zero_shot, cuts, truncation = truncate_prompts(tokenizer, zero_shot, golds, cfg.data)
     context = int(getattr(base.model.config, "max_position_embeddings", 0) or 2048)
     room = context - max(map(len, zero_shot)) - ec.max_new_tokens
     few_shot_info: dict[str, Any] = {}
@@ -224,7 +241,10 @@ def run(
         common_system = systems[0] if len(set(systems)) == 1 else cfg.data.system_prompt
         chosen, shot_tokens = choose_shots(tokenizer, train, order, system=common_system, k=ec.few_shot_k, budget_tokens=budget)
         shots = [train[i] for i in chosen]
-        prompts["base-fewshot"] = [render_ids(tokenizer, prompt_messages(c, s, shots)) for c, s in zip(examples, systems)]
+        prompts["base-fewshot"] = [
+            cut_before_tail(render_ids(tokenizer, prompt_messages(c, s, shots)), cut) if cut else render_ids(tokenizer, prompt_messages(c, s, shots))
+            for c, s, cut in zip(examples, systems, cuts)
+        ]
         few_shot_info = {
             "k": len(chosen),
             "k_requested": ec.few_shot_k,
@@ -337,6 +357,7 @@ def run(
         "seed": ec.seed,
         **task_info,
         "few_shot": few_shot_info,
+        "prompt_truncation": truncation,
         "subjects": results_subjects,
         "comparisons": comparisons,
         "verdict": verdict,

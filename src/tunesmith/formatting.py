@@ -204,6 +204,28 @@ def truncate_example(input_ids: list[int], labels: list[int], max_length: int, s
     return Example(input_ids[:max_length], labels[:max_length], source_line, cut_trained_tokens=cut)
 
 
+def truncate_prompt(prompt_ids: list[int], answer_tokens: int, max_length: int) -> tuple[list[int], int]:
+    """(prompt ids, tokens cut): a generation prompt as training's truncation (data.truncate)
+    leaves it when the example's answer is `answer_tokens` long, so evaluation prompts the model
+    with what it was trained on. The rule is `truncate_example`'s, applied to the prompt
+    followed by a stand-in answer; only its prompt part is returned.
+    """
+    if len(prompt_ids) + answer_tokens <= max_length:
+        return prompt_ids, 0
+    stand_in = [IGNORE_INDEX] * len(prompt_ids) + [0] * answer_tokens
+    cut = truncate_example(list(prompt_ids) + [0] * answer_tokens, stand_in, max_length, None)
+    if not cut.cut_prompt_tokens:  # training cut the answer instead: the prompt stays whole
+        return prompt_ids, 0
+    return cut_before_tail(prompt_ids, cut.cut_prompt_tokens), cut.cut_prompt_tokens
+
+
+def cut_before_tail(prompt_ids: list[int], count: int) -> list[int]:
+    """`prompt_ids` without the `count` tokens just before its last PROMPT_TAIL_KEPT (where
+    truncation cuts a prompt: the turn boundary and the assistant header stay)."""
+    end = len(prompt_ids) - PROMPT_TAIL_KEPT
+    return prompt_ids[: end - count] + prompt_ids[end:]
+
+
 def tokenize_dataset(
     tokenizer, conversations: list[Conversation], *, max_length: int, truncate: bool = False, system_prompt: str | None = None
 ) -> tuple[list[Example], FormatReport]:

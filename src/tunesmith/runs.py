@@ -209,7 +209,8 @@ def load_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, dtype: A
     full_dir, adapter_dir = run_dir / artifacts.FULL_MODEL_DIR, run_dir / artifacts.ADAPTER_DIR
     if (full_dir / "config.json").exists():
         loaded = load_model(str(full_dir), **opts)
-        info = {"kind": "full", "path": str(full_dir), "fingerprint": loaded.fingerprint, "base_fingerprint": expected}
+        info = {"kind": "full", "path": str(full_dir), "fingerprint": loaded.fingerprint, "base_fingerprint": expected,
+                "dtype": str(loaded.model.dtype).replace("torch.", "")}
         return RunModel(loaded.model, loaded.tokenizer, "full", loaded.fingerprint, loaded.path, cfg, run_dir, None, expected, None, info)
     if not (adapter_dir / "adapter_config.json").exists():
         raise UserError(
