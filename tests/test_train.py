@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunesmith import artifacts, train
+from tunesmith import artifacts, modeling, train
 from tunesmith.checkpoints import CHECKPOINT_OPTIMIZER_SHARDS, list_checkpoints
 from tunesmith.config import RunConfig, load_config
 from tunesmith.data import read_conversations
@@ -74,7 +74,7 @@ def tiny_peft_batch(tiny_model_dir):
 
 def loss_and_grad(model, tensors, shared_prefix_len=0):
     model.zero_grad()
-    loss = train.loss_at_trained_positions(model, tensors["input_ids"], tensors["labels"], tensors["position_ids"], shared_prefix_len)
+    loss = modeling.loss_at_trained_positions(model, tensors["input_ids"], tensors["labels"], tensors["position_ids"], shared_prefix_len)
     loss.backward()
     return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
@@ -142,10 +142,10 @@ def test_lora_run_writes_artifacts_pinned_losses_and_round_trips(tiny_model_dir,
     eval_examples = tokenize_dataset(tokenizer, read_conversations(tmp_path / "eval.jsonl", format="openai"), max_length=256)[0]
     with torch.no_grad():
         tensors = collate(eval_examples, [[i] for i in range(len(eval_examples))], tokenizer.pad_token_id)
-        loss = train.loss_at_trained_positions(tuned, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
+        loss = modeling.loss_at_trained_positions(tuned, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
         assert loss.item() / tensors["trained_tokens"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
         with tuned.disable_adapter():
-            base_loss = train.loss_at_trained_positions(tuned, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
+            base_loss = modeling.loss_at_trained_positions(tuned, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
         assert base_loss.item() > loss.item()
 
 
@@ -169,7 +169,7 @@ def test_full_fine_tuning_writes_a_loadable_hf_folder(tiny_model_dir, tmp_path):
     examples = tokenize_dataset(tokenizer, read_conversations(tmp_path / "eval.jsonl", format="openai"), max_length=256)[0]
     tensors = collate(examples, [[i] for i in range(len(examples))], tokenizer.pad_token_id)
     with torch.no_grad():
-        loss = train.loss_at_trained_positions(model, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
+        loss = modeling.loss_at_trained_positions(model, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
     assert loss.item() / tensors["trained_tokens"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
     losses = step_losses(cfg.run_dir)
     assert losses[-1] < losses[0]

@@ -339,7 +339,7 @@ def collate(examples: list[Example], batch: list[list[int]], pad_id: int) -> dic
         pos += range(start, start + pad)  # pads continue the last example: they come after it, untrained
     input_ids = torch.tensor(rows_ids)
     labels = torch.tensor(rows_labels)
-    # A prompt prefix shared by every row is computed once (see train.loss_at_trained_positions).
+    # A prompt prefix shared by every row is computed once (see modeling.loss_at_trained_positions).
     # It must end before the first position whose hidden state predicts a trained label.
     shared = 0
     if len(batch) > 1 and all(len(row) == 1 for row in batch):

@@ -5,19 +5,17 @@ loaded, so a bad mask costs seconds, not a model load), model, optimizer, the da
 resume, the loop, the artifacts. The data plan is a pure function of (seed, dataset, config),
 so the data position in a checkpoint is just the step number, and resuming is exact.
 What a checkpoint holds, and how it is written and read back, is in `checkpoints.py`;
-the torch.distributed plumbing (DDP/FSDP setup, sums across ranks) in `distributed.py`.
+the torch.distributed plumbing (DDP/FSDP setup, sums across ranks) in `distributed.py`;
+the model set up for a method and its loss in `modeling.py`; the run's record in `runs.py`.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-import logging
 import math
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,6 @@ from tunesmith.config import RunConfig
 from tunesmith.distributed import all_sum, gradient_sync, init_distributed, shard_model
 from tunesmith.errors import UserError
 from tunesmith.formatting import (
-    IGNORE_INDEX,
     Example,
     collate,
     length_grouped_batches,
@@ -46,6 +43,7 @@ from tunesmith.formatting import (
     preflight,
 )
 from tunesmith.inference import use_bf16
+from tunesmith.modeling import autocast, causal_lm, load_for_training, make_loss_module
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -155,137 +153,7 @@ class DataPlan:
         return sum(len(self.examples[i]) for batch in global_batches for row in batch for i in row)
 
 
-# --- the model ------------------------------------------------------------------------------
-
-
-def load_for_training(cfg: RunConfig, device, bf16: bool, fsdp: bool = False):
-    """(model, loaded): the model ready to train (PEFT-wrapped for lora/qlora), on `device`.
-
-    Under FSDP every weight is stored fp32 (an FSDP unit all-gathers one dtype); autocast still
-    computes in bf16.
-    """
-    import torch
-
-    from tunesmith.models import load_model
-
-    t = cfg.train
-    common = dict(trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle, expected_fingerprint=cfg.model.expected_fingerprint)
-    if t.method == "full":
-        # Full fine-tuning keeps fp32 master weights; bf16 is only the autocast compute.
-        loaded = load_model(cfg.model.name, dtype=torch.float32, device=device, **common)
-        model = loaded.model
-        model.requires_grad_(True)
-    else:
-        # bitsandbytes (imported by peft when installed) warns at import about an optional
-        # kernel download it cannot do offline; the NF4 CPU path works without it.
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-        from peft import LoraConfig, get_peft_model
-
-        if t.method == "qlora":
-            quant = qlora_config(bf16)
-            # Unquantized parts (embeddings, norms) stay fp32, so the residual stream does.
-            loaded = load_model(cfg.model.name, dtype=torch.float32, quantization_config=quant, device=device, **common)
-            if device.type == "cuda":  # load_model leaves quantized models where they loaded
-                loaded.model.to(device)
-        else:
-            store_bf16 = bf16 and not fsdp
-            loaded = load_model(cfg.model.name, dtype=torch.bfloat16 if store_bf16 else torch.float32, device=device, **common)
-            if store_bf16:
-                # The frozen projections are stored in bf16, the dtype autocast computes them in:
-                # no per-step weight casts, half their memory. Embeddings and norms go back to
-                # fp32, so the residual stream stays fp32 (a bf16 residual stream loses accuracy).
-                embeddings = loaded.model.get_input_embeddings().weight
-                for module in loaded.model.modules():
-                    if not isinstance(module, torch.nn.Linear) or module.weight is embeddings:
-                        for param in module.parameters(recurse=False):
-                            param.data = param.data.float()
-        lora = t.lora
-        peft_config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            use_rslora=lora.use_rslora,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        # peft keeps adapter weights in fp32 over a bf16 base (autocast_adapter_dtype), so the
-        # LoRA update and the optimizer state stay accurate.
-        model = get_peft_model(loaded.model, peft_config)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
-    return model, loaded
-
-
-def qlora_config(bf16: bool):
-    import torch
-
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise UserError("train.method qlora needs bitsandbytes", 'pip install "bitsandbytes>=0.50"') from None
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
-        bnb_4bit_quant_storage=torch.uint8,
-    )
-
-
-def causal_lm(model):
-    """The HF *ForCausalLM inside a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def loss_at_trained_positions(model, input_ids, labels, position_ids, shared_prefix_len: int = 0):
-    """Summed cross-entropy over trained positions only.
-
-    The backbone gives hidden states; the vocabulary projection runs only on positions whose
-    next token is trained (a few percent of them in domain fine-tuning, and the projection
-    is a large share of a small model's compute). With `shared_prefix_len` K > 0, every row
-    starts with the same K tokens: they run once with batch 1, and their keys/values are
-    repeated over the batch, so gradients flow back through the prefix as in the plain path.
-    """
-    import torch.nn.functional as F
-
-    lm = causal_lm(model)
-    backbone, head = lm.get_decoder(), lm.get_output_embeddings()
-    k = shared_prefix_len
-    if k > 0:
-        prefix = backbone(input_ids=input_ids[:1, :k], position_ids=position_ids[:1, :k], use_cache=True)
-        # transformers 5 names the cache `cache`; 4.x `past_key_values`.
-        cache_kw = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-        cache = prefix[cache_kw]
-        cache.batch_repeat_interleave(input_ids.shape[0])
-        hidden = backbone(
-            input_ids=input_ids[:, k:], position_ids=position_ids[:, k:], use_cache=True, **{cache_kw: cache}
-        ).last_hidden_state
-        labels = labels[:, k:]
-    else:
-        hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    trained = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][trained]).float()
-    return F.cross_entropy(logits, targets[trained], reduction="sum")
-
-
-def make_loss_module(model):
-    """The model wrapped as one module whose forward is the loss, so DDP and compile see it whole."""
-    import torch
-
-    class _Loss(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, labels, position_ids, shared_prefix_len: int = 0):
-            return loss_at_trained_positions(self.model, input_ids, labels, position_ids, shared_prefix_len)
-
-    return _Loss(model)
+# --- the model: modeling.py (shared with estimate's calibration) ----------------------------
 
 
 def lr_lambda(cfg: RunConfig, total_steps: int):
@@ -377,12 +245,6 @@ def evaluate_loss(loss_module, examples: list[Example], cfg: RunConfig, pad_id: 
     loss_module.train(was_training)
     total, tokens = all_sum([total, tokens], world, device)
     return total / max(tokens, 1)
-
-
-def autocast(device, bf16: bool):
-    import torch
-
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def want_compile(setting: str, device) -> bool:
