@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunesmith.errors import UserError
+from tunesmith.inference import render_ids
 from tunesmith.serve import protocol
 from tunesmith.serve.engine import Engine, SamplingParams, Sequence, ServedModel
 
@@ -254,7 +255,7 @@ def create_app(settings: ServeSettings, *, loaded: Any = None) -> Any:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         if served_model.default_system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": served_model.default_system})
-        prompt = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        prompt = render_ids(state.tokenizer, messages)
         grammar = None
         fmt = body.response_format
         if fmt is not None and fmt.type != "text":
