@@ -86,3 +86,14 @@ def test_small_lora_updates_survive_the_loader(tmp_path):
     changed = sum(int((a != b).sum()) for a, b in zip(old.state_dict().values(), base_bf16.state_dict().values()))
     assert changed == 0
     assert torch.equal(_logits(old, ids), _logits(base_bf16, ids))
+
+
+def test_a_foreign_train_record_is_a_user_error(tiny_run, tmp_path):
+    from conftest import copy_run
+
+    run_dir = copy_run(tiny_run, tmp_path / "run")
+    manifest = json.loads((run_dir / artifacts.MANIFEST_FILE).read_text())
+    manifest["train"] = {"base_fingerprint": "abc"}  # the shape the old test fixture wrote by hand
+    (run_dir / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="train record is not one tunesmith train wrote"):
+        runs.load_run_model(run_dir)

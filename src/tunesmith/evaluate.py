@@ -241,10 +241,9 @@ def run(
         common_system = systems[0] if len(set(systems)) == 1 else cfg.data.system_prompt
         chosen, shot_tokens = choose_shots(tokenizer, train, order, system=common_system, k=ec.few_shot_k, budget_tokens=budget)
         shots = [train[i] for i in chosen]
-        prompts["base-fewshot"] = [
-            cut_before_tail(render_ids(tokenizer, prompt_messages(c, s, shots)), cut) if cut else render_ids(tokenizer, prompt_messages(c, s, shots))
-            for c, s, cut in zip(examples, systems, cuts)
-        ]
+        few_shot = [render_ids(tokenizer, prompt_messages(c, s, shots)) for c, s in zip(examples, systems)]
+        # The example's own prompt loses what its zero-shot prompt lost (the same tokens before its tail).
+        prompts["base-fewshot"] = [cut_before_tail(p, cut) if cut else p for p, cut in zip(few_shot, cuts)]
         few_shot_info = {
             "k": len(chosen),
             "k_requested": ec.few_shot_k,
@@ -278,7 +277,7 @@ def run(
     for name in BASELINES:
         if name in subjects:
             key = generation_key(base.fingerprint, prompts[name], ec, dtype, stop_ids)
-            subject_info[name] = {"model": m.name, "fingerprint": base.fingerprint, "generation_key": key}
+            subject_info[name] = {"model": m.name, "fingerprint": base.fingerprint, "generation_key": key, "dtype": str(dtype).replace("torch.", "")}
             previous = previous_generations(out_dir, name, key, len(examples))
             if previous is not None:
                 generations[name] = previous
@@ -358,6 +357,7 @@ def run(
         **task_info,
         "few_shot": few_shot_info,
         "prompt_truncation": truncation,
+        "warnings": warnings,
         "subjects": results_subjects,
         "comparisons": comparisons,
         "verdict": verdict,

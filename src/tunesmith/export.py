@@ -21,11 +21,10 @@ from typing import Any
 
 from tunesmith.artifacts import EVAL_SPLIT_FILE, EXPORT_DIR, atomic_path
 from tunesmith.errors import UserError
-from tunesmith.inference import greedy_tokens as inference_greedy_tokens
-from tunesmith.inference import render_ids, stop_token_ids, stop_token_list
-from tunesmith.runs import ExportRecord, RunModel, lint_adapter_config, load_run_model, write_export_record
 from tunesmith.gguf_export import check_llama, gguf_tensor_report, hf_to_gguf_arrays, write_gguf, write_gguf_lora
+from tunesmith.inference import greedy_tokens, render_ids, stop_token_ids, stop_token_list
 from tunesmith.ollama_modelfile import chat_format, modelfile_text, ollama_template, template_parity
+from tunesmith.runs import ExportRecord, RunModel, lint_adapter_config, load_run_model, write_export_record
 
 FORMATS = ("merged", "adapter", "gguf", "ollama")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -73,11 +72,6 @@ def probe_conversations(run_dir: Path, cfg: Any, count: int = 3) -> list[list[di
 
 def prompt_ids(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
     return [render_ids(tokenizer, c) for c in conversations]
-
-
-def greedy_tokens(model: Any, prompts: list[list[int]], stop_ids: set[int], max_new_tokens: int = PARITY_NEW_TOKENS) -> list[list[int]]:
-    """Greedy continuation of each prompt, one at a time (inference.greedy_tokens)."""
-    return inference_greedy_tokens(model, prompts, stop_ids, max_new_tokens)
 
 
 def max_logit_diff(model_a: Any, model_b: Any, prompts: list[list[int]]) -> float:
@@ -131,7 +125,8 @@ def export_merged(run: RunModel, out_dir: Path) -> dict[str, Any]:
     # Parity: reload with plain transformers, as a user would.
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=merged.dtype).eval()
     prompts = prompt_ids(run.tokenizer, probe_conversations(run.run_dir, run.cfg))
-    parity = compare_outputs(greedy_tokens(run.model, prompts, eos), greedy_tokens(reloaded, prompts, eos), run.tokenizer)
+    trained_tokens = greedy_tokens(run.model, prompts, eos, PARITY_NEW_TOKENS)
+    parity = compare_outputs(trained_tokens, greedy_tokens(reloaded, prompts, eos, PARITY_NEW_TOKENS), run.tokenizer)
     parity["max_logit_diff"] = max_logit_diff(run.model, reloaded, prompts)
     return {"path": str(out_dir), "parity": parity}
 
@@ -173,7 +168,8 @@ def export_adapter(run: RunModel, out_dir: Path) -> dict[str, Any]:
     reloaded = PeftModel.from_pretrained(base, str(out_dir)).eval()
     eos = stop_token_ids(run.model, run.tokenizer)
     prompts = prompt_ids(run.tokenizer, probe_conversations(run.run_dir, run.cfg))
-    parity = compare_outputs(greedy_tokens(run.model, prompts, eos), greedy_tokens(reloaded, prompts, eos), run.tokenizer)
+    trained_tokens = greedy_tokens(run.model, prompts, eos, PARITY_NEW_TOKENS)
+    parity = compare_outputs(trained_tokens, greedy_tokens(reloaded, prompts, eos, PARITY_NEW_TOKENS), run.tokenizer)
     return {"path": str(out_dir), "lint": lint, "parity": parity}
 
 
@@ -195,7 +191,7 @@ def gguf_parity(path: Path, run: RunModel, reference_tokens: list[list[int]], pr
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
-    result = compare_outputs(reference_tokens, greedy_tokens(model, prompts, eos), run.tokenizer)
+    result = compare_outputs(reference_tokens, greedy_tokens(model, prompts, eos, PARITY_NEW_TOKENS), run.tokenizer)
     result["max_logit_diff"] = max_logit_diff(run.model, model, prompts)
     texts = [run.tokenizer.decode(p) for p in prompts]
     result["tokenizer_matches"] = all(tokenizer(t, add_special_tokens=False)["input_ids"] == p for t, p in zip(texts, prompts))
@@ -232,7 +228,7 @@ def export_gguf(run: RunModel, out_dir: Path, gguf_types: list[str]) -> dict[str
     name = f"{run.cfg.name}"
     eos = stop_token_ids(run.model, run.tokenizer)
     prompts = prompt_ids(run.tokenizer, probe_conversations(run.run_dir, run.cfg))
-    reference_tokens = greedy_tokens(run.model, prompts, eos)
+    reference_tokens = greedy_tokens(run.model, prompts, eos, PARITY_NEW_TOKENS)
     expected = hf_to_gguf_arrays(merged)
     report: dict[str, Any] = {"path": str(out_dir), "files": {}}
     with atomic_path(out_dir) as tmp:

@@ -82,8 +82,19 @@ def write_train_record(run_dir: Path, record: TrainRecord) -> None:
 
 def read_train_record(run_dir: Path) -> TrainRecord | None:
     """The run's train record, or None when it has not been trained."""
+    from pydantic import ValidationError
+
     section = artifacts.read_manifest_or_empty(run_dir).get("train")
-    return TrainRecord.model_validate(section) if section else None
+    if not section:
+        return None
+    try:
+        return TrainRecord.model_validate(section)
+    except ValidationError as e:
+        where = ".".join(str(p) for p in e.errors()[0]["loc"])
+        raise UserError(
+            f"{Path(run_dir) / artifacts.MANIFEST_FILE}: the train record is not one tunesmith train wrote (train.{where})",
+            "train the run again with this version of tunesmith",
+        ) from None
 
 
 def write_eval_record(run_dir: Path, record: EvalRecord) -> None:
