@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith import evaluate
+from tunesmith import evaluate, inference
 from tunesmith.models import load_model
 from tunesmith.schema import Conversation
 
@@ -45,21 +45,21 @@ def main() -> None:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1 : args.examples + 1]
     convs = [Conversation.from_openai({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": label}]}) for label, text in rows]
 
-    dtype = evaluate.eval_dtype(args.precision)
+    dtype = inference.inference_dtype(args.precision)
     loaded = load_model(args.model, dtype=dtype, device="cuda" if torch.cuda.is_available() else None)
     model, tok = loaded.model, loaded.tokenizer
-    prompts = [evaluate.render_ids(tok, evaluate.prompt_messages(c, SYSTEM)) for c in convs]
-    stop = evaluate.stop_token_ids(model, tok)
+    prompts = [inference.render_ids(tok, evaluate.prompt_messages(c, SYSTEM)) for c in convs]
+    stop = inference.stop_token_ids(model, tok)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     device = next(model.parameters()).device
 
     # Warm-up (first-call allocations) on a few prompts, both paths.
-    evaluate.generate_greedy(model, prompts[:4], max_new_tokens=2, batch_size=4, stop_ids=stop, pad_id=tok.pad_token_id, decode=decode)
+    inference.generate_greedy(model, prompts[:4], max_new_tokens=2, batch_size=4, stop_ids=stop, pad_id=tok.pad_token_id, decode=decode)
     with torch.inference_mode():
         model.generate(torch.tensor([prompts[0]], device=device), max_new_tokens=2, do_sample=False)
 
     start = time.perf_counter()
-    batched = evaluate.generate_greedy(
+    batched = inference.generate_greedy(
         model, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stop_ids=stop, pad_id=tok.pad_token_id, decode=decode
     )
     batched_s = time.perf_counter() - start

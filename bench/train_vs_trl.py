@@ -77,7 +77,7 @@ def eval_loss(model_dir: Path, adapter: Path, folder: Path, max_length: int) -> 
     from tunesmith.data import read_conversations
     from tunesmith.formatting import collate, tokenize_dataset
     from tunesmith.models import load_tokenizer
-    from tunesmith.train import loss_at_trained_positions
+    from tunesmith.modeling import loss_at_trained_positions
 
     tokenizer = load_tokenizer(str(model_dir))
     examples, _ = tokenize_dataset(tokenizer, read_conversations(folder / "eval.jsonl", format="openai"), max_length=max_length)

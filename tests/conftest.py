@@ -51,8 +51,11 @@ def _training_corpus() -> list[str]:
     return texts
 
 
-def build_tiny_model(folder: Path) -> Path:
-    """A 2-layer, hidden-64 Llama with a 512-token byte-level BPE, saved as an HF folder."""
+def build_tiny_model(folder: Path, seed: int = 0, bf16_exact: bool = False) -> Path:
+    """A 2-layer, hidden-64 Llama with a 512-token byte-level BPE, saved as an HF folder.
+
+    `seed` draws other weights (same tokenizer and shapes: "the same model, retrained");
+    `bf16_exact` rounds the weights to bf16 values, as in a model released in bf16."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -87,8 +90,12 @@ def build_tiny_model(folder: Path) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if bf16_exact:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(torch.bfloat16).float())
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,21 +162,50 @@ def cli():
     return run_cli
 
 
-def make_adapter_run(run_dir: Path, base_dir: Path, *, seed: int = 0, r: int = 4, name: str = "tiny-run", system_prompt: str | None = None) -> Path:
-    """A run folder as `tunesmith train` leaves it (config, manifest, PEFT adapter), without
-    training: a LoRA with random (non-zero) B, so the adapter changes the model's outputs."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+# A LoRA run on the tiny model, short and with a large learning rate, so the adapter clearly
+# changes the model's outputs.
+TINY_RUN_TRAIN = {"method": "lora", "max_steps": 8, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32", "compile": "off", "lora": {"r": 4, "alpha": 8}}
 
-    from tunesmith.artifacts import ADAPTER_DIR, CONFIG_FILE, update_manifest, write_text_atomic
-    from tunesmith.config import DataConfig, ModelConfig, RunConfig, config_to_yaml
-    from tunesmith.models import fingerprint
 
-    cfg = RunConfig(name=name, data=DataConfig(train="data.jsonl", system_prompt=system_prompt), model=ModelConfig(name=str(base_dir)))
-    write_text_atomic(run_dir / CONFIG_FILE, config_to_yaml(cfg))
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False)
-    get_peft_model(base, lora).save_pretrained(run_dir / ADAPTER_DIR)
-    update_manifest(run_dir, "train", {"base_fingerprint": fingerprint(base_dir), "base_model": str(base_dir)})
-    return run_dir
+def train_tiny_run(folder: Path, base_dir: Path, *, name: str = "tiny-run", seed: int = 0, records: list | None = None,
+                   system_prompt: str | None = None, train: dict | None = None, eval_settings: dict | None = None) -> Path:
+    """Train a real run through `train.run` (the code path users take) in `folder`; return the run folder.
+
+    `folder` gets train.jsonl / eval.jsonl (support tickets unless `records` is given) and
+    config.yaml; the run is `folder/run`.
+    """
+    from tunesmith import train as train_stage
+    from tunesmith.config import load_config
+    from tunesmith.starter import support_tickets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    records = records if records is not None else support_tickets(40, seed=3)
+    cut = len(records) * 3 // 4
+    for file_name, part in (("train.jsonl", records[:cut]), ("eval.jsonl", records[cut:])):
+        (folder / file_name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    config = {
+        "name": name,
+        "output_dir": "run",
+        "model": {"name": str(base_dir)},
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 256, "system_prompt": system_prompt},
+        "train": {**TINY_RUN_TRAIN, "seed": seed, **(train or {})},
+        "eval": {"max_new_tokens": 8, "bootstrap_samples": 100, "precision": "fp32", **(eval_settings or {})},
+    }
+    (folder / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    train_stage.run(load_config(folder / "config.yaml"))
+    return folder / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA run on the tiny model, trained once per session by train.run (treat as read-only;
+    copy it with `copy_run` to change it)."""
+    return train_tiny_run(tmp_path_factory.mktemp("tiny-run"), tiny_model_dir)
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    """A copy of a trained run folder (with its project folder's files) for a test to change."""
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    return dest

@@ -385,3 +385,46 @@ def test_pipeline_run_writes_the_report(write_jsonl, tiny_model_dir, tmp_path):
     saved = json.loads((tmp_path / "run" / CHECK_REPORT_FILE).read_text())
     assert saved == json.loads(json.dumps(report.to_dict()))
     assert saved["examples"] == 12 and saved["stats"]["tokens"]["over_max_length"] == 0
+
+
+# ---------------------------------------------------------------- one rule for the task kind
+
+
+def _label_records(distinct: int, rows: int) -> list[dict]:
+    rng = random.Random(distinct)
+    labels = [f"intent_{i}" for i in range(distinct)]
+    return [chat(f"{i}: {sentence(rng)}", labels[i % distinct]) for i in range(rows)]
+
+
+@pytest.mark.parametrize("distinct", [2, 5, 20, 77, 151, 200])
+def test_check_advise_and_eval_agree_on_a_label_set(write_jsonl, distinct):
+    """Regression: 77 one-word answers over 10,003 rows were "free-form generation" to advise
+    (check capped label sets at 50) and classification to eval; now one function decides."""
+    from tunesmith import metrics as M
+
+    records = _label_records(distinct, max(500, distinct * 3))
+    path = write_jsonl(records)
+    report = check_file(path)
+    assert report.stats["task"] == "classification" and report.stats["labels"]["distinct"] == distinct
+    assert advise_file(path).task_kind == "classification"
+    assert M.infer_task([r["messages"][-1]["content"] for r in records]) == "classification"
+
+
+@pytest.mark.parametrize(
+    ("answers", "task", "advised"),
+    [
+        (lambda i, rng: sentence(rng, 12), "text", "free-form generation"),
+        (lambda i, rng: json.dumps({"team": rng.choice(WORDS), "n": i}), "json", "structured JSON"),
+        # More distinct answers than the rule allows: not a label set, even though each repeats.
+        (lambda i, rng: f"intent_{i % 250}", "text", "free-form generation"),
+    ],
+)
+def test_check_advise_and_eval_agree_off_label_sets(write_jsonl, answers, task, advised):
+    from tunesmith import metrics as M
+
+    rng = random.Random(0)
+    records = [chat(f"{i}: {sentence(rng)}", answers(i, rng)) for i in range(750)]
+    path = write_jsonl(records)
+    assert check_file(path).stats["task"] == task
+    assert advise_file(path).task_kind == advised
+    assert M.infer_task([r["messages"][-1]["content"] for r in records]) == task

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunesmith import artifacts, evaluate
+from tunesmith import artifacts, evaluate, inference, train
 from tunesmith.config import load_config
 from tunesmith.errors import GateFailed, UserError
 from tunesmith.starter import SYSTEM_PROMPT, support_tickets
@@ -14,20 +14,10 @@ from tunesmith.starter import SYSTEM_PROMPT, support_tickets
 from conftest import SHARED_DATA
 
 
-def make_adapter(model_dir: Path, out: Path, seed: int) -> None:
-    """A random (non-zero) LoRA adapter on the tiny model, saved as a PEFT folder."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    peft_model.save_pretrained(out)
-
-
 def make_run(root: Path, model_dir: Path, *, task: str = "classification", n_train: int = 40, n_eval: int = 12,
              adapter_seed: int | None = 0, eval_settings: str = "") -> Path:
-    """A project folder with config.yaml and a run folder holding the split (and an adapter)."""
+    """A project folder with config.yaml and a run folder holding the split; with `adapter_seed`,
+    the run is trained (train.run, a few LoRA steps on the split) so it has a real adapter."""
     run = root / "runs" / "r"
     (run / "data").mkdir(parents=True)
     records = support_tickets(n_train + n_eval, seed=3)
@@ -36,12 +26,13 @@ def make_run(root: Path, model_dir: Path, *, task: str = "classification", n_tra
             r["messages"][-1]["content"] = json.loads(r["messages"][-1]["content"])["team"]
     for name, part in (("train", records[:n_train]), ("eval", records[n_train:])):
         (run / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    if adapter_seed is not None:
-        make_adapter(model_dir, run / artifacts.ADAPTER_DIR, adapter_seed)
     (root / "config.yaml").write_text(
-        f"model: {{name: {model_dir}}}\ndata: {{train: unused.jsonl}}\noutput_dir: runs/r\n"
+        f"model: {{name: {model_dir}}}\ndata: {{train: unused.jsonl, max_length: 256}}\noutput_dir: runs/r\n"
+        f"train: {{max_steps: 4, batch_size: 4, learning_rate: 0.01, precision: fp32, compile: 'off', seed: {adapter_seed or 0}}}\n"
         f"eval: {{max_new_tokens: 8, bootstrap_samples: 100, precision: fp32{eval_settings}}}\n"
     )
+    if adapter_seed is not None:
+        train.run(load_config(root / "config.yaml"))
     return root / "config.yaml"
 
 
@@ -51,16 +42,16 @@ def test_batched_generation_equals_one_at_a_time_generate(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir))
     tok = loaded.tokenizer
     convs = [evaluate.Conversation.from_openai(r) for r in support_tickets(7, seed=5)]
-    prompts = [evaluate.render_ids(tok, evaluate.prompt_messages(c, SYSTEM_PROMPT)) for c in convs]
+    prompts = [inference.render_ids(tok, evaluate.prompt_messages(c, SYSTEM_PROMPT)) for c in convs]
     prompts[3] = prompts[3][:20]  # a much shorter prompt: lots of padding in its batch
-    stop = evaluate.stop_token_ids(loaded.model, tok)
+    stop = inference.stop_token_ids(loaded.model, tok)
     expected = []
     for ids in prompts:
         out = loaded.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                     max_new_tokens=10, do_sample=False)
         expected.append(out[0, len(ids):].tolist())
     for share_prefix in (True, False):
-        gens = evaluate.generate_greedy(loaded.model, prompts, max_new_tokens=10, batch_size=3, stop_ids=stop,
+        gens = inference.generate_greedy(loaded.model, prompts, max_new_tokens=10, batch_size=3, stop_ids=stop,
                                         pad_id=tok.pad_token_id, decode=tok.decode, share_prefix=share_prefix)
         got = [g.token_ids for g in gens]
         # generate pads finished rows with pad after eos; we stop there.
@@ -69,7 +60,7 @@ def test_batched_generation_equals_one_at_a_time_generate(tiny_model_dir):
             assert g.stopped == (g.token_ids[-1] in stop)
             assert len(g.token_ids) == 10 or g.stopped
             assert all(t == tok.pad_token_id for t in e[len(g.token_ids):])
-    assert evaluate.shared_prefix_length(prompts) > evaluate.MIN_SHARED_PREFIX  # the prefix path ran
+    assert inference.shared_prefix_length(prompts) > inference.MIN_SHARED_PREFIX  # the prefix path ran
 
 
 def test_few_shot_choice_is_stratified_and_stated(tmp_path, tiny_model_dir):
@@ -163,9 +154,8 @@ def test_determinism_and_json_task(tmp_path, tiny_model_dir):
 
 def test_against_another_run(tmp_path, tiny_model_dir):
     config = make_run(tmp_path / "new", tiny_model_dir, eval_settings=", max_examples: 6")
-    other_config = make_run(tmp_path / "old", tiny_model_dir, adapter_seed=1)
+    make_run(tmp_path / "old", tiny_model_dir, adapter_seed=1)
     other_run = tmp_path / "old/runs/r"
-    (other_run / "config.yaml").write_text(other_config.read_text())
     cfg = load_config(config, ["eval.subjects=[tuned]"])
     try:
         results = evaluate.run(cfg, against=other_run)
@@ -221,3 +211,19 @@ def test_smollm2_base_vs_fewshot_on_sms_spam(tmp_path, smollm2_dir):
     for entry in results["subjects"].values():
         assert entry["ended_on_end_of_turn"] > 0  # the real model stops at <|im_end|>
     assert "No comparison with a fine-tune" in results["verdict"]["text"]
+
+
+def test_eval_truncates_prompts_like_training_and_says_so(tmp_path, tiny_model_dir):
+    config = make_run(tmp_path, tiny_model_dir, adapter_seed=None, eval_settings=", max_examples: 3")
+    text = config.read_text().replace("max_length: 256", "max_length: 48, truncate: true")
+    config.write_text(text)
+    results = evaluate.run(load_config(config, ["eval.subjects=[base]"]))
+    pt = results["prompt_truncation"]
+    assert pt["data_truncate"] and pt["max_length"] == 48 and pt["truncated_examples"] == pt["over_max_length"] == 3
+    assert pt["cut_tokens"] > 0
+    assert "Prompt truncation as in training (data.truncate, max length 48): 3 prompt(s)" in (tmp_path / "runs/r/eval/report.md").read_text()
+    assert artifacts.read_manifest(tmp_path / "runs/r")["eval"]["prompt_truncation"] == pt
+    # Off: prompts stay whole, and the report counts the ones over the length.
+    config.write_text(text.replace("truncate: true", "truncate: false"))
+    results = evaluate.run(load_config(config, ["eval.subjects=[base]"]))
+    assert results["prompt_truncation"]["truncated_examples"] == 0 and results["prompt_truncation"]["over_max_length"] == 3

@@ -1,29 +1,27 @@
 """Export: every artifact is read back by the tool that consumes it and compared with the trained
-model (tiny Llama + a random non-zero LoRA)."""
+model (tiny Llama + a LoRA trained by train.run)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_adapter_run
-from safetensors.torch import load_file, save_file
+from conftest import copy_run
 
-from tunesmith import export, gguf_export, ollama_modelfile
+from tunesmith import export, gguf_export, ollama_modelfile, runs
 from tunesmith.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory):
-    return make_adapter_run(tmp_path_factory.mktemp("export") / "run", tiny_model_dir)
+def run_dir(tiny_run, tmp_path_factory):
+    return copy_run(tiny_run, tmp_path_factory.mktemp("export") / "run")
 
 
 @pytest.fixture(scope="module")
 def trained(run_dir):
-    return export.load_run_model(run_dir)
+    return runs.load_run_model(run_dir)
 
 
 def test_merged_logits_equal_base_plus_adapter(run_dir, trained):
@@ -61,14 +59,14 @@ def test_adapter_export_carries_fingerprint_and_lint(run_dir, trained):
 
 
 def test_lint_names_every_serving_problem():
-    problems = export.lint_adapter_config(
+    problems = runs.lint_adapter_config(
         {"r": 64, "use_dora": True, "modules_to_save": ["lm_head"], "target_modules": ["q_proj", "embed_tokens"]}, "qwen2"
     )
     text = "\n".join(problems)
     assert len(problems) == 5
     assert "--max-lora-rank 64" in text and "DoRA" in text and "modules_to_save" in text and "embed_tokens" in text and "Ollama" in text
-    assert export.lint_adapter_config({"r": 16, "target_modules": "all-linear"}, "llama") == []
-    assert "--max-lora-rank 32" in export.lint_adapter_config({"r": 8, "rank_pattern": {"q_proj": 24}}, "llama")[0]
+    assert runs.lint_adapter_config({"r": 16, "target_modules": "all-linear"}, "llama") == []
+    assert "--max-lora-rank 32" in runs.lint_adapter_config({"r": 8, "rank_pattern": {"q_proj": 24}}, "llama")[0]
 
 
 def test_gguf_tensors_match_after_dequantization(run_dir, trained):
@@ -158,28 +156,6 @@ def test_go_renderer_handles_ollama_syntax():
     messages = [{"Role": "user", "Content": "hi"}, {"Role": "assistant", "Content": "yo"}, {"Role": "user", "Content": "ok"}]
     out = ollama_modelfile.render_go_template(template, {"Messages": messages})
     assert out == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n<|im_start|>user\nok<|im_end|>\n<|im_start|>assistant\n"
-
-
-def test_drift_guard_refuses_a_changed_base(tiny_model_dir, tmp_path, cli):
-    from tunesmith.models import fingerprint
-
-    base = tmp_path / "base"
-    shutil.copytree(tiny_model_dir, base)
-    run_dir = make_adapter_run(tmp_path / "run", base)
-    trained_fp = fingerprint(base)
-    # The same architecture with one weight nudged: the adapter still loads, silently wrong.
-    weights = load_file(base / "model.safetensors")
-    weights["model.norm.weight"] = weights["model.norm.weight"] + 0.01
-    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
-    changed_fp = fingerprint(base)
-    with pytest.raises(UserError) as err:
-        export.load_run_model(run_dir)
-    assert trained_fp in err.value.message and changed_fp in err.value.message
-    loaded = export.load_run_model(run_dir, allow_base_mismatch=True)
-    assert "allowed" in loaded.manifest["base_mismatch_warning"]
-    result = cli("export", str(run_dir), "--format", "adapter")
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr and trained_fp in result.stderr and "--allow-base-mismatch" in result.stderr
 
 
 def test_gguf_refuses_other_architectures(tmp_path):

@@ -233,3 +233,22 @@ def test_truncation_that_would_cut_the_final_answer_is_refused_alike_by_training
     assert "final answer" in err.value.message and "(line 6)" in err.value.message and "1 of 2" in err.value.message
     assert "data.max_length" in err.value.hint
     assert count_tokens([c, c_long], tokenizer, 60)["problems"] == {"final_answer_too_long": [6]}
+
+
+def test_eval_prompt_truncation_is_the_training_rule(tokenizer):
+    """formatting.truncate_prompt leaves exactly the prompt that training's data.truncate kept in
+    front of the answer, so evaluation asks the fine-tune what it was trained on."""
+    from tunesmith.formatting import truncate_prompt
+    from tunesmith.inference import render_ids
+
+    long_user = " ".join(["the parcel was late and the courier lost the invoice again"] * 12)
+    example, problems = tokenize_conversation(tokenizer, conv(("user", long_user), ("assistant", "billing")), max_length=64, truncate=True)
+    assert problems == [] and example.cut_prompt_tokens > 0
+    prompt = render_ids(tokenizer, [{"role": "user", "content": long_user}])
+    answer_tokens = len(tokenizer("billing", add_special_tokens=False)["input_ids"]) + 1  # + <|im_end|>
+    cut_prompt, cut = truncate_prompt(prompt, answer_tokens, 64)
+    assert cut == example.cut_prompt_tokens and len(cut_prompt) == len(prompt) - cut
+    assert example.input_ids[: len(cut_prompt)] == cut_prompt
+    # A prompt that fits is left alone.
+    short = render_ids(tokenizer, [{"role": "user", "content": "hi"}])
+    assert truncate_prompt(short, answer_tokens, len(short) + answer_tokens) == (short, 0)

@@ -14,10 +14,11 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import make_adapter_run
+from conftest import train_tiny_run
 
-from tunesmith import export
+from tunesmith import inference
 from tunesmith.errors import UserError
+from tunesmith.runs import load_run_model
 from tunesmith.serve import ServeSettings, create_app
 from tunesmith.serve.app import run_in_thread
 
@@ -30,8 +31,8 @@ MESSAGES = [{"role": "user", "content": "my package #12345 has not moved for 8 d
 def runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     return {
-        "alpha": make_adapter_run(root / "alpha", tiny_model_dir, seed=0, name="alpha"),
-        "beta": make_adapter_run(root / "beta", tiny_model_dir, seed=1, name="beta"),
+        "alpha": train_tiny_run(root / "alpha", tiny_model_dir, seed=0, name="alpha"),
+        "beta": train_tiny_run(root / "beta", tiny_model_dir, seed=1, name="beta", train={"learning_rate": 2e-2}),
     }
 
 
@@ -63,9 +64,9 @@ def direct(runs):
     """Greedy answers of each adapter run through peft directly, for the same prompt."""
     out = {}
     for name, run_dir in runs.items():
-        trained = export.load_run_model(run_dir)
-        ids = export.prompt_ids(trained.tokenizer, [MESSAGES])
-        tokens = export.greedy_tokens(trained.model, ids, export.eos_token_ids(trained.model, trained.tokenizer), max_new_tokens=12)[0]
+        trained = load_run_model(run_dir)
+        ids = [inference.render_ids(trained.tokenizer, MESSAGES)]
+        tokens = inference.greedy_tokens(trained.model, ids, inference.stop_token_ids(trained.model, trained.tokenizer), max_new_tokens=12)[0]
         out[name] = trained.tokenizer.decode(tokens, skip_special_tokens=True)
     return out
 

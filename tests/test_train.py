@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunesmith import artifacts, train
+from tunesmith import artifacts, modeling, train
 from tunesmith.checkpoints import CHECKPOINT_OPTIMIZER_SHARDS, list_checkpoints
 from tunesmith.config import RunConfig, load_config
 from tunesmith.data import read_conversations
@@ -75,7 +75,7 @@ def tiny_peft_batch(tiny_model_dir):
 
 def loss_and_grad(model, tensors, shared_prefix_len=0):
     model.zero_grad()
-    loss = train.loss_at_trained_positions(model, tensors["input_ids"], tensors["labels"], tensors["position_ids"], shared_prefix_len)
+    loss = modeling.loss_at_trained_positions(model, tensors["input_ids"], tensors["labels"], tensors["position_ids"], shared_prefix_len)
     loss.backward()
     return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
@@ -143,10 +143,10 @@ def test_lora_run_writes_artifacts_pinned_losses_and_round_trips(tiny_model_dir,
     eval_examples = tokenize_dataset(tokenizer, read_conversations(tmp_path / "eval.jsonl", format="openai"), max_length=256)[0]
     with torch.no_grad():
         tensors = collate(eval_examples, [[i] for i in range(len(eval_examples))], tokenizer.pad_token_id)
-        loss = train.loss_at_trained_positions(tuned, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
+        loss = modeling.loss_at_trained_positions(tuned, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
         assert loss.item() / tensors["trained_tokens"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
         with tuned.disable_adapter():
-            base_loss = train.loss_at_trained_positions(tuned, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
+            base_loss = modeling.loss_at_trained_positions(tuned, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
         assert base_loss.item() > loss.item()
 
 
@@ -170,7 +170,7 @@ def test_full_fine_tuning_writes_a_loadable_hf_folder(tiny_model_dir, tmp_path):
     examples = tokenize_dataset(tokenizer, read_conversations(tmp_path / "eval.jsonl", format="openai"), max_length=256)[0]
     tensors = collate(examples, [[i] for i in range(len(examples))], tokenizer.pad_token_id)
     with torch.no_grad():
-        loss = train.loss_at_trained_positions(model, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
+        loss = modeling.loss_at_trained_positions(model, tensors["input_ids"], tensors["labels"], tensors["position_ids"])
     assert loss.item() / tensors["trained_tokens"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
     losses = step_losses(cfg.run_dir)
     assert losses[-1] < losses[0]
@@ -379,8 +379,7 @@ def test_packing_trains_every_example_once_per_epoch(tiny_model_dir, tmp_path, m
 
     monkeypatch.setattr(train, "collate", spy)
     summary = train.run(cfg)
-    assert calls[0] == [0]  # the start-up check of the loss against the model's own
-    fed = [i for call in calls[1:] for i in call]
+    fed = [i for call in calls for i in call]  # (the start-up loss check collates in modeling)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = tokenize_dataset(tokenizer, read_conversations(tmp_path / "train.jsonl", format="openai"), max_length=max_length)[0]
     lengths = [len(e) for e in examples]
@@ -440,7 +439,7 @@ def test_loss_applies_the_models_own_logit_transform(kind):
     labels[:, :10] = train.IGNORE_INDEX  # a prompt
     position_ids = torch.arange(24).expand(2, 24)
     with torch.no_grad():
-        ours = train.loss_at_trained_positions(model, input_ids, labels, position_ids) / int((labels[:, 1:] != train.IGNORE_INDEX).sum())
+        ours = modeling.loss_at_trained_positions(model, input_ids, labels, position_ids) / int((labels[:, 1:] != train.IGNORE_INDEX).sum())
         theirs = model(input_ids=input_ids, position_ids=position_ids, labels=labels).loss
         assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
         hidden = model.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
@@ -465,7 +464,7 @@ def test_start_up_refuses_a_loss_that_differs_from_the_models(tiny_model_dir, tm
     summary = train.run(make_cfg(tmp_path, granite, "ok", max_steps=2))
     assert summary["steps"] == 2
     # A loss that skipped the transform (as before this check) is refused before step 1.
-    monkeypatch.setattr(train, "model_logits", lambda lm, logits: logits)
+    monkeypatch.setattr(modeling, "model_logits", lambda lm, logits: logits)
     with pytest.raises(RuntimeError, match="differs from the model's own loss.*granite"):
         train.run(make_cfg(tmp_path, granite, "skipped", max_steps=2))
     assert not (tmp_path / "skipped" / artifacts.METRICS_FILE).exists()

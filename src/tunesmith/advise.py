@@ -14,8 +14,6 @@ from typing import Any
 from tunesmith.check import FEW_EXAMPLES, IMBALANCE_RATIO, CheckReport, check_file
 
 RAG_WORDS = ("document", "docs", "knowledge base", "manual", "faq", "wiki", "pdf", "policy", "policies", "retriev", "search our")
-CLASSIFY_WORDS = ("classif", "intent", "route", "routing", "label", "categor", "sentiment", "spam", "moderat", "detect")
-JSON_WORDS = ("json", "extract", "structured", "fields", "schema", "slot")
 
 
 @dataclass
@@ -46,20 +44,15 @@ def task_kind(stats: dict[str, Any], task: str | None = None) -> tuple[str, list
     if any(w in text for w in RAG_WORDS) and questions >= 0.3:
         reasons.append(f"the task mentions documents/knowledge and {questions:.0%} of prompts are questions")
         return "document QA", reasons
-    labels = stats.get("labels")
-    json_share = shape.get("json_answer_share", 0.0)
-    if json_share >= 0.8:
-        reasons.append(f"{json_share:.0%} of answers are JSON")
+    # Past document QA, the kind is the data's, by the rule eval uses (metrics.task_kind).
+    data_task = stats.get("task")
+    if data_task == "json":
+        reasons.append("every answer is a JSON object or array")
         return "structured JSON", reasons
-    if labels:
-        reasons.append(f"answers form a closed set of {labels['distinct']} labels")
+    if data_task == "classification":
+        labels = stats.get("labels") or {}
+        reasons.append(f"answers form a closed set of {labels.get('distinct')} labels")
         return "classification", reasons
-    if any(w in text for w in CLASSIFY_WORDS):
-        reasons.append("the task description names a classification/routing task")
-        return "classification", reasons
-    if any(w in text for w in JSON_WORDS):
-        reasons.append("the task description names structured output")
-        return "structured JSON", reasons
     answer_words = (shape.get("answer_words") or {}).get("median", 0)
     reasons.append(f"answers are open text (median {answer_words:.0f} words)")
     return "free-form generation", reasons
@@ -87,7 +80,7 @@ def advise_report(report: CheckReport, task: str | None = None) -> Advice:
             reasons.append(f"only {keys:.0%} of JSON answers share the same keys: make the schema uniform first")
         else:
             reasons.append("answers are valid JSON with consistent keys: a format a small tuned model learns well")
-    elif 0.2 <= json_share < 0.8:
+    elif json_share >= 0.2:
         consistent = False
         reasons.append(f"{json_share:.0%} of answers are JSON and the rest are not: the output format is inconsistent")
     conflicts = stats.get("conflicting_inputs", 0)

@@ -27,10 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from tunesmith import metrics as M
 from tunesmith.data import (
-    LABEL_MAX_DISTINCT,
     conversation_line,
-    is_closed_label_set,
     normalize_text,
     open_source,
 )
@@ -308,8 +307,11 @@ class _RowStats:
     input_signature_batches: list[np.ndarray] = field(default_factory=list)
     dedup_texts: list[str] = field(default_factory=list)
     input_texts: list[str] = field(default_factory=list)
-    # Shape of the task, for the label check and for `advise`; labels is None past LABEL_MAX_DISTINCT.
+    # Shape of the task (metrics.task_kind's counts), for the label check and `advise`; labels is
+    # None once the answers cannot be a label set.
     labels: Counter[str] | None = field(default_factory=Counter)
+    label_keys: set[str] = field(default_factory=set)
+    json_answers: int = 0
     json_like: int = 0
     json_ok: int = 0
     questions: int = 0
@@ -361,10 +363,15 @@ def _add_hashes(stats: _RowStats, line: int, conv: Conversation, target: str, us
 
 def _add_shape(stats: _RowStats, findings: _Findings, line: int, conv: Conversation, target: str, user_text: str) -> None:
     """Labels, JSON answers, word counts and overlap, questions, turns: the shape of the task."""
+    stats.json_answers += M.is_json_answer(target)
     if stats.labels is not None:
-        stats.labels[target] += 1
-        if len(stats.labels) > LABEL_MAX_DISTINCT:
+        if not M.is_label(target):
             stats.labels = None
+        else:
+            stats.labels[target] += 1
+            stats.label_keys.add(M.normalize_label(target))
+            if len(stats.label_keys) > M.LABEL_MAX_COUNT:
+                stats.labels = None
     looks_json, parsed = _json_answer(target)
     if looks_json:
         stats.json_like += 1
@@ -515,9 +522,13 @@ def _near_duplicate_findings(report, findings, stats: _RowStats, line_arr, dup_f
     report.stats["near_duplicates"] = {"count": int(len(near)), "threshold": threshold}
 
 
-def _label_findings(report: CheckReport, findings: _Findings, labels: Counter[str] | None, n: int) -> None:
-    """Label counts, imbalance and rare labels, when the answers form a closed set (classification)."""
-    if labels is not None and is_closed_label_set(len(labels), n):
+def _label_findings(report: CheckReport, findings: _Findings, stats: _RowStats, n: int) -> None:
+    """Label counts, imbalance and rare labels: present exactly when the task is classification,
+    by eval's own rule (metrics.task_kind)."""
+    labels = stats.labels
+    task = M.task_kind(n, stats.json_answers, labels is not None, len(stats.label_keys))
+    report.stats["task"] = task
+    if labels is not None and task == "classification":
         counts = dict(labels.most_common())
         ratio = max(counts.values()) / min(counts.values())
         report.stats["labels"] = {"distinct": len(counts), "counts": counts, "imbalance_ratio": round(ratio, 2)}
@@ -678,7 +689,7 @@ def check_file(
     dup_first = _exact_duplicates(report, findings, stats, line_arr)
     _conflicting_outputs(report, findings, stats, line_arr)
     _near_duplicate_findings(report, findings, stats, line_arr, dup_first, near_dup_threshold)
-    _label_findings(report, findings, stats.labels, n)
+    _label_findings(report, findings, stats, n)
     report.stats["shape"] = _shape_stats(stats, n)
     _pii_findings(report, findings, stats)
     if counter is not None:

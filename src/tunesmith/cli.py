@@ -82,16 +82,20 @@ def generate(
     allow_pickle: bool = typer.Option(False, help="Allow .bin/.pt weights (they unpickle)."),
 ) -> None:
     """Greedy answer of a model to one prompt, through its chat template."""
-    import torch
-
+    from tunesmith import inference
     from tunesmith.models import load_model
 
-    loaded = load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    loaded = load_model(model, dtype=inference.inference_dtype("auto"), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    tokenizer = loaded.tokenizer
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.inference_mode():
-        out = loaded.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    console.print(loaded.tokenizer.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    ids = inference.render_ids(tokenizer, messages)
+    stop_ids = inference.stop_token_ids(loaded.model, tokenizer)
+    (answer,) = inference.generate_greedy(
+        loaded.model, [ids], max_new_tokens=max_new_tokens, batch_size=1, stop_ids=stop_ids,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids),
+        decode=lambda t: tokenizer.decode(t, skip_special_tokens=True),
+    )
+    console.print(answer.text, markup=False, highlight=False)
 
 
 @app.command()
@@ -133,6 +137,7 @@ def eval_command(
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write the gates as JUnit XML here."),
     subjects: Optional[str] = typer.Option(None, "--subjects", help="Comma-separated: base, base-fewshot, tuned."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="Evaluate the first N held-out examples."),
+    allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Evaluate an adapter on a base whose fingerprint differs from the run's (warns)."),
 ) -> None:
     """Evaluate the fine-tune against the base model (zero- and few-shot) and the ground truth."""
     from tunesmith import evaluate
@@ -149,7 +154,7 @@ def eval_command(
         overrides.append(f"eval.max_examples={max_examples}")
     cfg = load_config(target, overrides)
     try:
-        results = evaluate.run(cfg, against=against, gates=gate, junit=junit)
+        results = evaluate.run(cfg, against=against, gates=gate, junit=junit, allow_base_mismatch=allow_base_mismatch)
     except GateFailed:
         err_console.print(f"report: {cfg.run_dir / 'eval' / 'report.html'}", markup=False, highlight=False)
         raise
@@ -264,7 +269,7 @@ def runs_list(
     """List runs: model, method, data, status, primary metric, time."""
     if ctx.invoked_subcommand is not None:
         return
-    from tunesmith.pipeline import list_runs
+    from tunesmith.runs import list_runs
 
     rows = list_runs([*root, Path("runs")])
     if as_json:
@@ -281,7 +286,7 @@ def runs_list(
 @runs_app.command("compare")
 def runs_compare(a: Path = typer.Argument(..., help="Run folder A."), b: Path = typer.Argument(..., help="Run folder B.")) -> None:
     """Config and metric differences between two runs."""
-    from tunesmith.pipeline import compare_runs
+    from tunesmith.runs import compare_runs
 
     diff = compare_runs(a, b)
     table = Table("config key", str(a), str(b))

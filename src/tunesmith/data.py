@@ -666,29 +666,23 @@ def convert(
 # --------------------------------------------------------------------------------------------
 # Labels and the train/eval split
 
-# Answers form a "closed small set" (a classification task) when there are at most this many
-# distinct ones and each appears three times on average.
-LABEL_MAX_DISTINCT = 50
-
 
 def normalize_text(text: str) -> str:
     """Case- and whitespace-insensitive form used to group equal inputs."""
     return " ".join(text.casefold().split())
 
 
-def is_closed_label_set(distinct: int, examples: int) -> bool:
-    return 2 <= distinct <= LABEL_MAX_DISTINCT and distinct * 3 <= examples
-
-
 def label_counts(conversations: list[Conversation]) -> dict[str, int] | None:
-    """Counts per answer when the answers form a closed small set (classification), else None."""
+    """Counts per answer when the answers are a label set (metrics.task_kind: classification), else None."""
+    from tunesmith import metrics as M
+
+    targets = [(conv.target or "").strip() for conv in conversations]
+    if M.infer_task(targets) != "classification":
+        return None
     counts: dict[str, int] = {}
-    for conv in conversations:
-        label = (conv.target or "").strip()
+    for label in targets:
         counts[label] = counts.get(label, 0) + 1
-        if len(counts) > LABEL_MAX_DISTINCT:
-            return None
-    return counts if is_closed_label_set(len(counts), len(conversations)) else None
+    return counts
 
 
 def split_conversations(

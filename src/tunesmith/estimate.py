@@ -182,14 +182,15 @@ def calibrate(model: str, method: str, *, recalibrate: bool = False) -> dict[str
 def _measure(folder: Path, method: str) -> dict[str, Any]:
     """Time CALIBRATION_STEPS training steps (forward, backward, AdamW) of the real model.
 
-    The model is set up by the training code itself (`train.load_for_training`: dtype, PEFT
+    The model is set up by the training code itself (`modeling.load_for_training`: dtype, PEFT
     wrapping, bf16 autocast decision), and the loss is the training loss, so the measured
     FLOP/s is that of a real step. Inputs are random token ids: speed does not depend on them.
     """
     import torch
 
     from tunesmith.config import RunConfig
-    from tunesmith.train import autocast, load_for_training, make_loss_module, use_bf16
+    from tunesmith.inference import use_bf16
+    from tunesmith.modeling import autocast, load_for_training, make_loss_module
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     bf16 = use_bf16("auto", device)

@@ -4,36 +4,33 @@ Subjects, all with the same chat template, the same held-out examples and the sa
 decoding:
   base           the base model, system prompt only (zero-shot);
   base-fewshot   the base model, system prompt + k training examples as prior turns;
-  tuned          the fine-tune (adapter merged on the base, or the full model folder);
+  tuned          the fine-tune: runs.load_run_model (drift guard; an adapter unmerged and computed
+                 in fp32, so small updates are not rounded away; a full model in the eval dtype);
   against        optionally another run (`--against RUN_DIR`), e.g. the one in production.
 
-Generation is our own loop (left padding, KV cache, a prompt prefix shared by every example
-computed once, finished rows dropped from the batch), because it is where evaluation spends
-its time and `generate` cannot share the prefix. Scores and statistics live in metrics.py,
-the report files in report.py; this module reads top to bottom as the stage.
+Stop ids, dtype, prompt rendering and batched greedy decoding are inference.py's; scores and
+statistics metrics.py's; the report files report.py's. This module reads top to bottom as the stage.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from tunesmith import artifacts
+from tunesmith import artifacts, runs
 from tunesmith import metrics as M
 from tunesmith.config import RunConfig
-from tunesmith.data import read_conversations
 from tunesmith.errors import GateFailed, UserError
+from tunesmith.formatting import cut_before_tail, truncate_prompt
+from tunesmith.inference import Generation, generate_greedy, inference_dtype, render_ids, stop_token_ids
 from tunesmith.schema import Conversation
 
 ALPHA = 0.05  # significance level of every paired test
-MIN_SHARED_PREFIX = 8  # tokens; below this, computing the prefix apart is not worth a forward
 BASELINES = ("base", "base-fewshot")
 
 
@@ -42,24 +39,16 @@ BASELINES = ("base", "base-fewshot")
 
 def read_splits(cfg: RunConfig) -> tuple[list[Conversation], list[Conversation], dict[str, str]]:
     """(eval, train, sources): the run's own split when training wrote one, else the config's files."""
-    run_dir = cfg.run_dir
-    eval_path, train_path = run_dir / artifacts.EVAL_SPLIT_FILE, run_dir / artifacts.TRAIN_SPLIT_FILE
-    options: dict[str, Any] = {"format": "openai"}
-    if not eval_path.exists():
-        # No split written by a run yet: the config's own files, in their own format.
-        eval_path = cfg.resolve(cfg.data.eval)
-        train_path = cfg.resolve(cfg.data.train)
-        d = cfg.data
-        options = dict(format=d.format, input_col=d.input_col, output_col=d.output_col, system_prompt=d.system_prompt)
-    if eval_path is None or not eval_path.exists():
+    files = runs.data_files(cfg)
+    if files.eval is None or not files.eval.exists():
         raise UserError(
-            f"no held-out split: {run_dir / artifacts.EVAL_SPLIT_FILE} does not exist and data.eval is not set",
+            f"no held-out split: {cfg.run_dir / artifacts.EVAL_SPLIT_FILE} does not exist and data.eval is not set",
             "run `tunesmith train` first (it writes the split), or set data.eval to a held-out file",
         )
-    if train_path is None or not train_path.exists():
-        raise UserError(f"training split {train_path} not found", "run `tunesmith train` first, or fix data.train")
-    sources = {"eval": str(eval_path), "eval_sha256": artifacts.sha256_file(eval_path), "train": str(train_path)}
-    return read_conversations(eval_path, **options), read_conversations(train_path, **options), sources
+    if files.train is None or not files.train.exists():
+        raise UserError(f"training split {files.train} not found", "run `tunesmith train` first, or fix data.train")
+    sources = {"eval": str(files.eval), "eval_sha256": artifacts.sha256_file(files.eval), "train": str(files.train)}
+    return files.read(files.eval), files.read(files.train), sources
 
 
 # --------------------------------------------------------------------------- prompts
@@ -85,11 +74,6 @@ def prompt_messages(conv: Conversation, system: str | None, shots: list[Conversa
 def shot_turns(shot: Conversation) -> list[dict[str, Any]]:
     """A training example as prior turns: its prompt (without system) and its answer."""
     return _turns(shot.prompt_messages) + [{"role": "assistant", "content": shot.target}]
-
-
-def render_ids(tokenizer, messages: list[dict[str, Any]], generation_prompt: bool = True) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def shot_order(train: list[Conversation], task: str, exclude_inputs: set[str], seed: int) -> list[int]:
@@ -141,206 +125,32 @@ def choose_shots(
 # --------------------------------------------------------------------------- generation
 
 
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]  # generated ids, end-of-turn included (empty when reused from a previous run)
-    latency_s: float  # from the batch's start until this answer ended: what its caller waited
-    compute_s: float  # its share of the batch's wall time: sums to the subject's total time
-    stopped: bool  # ended on an end-of-turn token (else it hit max_new_tokens)
-    new_tokens: int = -1
-
-    def __post_init__(self) -> None:
-        if self.new_tokens < 0:
-            self.new_tokens = len(self.token_ids)
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a turn: the generation config's eos ids, the tokenizer's, ChatML's."""
-    ids: set[int] = set()
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
-    return ids
-
-
-def shared_prefix_length(prompts: list[list[int]]) -> int:
-    """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
-    if not prompts:
-        return 0
-    first, limit = prompts[0], min(len(p) for p in prompts) - 1
-    n = 0
-    while n < limit and all(p[n] == first[n] for p in prompts):
-        n += 1
-    return n
-
-
-def generate_greedy(
-    model,
-    prompts: list[list[int]],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    stop_ids: set[int],
-    pad_id: int,
-    decode: Callable[[list[int]], str],
-    share_prefix: bool = True,
-    on_batch: Callable[[int], None] | None = None,
-) -> list[Generation]:
-    """Greedy answers to token-id prompts, in the prompts' order, batched.
-
-    The prefix every prompt shares (system prompt, few-shot examples) runs once; its KV cache is
-    copied into each batch. Prompts run longest first, so a batch holds similar lengths and
-    little padding; padding sits between the shared prefix and each prompt's own tokens, masked
-    out, with position ids that skip it, so each row computes what it would compute alone.
-    """
-    import torch
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    prefix_len = shared_prefix_length(prompts) if share_prefix else 0
-    prefix_cache = None
-    with torch.inference_mode():
-        if prefix_len >= MIN_SHARED_PREFIX:
-            prefix_cache = DynamicCache(config=model.config)
-            model(input_ids=torch.tensor([prompts[0][:prefix_len]], device=device), use_cache=True, logits_to_keep=1, **_cache_arg(model, prefix_cache))
-        else:
-            prefix_len = 0
-        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-        results: list[Generation | None] = [None] * len(prompts)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            own = [prompts[i][prefix_len:] for i in rows]
-            for i, gen in zip(rows, _generate_batch(model, own, prefix_cache, prefix_len, max_new_tokens, stop_ids, pad_id, decode)):
-                results[i] = gen
-            if on_batch:
-                on_batch(len(rows))
-    return results  # type: ignore[return-value]
-
-
-def _cache_arg(model, cache) -> dict[str, Any]:
-    """transformers 5.x renamed `past_key_values` to `cache`; pass whichever the model takes."""
-    import inspect
-
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
-
-
-def _generate_batch(model, own, prefix_cache, prefix_len, max_new_tokens, stop_ids, pad_id, decode) -> list[Generation]:
-    import torch
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    rows, width = len(own), max(len(p) for p in own)
-    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((rows, width), dtype=torch.long)
-    for r, ids in enumerate(own):
-        input_ids[r, width - len(ids) :] = torch.tensor(ids)
-        mask[r, width - len(ids) :] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    if prefix_cache is not None:
-        cache = copy.deepcopy(prefix_cache)
-        cache.batch_repeat_interleave(rows)
-        attention = torch.cat([torch.ones((rows, prefix_len), dtype=torch.long, device=device), mask], dim=1)
-    else:
-        cache = DynamicCache(config=model.config)
-        attention = mask
-    positions = (prefix_len + mask.cumsum(-1) - 1).clamp(min=0)
-
-    start = time.perf_counter()
-    logits = model(
-        input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1, **_cache_arg(model, cache)
-    ).logits[:, -1]
-    active = list(range(rows))  # batch row of each cache row still generating
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    ended_s, stopped = [0.0] * rows, [False] * rows
-    for step in range(max_new_tokens):
-        next_ids = logits.argmax(dim=-1)
-        next_list = next_ids.tolist()  # one device sync per step, not one per row
-        now = time.perf_counter() - start
-        keep = []
-        for j, r in enumerate(active):
-            token = next_list[j]
-            tokens[r].append(token)
-            if token in stop_ids:
-                stopped[r], ended_s[r] = True, now
-            elif step == max_new_tokens - 1:
-                ended_s[r] = now
-            else:
-                keep.append(j)
-        if not keep:
-            break
-        if len(keep) < len(active):
-            # Drop finished rows so the rest of the batch stops paying for them.
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            attention, positions, next_ids = attention[index], positions[index], next_ids[index]
-            active = [active[j] for j in keep]
-        attention = torch.cat([attention, torch.ones((len(active), 1), dtype=torch.long, device=device)], dim=1)
-        positions = positions[:, -1:] + 1
-        logits = model(
-            input_ids=next_ids[:, None], attention_mask=attention, position_ids=positions, use_cache=True, **_cache_arg(model, cache)
-        ).logits[:, -1]
-    wall_s = time.perf_counter() - start
-    out = []
-    for r in range(rows):
-        answer = tokens[r][:-1] if stopped[r] else tokens[r]
-        out.append(Generation(decode(answer).strip(), tokens[r], ended_s[r], wall_s / rows, stopped[r]))
-    return out
-
-
-# --------------------------------------------------------------------------- models
-
-
-def eval_dtype(precision: str):
-    """bf16 where the hardware runs it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32."""
-    import torch
-
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
-
-
-def load_trained(run_dir: Path, run_cfg: RunConfig, dtype, device) -> tuple[Any, dict[str, Any]]:
-    """The fine-tune of a run: its adapter merged into a fresh copy of its base (merging once is
-    cheaper than LoRA's extra matmuls at every token), or its full model folder."""
-    import torch
-
-    from tunesmith.models import load_model
-
-    adapter, full = run_dir / artifacts.ADAPTER_DIR, run_dir / artifacts.FULL_MODEL_DIR
-    m = run_cfg.model
-    opts = dict(trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
-    if (adapter / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        # Merge in fp32, then cast: rounding the base before adding the update would lose it.
-        base = load_model(m.name, dtype=torch.float32, expected_fingerprint=m.expected_fingerprint, **opts)
-        model = PeftModel.from_pretrained(base.model, str(adapter)).merge_and_unload()
-        model.to(dtype=dtype, device=device).eval()
-        return model, {"kind": "adapter", "path": str(adapter), "base_fingerprint": base.fingerprint}
-    if (full / "config.json").exists():
-        loaded = load_model(str(full), dtype=dtype, device=device, **opts)
-        return loaded.model, {"kind": "full", "path": str(full), "fingerprint": loaded.fingerprint}
-    raise UserError(
-        f"{run_dir} has no trained model ({artifacts.ADAPTER_DIR}/ or {artifacts.FULL_MODEL_DIR}/)",
-        "run `tunesmith train` first, or evaluate the baselines only: --subjects base,base-fewshot",
-    )
+def truncate_prompts(tokenizer, prompts: list[list[int]], golds: list[str], data_cfg) -> tuple[list[list[int]], list[int], dict[str, Any]]:
+    """(prompts, tokens cut from each, summary): with data.truncate on, each prompt cut as
+    training cut its example (formatting.truncate_prompt, the example's answer length known),
+    so the fine-tune is asked what it was trained on; off, prompts stay whole and are counted."""
+    answer_tokens = [len(tokenizer(g, add_special_tokens=False)["input_ids"]) + 1 for g in golds]  # + end of turn
+    over = sum(1 for p, a in zip(prompts, answer_tokens) if len(p) + a > data_cfg.max_length)
+    summary: dict[str, Any] = {"data_truncate": data_cfg.truncate, "max_length": data_cfg.max_length, "over_max_length": over}
+    if not data_cfg.truncate:
+        return prompts, [0] * len(prompts), {**summary, "truncated_examples": 0, "cut_tokens": 0}
+    cut_pairs = [truncate_prompt(p, a, data_cfg.max_length) for p, a in zip(prompts, answer_tokens)]
+    cuts = [c for _, c in cut_pairs]
+    summary.update(truncated_examples=sum(1 for c in cuts if c), cut_tokens=sum(cuts))
+    return [p for p, _ in cut_pairs], cuts, summary
 
 
 # --------------------------------------------------------------------------- the stage
+
+
+def load_tuned(run_dir: Path, dtype, device, allow_base_mismatch: bool) -> runs.RunModel:
+    """A run's fine-tune through runs.load_run_model (drift guard; LoRA unmerged, fp32 over the base)."""
+    if not (run_dir / artifacts.ADAPTER_DIR / "adapter_config.json").exists() and not (run_dir / artifacts.FULL_MODEL_DIR / "config.json").exists():
+        raise UserError(
+            f"{run_dir} has no trained model ({artifacts.ADAPTER_DIR}/ or {artifacts.FULL_MODEL_DIR}/)",
+            "run `tunesmith train` first, or evaluate the baselines only: --subjects base,base-fewshot",
+        )
+    return runs.load_run_model(run_dir, allow_base_mismatch=allow_base_mismatch, dtype=dtype, device=device)
 
 
 def run(
@@ -350,10 +160,12 @@ def run(
     gates: list[str] = (),
     junit: Path | None = None,
     subjects: list[str] | None = None,
+    allow_base_mismatch: bool = False,
 ) -> dict:
     """Evaluate every subject on the held-out split; write the report; enforce the gates.
 
     `subjects` overrides eval.subjects (the pipeline's baseline stage runs the baselines alone).
+    `allow_base_mismatch` lets the drift guard warn instead of refusing a run whose base changed.
     Returns results.json's content. Raises GateFailed (exit 3) after writing everything when a
     gate fails or the fine-tune is significantly worse than `against` on the primary metric.
     """
@@ -369,8 +181,8 @@ def run(
     for gate in gates:  # a typo in a gate is reported before minutes of generation, not after
         M.parse_gate(gate)
     subjects = list(dict.fromkeys(subjects or ec.subjects)) + (["against"] if against is not None else [])
-    if against is not None and not (Path(against) / artifacts.CONFIG_FILE).exists():
-        raise UserError(f"--against {against}: no {artifacts.CONFIG_FILE} there", "pass the folder of another tunesmith run")
+    if against is not None and not (Path(against) / artifacts.MANIFEST_FILE).exists():
+        raise UserError(f"--against {against}: no {artifacts.MANIFEST_FILE} there", "pass the folder of another tunesmith run")
 
     # 1. Data: held-out examples with a reference answer; the training answers define the task.
     eval_all, train, sources = read_splits(cfg)
@@ -401,8 +213,8 @@ def run(
         task_info = {"schema": schema, "schema_source": schema_source}
 
     # 2. The base model first: both baselines share it, and the fine-tune is loaded after.
-    dtype = eval_dtype(ec.precision)
     device = "cuda" if torch.cuda.is_available() else None
+    dtype = inference_dtype(ec.precision)
     m = cfg.model
     base = load_model(
         m.name, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
@@ -418,6 +230,7 @@ def run(
     #    is also a held-out input).
     systems = [system_prompt_of(c, cfg.data.system_prompt) for c in examples]
     zero_shot = [render_ids(tokenizer, prompt_messages(c, s)) for c, s in zip(examples, systems)]
+    zero_shot, cuts, truncation = truncate_prompts(tokenizer, zero_shot, golds, cfg.data)
     context = int(getattr(base.model.config, "max_position_embeddings", 0) or 2048)
     room = context - max(map(len, zero_shot)) - ec.max_new_tokens
     few_shot_info: dict[str, Any] = {}
@@ -428,7 +241,9 @@ def run(
         common_system = systems[0] if len(set(systems)) == 1 else cfg.data.system_prompt
         chosen, shot_tokens = choose_shots(tokenizer, train, order, system=common_system, k=ec.few_shot_k, budget_tokens=budget)
         shots = [train[i] for i in chosen]
-        prompts["base-fewshot"] = [render_ids(tokenizer, prompt_messages(c, s, shots)) for c, s in zip(examples, systems)]
+        few_shot = [render_ids(tokenizer, prompt_messages(c, s, shots)) for c, s in zip(examples, systems)]
+        # The example's own prompt loses what its zero-shot prompt lost (the same tokens before its tail).
+        prompts["base-fewshot"] = [cut_before_tail(p, cut) if cut else p for p, cut in zip(few_shot, cuts)]
         few_shot_info = {
             "k": len(chosen),
             "k_requested": ec.few_shot_k,
@@ -462,7 +277,7 @@ def run(
     for name in BASELINES:
         if name in subjects:
             key = generation_key(base.fingerprint, prompts[name], ec, dtype, stop_ids)
-            subject_info[name] = {"model": m.name, "fingerprint": base.fingerprint, "generation_key": key}
+            subject_info[name] = {"model": m.name, "fingerprint": base.fingerprint, "generation_key": key, "dtype": str(dtype).replace("torch.", "")}
             previous = previous_generations(out_dir, name, key, len(examples))
             if previous is not None:
                 generations[name] = previous
@@ -470,20 +285,17 @@ def run(
             else:
                 generate(name, base.model)
     del base
-    if "tuned" in subjects:
-        model, info = load_trained(run_dir, cfg, dtype, device)
-        generate("tuned", model)
-        subject_info["tuned"] = info
-        del model
-    if against is not None:
-        from tunesmith.config import load_config
-
-        other_dir = Path(against).resolve()
-        other = load_config(other_dir / artifacts.CONFIG_FILE, [f"output_dir={other_dir}"])
-        model, info = load_trained(other_dir, other, dtype, device)
-        generate("against", model)
-        subject_info["against"] = {**info, "run": str(other_dir)}
-        del model
+    warnings = []
+    for name, folder in (("tuned", run_dir), ("against", against)):
+        if name not in subjects:
+            continue
+        trained = load_tuned(Path(folder), dtype, device, allow_base_mismatch)
+        generate(name, trained.model)
+        subject_info[name] = {**trained.info, **({"run": str(Path(folder).resolve())} if name == "against" else {})}
+        if trained.warning:
+            warnings.append(f"{name}: {trained.warning}")
+            _stderr().print(f"warning: {name}: {trained.warning}", markup=False, highlight=False)
+        del trained
 
     # 5. Scores, intervals, paired tests, verdict.
     primary = M.PRIMARY_METRIC[task]
@@ -544,6 +356,8 @@ def run(
         "seed": ec.seed,
         **task_info,
         "few_shot": few_shot_info,
+        "prompt_truncation": truncation,
+        "warnings": warnings,
         "subjects": results_subjects,
         "comparisons": comparisons,
         "verdict": verdict,
@@ -564,19 +378,20 @@ def run(
     report.write_all(out_dir, results, predictions, run_dir / artifacts.METRICS_FILE)
     if junit is not None:
         report.write_junit(Path(junit), results)
-    artifacts.update_manifest(run_dir, "eval", {
-        "finished_at": time.time(),
-        "task": task,
-        "examples": len(examples),
-        "eval_sha256": sources["eval_sha256"],
-        "primary_metric": primary,
-        "primary": {s: metric_values[s][primary] for s in subjects},
-        "verdict": verdict["text"],
-        "gates_passed": results["passed"],
-        "subjects": {s: {k: v for k, v in e.items() if k in ("kind", "path", "fingerprint", "base_fingerprint", "model", "run")}
-                     for s, e in results_subjects.items()},
-        "report": str(out_dir / "report.html"),
-    })
+    runs.write_eval_record(run_dir, runs.EvalRecord(
+        finished_at=time.time(),
+        task=task,
+        examples=len(examples),
+        eval_sha256=sources["eval_sha256"],
+        primary_metric=primary,
+        primary={s: metric_values[s][primary] for s in subjects},
+        verdict=verdict["text"],
+        gates_passed=results["passed"],
+        subjects={s: {k: v for k, v in e.items() if k in ("kind", "path", "fingerprint", "base_fingerprint", "trained_on_base_fingerprint", "model", "run", "warning")}
+                  for s, e in results_subjects.items()},
+        report=str(out_dir / "report.html"),
+        prompt_truncation=results.get("prompt_truncation"),
+    ))
     failed = [g for g in gate_results if not g["passed"]]
     if failed:
         raise GateFailed("; ".join(_gate_line(g) for g in failed))

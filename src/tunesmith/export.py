@@ -4,9 +4,8 @@ Every export is checked against the trained model right after it is written (the
 the same prompts go through the exported artifact, read back by the tool that will consume it,
 and through the trained model; greedy outputs are compared and every mismatch is reported.
 
-Also home of `load_run_model`, the one way to load what a run trained (base + adapter, or the
-fully fine-tuned model) with the drift guard: an adapter is refused on a base whose fingerprint
-differs from the one its run recorded, because a LoRA on the wrong base silently produces noise.
+What a run trained is loaded by `runs.load_run_model` (with the drift guard); greedy decoding
+and stop ids are inference.py's.
 
 The file formats themselves are in `gguf_export.py` (GGUF written and read back) and
 `ollama_modelfile.py` (the Modelfile's TEMPLATE); this module loads, exports and checks.
@@ -17,31 +16,18 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.artifacts import (
-    ADAPTER_DIR,
-    CONFIG_FILE,
-    EVAL_SPLIT_FILE,
-    EXPORT_DIR,
-    FULL_MODEL_DIR,
-    atomic_path,
-    guard_output,
-    record_output,
-    read_manifest,
-    update_manifest,
-)
+from tunesmith.artifacts import EVAL_SPLIT_FILE, EXPORT_DIR, atomic_path, guard_output, record_output
 from tunesmith.errors import UserError
 from tunesmith.gguf_export import check_llama, gguf_tensor_report, hf_to_gguf_arrays, write_gguf, write_gguf_lora
+from tunesmith.inference import greedy_tokens, render_ids, stop_token_ids, stop_token_list
 from tunesmith.ollama_modelfile import chat_format, modelfile_text, ollama_template, template_parity
+from tunesmith.runs import ExportRecord, RunModel, lint_adapter_config, load_run_model, write_export_record
 
 FORMATS = ("merged", "adapter", "gguf", "ollama")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-VLLM_DEFAULT_MAX_LORA_RANK = 16
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-OLLAMA_ADAPTER_ARCHS = ("llama", "gemma", "gemma2", "gemma3")
 TUNESMITH_MANIFEST = "tunesmith_manifest.json"
 PARITY_NEW_TOKENS = 16
 
@@ -55,121 +41,6 @@ PROBE_CONVERSATIONS = [
         {"role": "user", "content": "My iPhone. Please fix this soon."},
     ],
 ]
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading what a run trained, with the drift guard
-
-
-@dataclass
-class RunModel:
-    """What a run trained, loaded: `model` is a PeftModel (adapter runs) or a plain HF model."""
-
-    model: Any
-    tokenizer: Any
-    kind: str  # "adapter" or "full"
-    base_fingerprint: str
-    base_path: Path
-    cfg: Any
-    run_dir: Path
-    adapter_dir: Path | None = None
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-
-def check_base_fingerprint(expected: str | None, actual: str, *, base: str, allow_base_mismatch: bool) -> str | None:
-    """The drift guard. Returns a warning when a mismatch is allowed, raises otherwise."""
-    if not expected or expected == actual:
-        return None
-    message = f"base model {base!r} has fingerprint {actual}, but the adapter was trained on {expected}"
-    if allow_base_mismatch:
-        return message + " (allowed by --allow-base-mismatch)"
-    raise UserError(message, "load the base the run was trained on, or pass --allow-base-mismatch if you know they match")
-
-
-def base_model_ref(cfg: Any) -> str:
-    """The config's model reference; a relative folder is taken relative to the config's folder."""
-    name = cfg.model.name
-    resolved = cfg.resolve(name)
-    if resolved is not None and not Path(name).is_absolute() and resolved.exists():
-        return str(resolved)
-    return name
-
-
-def read_run(run_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """(config, manifest) of a run folder, with user errors for what is missing."""
-    from tunesmith.config import load_config
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} not found", "pass the output_dir of a trained run")
-    manifest = read_manifest(run_dir)
-    return load_config(run_dir / CONFIG_FILE), manifest
-
-
-def load_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, dtype: Any = None) -> RunModel:
-    """Load the trained model of a run: base + adapter (drift-guarded), or the full model."""
-    from tunesmith.models import load_model
-
-    run_dir = Path(run_dir)
-    cfg, manifest = read_run(run_dir)
-    train = manifest.get("train") or {}
-    full_dir, adapter_dir = run_dir / FULL_MODEL_DIR, run_dir / ADAPTER_DIR
-    if (full_dir / "config.json").exists():
-        loaded = load_model(str(full_dir), dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-        return RunModel(loaded.model, loaded.tokenizer, "full", train.get("base_fingerprint") or loaded.fingerprint, loaded.path, cfg, run_dir, None, manifest)
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise UserError(f"{run_dir} has no trained model ({ADAPTER_DIR}/ or {FULL_MODEL_DIR}/)", "train it first: tunesmith train CONFIG")
-    from peft import PeftModel
-
-    base = load_model(base_model_ref(cfg), dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
-    warning = check_base_fingerprint(train.get("base_fingerprint"), base.fingerprint, base=cfg.model.name, allow_base_mismatch=allow_base_mismatch)
-    if warning:
-        manifest = {**manifest, "base_mismatch_warning": warning}
-    model = PeftModel.from_pretrained(base.model, str(adapter_dir))
-    model.eval()
-    return RunModel(model, base.tokenizer, "adapter", base.fingerprint, base.path, cfg, run_dir, adapter_dir, manifest)
-
-
-# ----------------------------------------------------------------------------------------------
-# Adapter compatibility lint (also called by train before training starts)
-
-
-def lint_adapter_config(lora_cfg: dict[str, Any], model_type: str) -> list[str]:
-    """Problems serving engines will have with this adapter config; every one, with its fix.
-
-    `lora_cfg` is a PEFT adapter_config.json (or a peft LoraConfig's dict); `model_type` is the
-    base's `config.model_type`.
-    """
-    problems = []
-    ranks = [int(lora_cfg.get("r") or 0), *[int(r) for r in (lora_cfg.get("rank_pattern") or {}).values()]]
-    max_rank = max(ranks)
-    if max_rank > VLLM_DEFAULT_MAX_LORA_RANK:
-        flag = next((r for r in VLLM_LORA_RANKS if r >= max_rank), max_rank)
-        problems.append(
-            f"vLLM: LoRA rank {max_rank} is above vLLM's default max_lora_rank of {VLLM_DEFAULT_MAX_LORA_RANK}; "
-            f"start vLLM with --max-lora-rank {flag}"
-        )
-    if lora_cfg.get("modules_to_save"):
-        problems.append(
-            f"vLLM: modules_to_save {sorted(lora_cfg['modules_to_save'])} (fully trained modules) cannot be served as a LoRA; "
-            "export --format merged instead"
-        )
-    targets = lora_cfg.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    embedding_like = [t for t in targets if any(k in t for k in ("embed_tokens", "lm_head", "wte", "embed_out"))]
-    if embedding_like or lora_cfg.get("trainable_token_indices"):
-        problems.append(
-            f"vLLM: LoRA on the embedding or output head ({', '.join(embedding_like) or 'trainable tokens'}) is not servable; "
-            "drop these targets or export --format merged"
-        )
-    if lora_cfg.get("use_dora"):
-        problems.append("vLLM: DoRA adapters are not supported; export --format merged (or gguf) instead")
-    if model_type not in OLLAMA_ADAPTER_ARCHS:
-        problems.append(
-            f"Ollama: ADAPTER import supports llama and gemma architectures only, not {model_type!r}; "
-            "export --format ollama (a merged GGUF) instead"
-        )
-    return problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,27 +71,7 @@ def probe_conversations(run_dir: Path, cfg: Any, count: int = 3) -> list[list[di
 
 
 def prompt_ids(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
-    return [list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for c in conversations]
-
-
-def greedy_tokens(model: Any, prompts: list[list[int]], eos_ids: list[int], max_new_tokens: int = PARITY_NEW_TOKENS) -> list[list[int]]:
-    """Greedy continuation of each prompt, one at a time (no padding to differ between models)."""
-    import torch
-
-    outputs = []
-    with torch.inference_mode():
-        for ids in prompts:
-            input_ids = torch.tensor([ids])
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos_ids,
-                pad_token_id=eos_ids[0],
-            )
-            outputs.append(out[0, len(ids) :].tolist())
-    return outputs
+    return [render_ids(tokenizer, c) for c in conversations]
 
 
 def max_logit_diff(model_a: Any, model_b: Any, prompts: list[list[int]]) -> float:
@@ -244,14 +95,6 @@ def compare_outputs(reference: list[list[int]], exported: list[list[int]], token
     return {"prompts": len(reference), "matching": len(reference) - len(mismatches), "mismatches": mismatches}
 
 
-def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 # ----------------------------------------------------------------------------------------------
 # merged
 
@@ -270,8 +113,9 @@ def export_merged(run: RunModel, out_dir: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     merged = merged_model(run)
-    eos = eos_token_ids(run.model, run.tokenizer)
-    merged.generation_config.eos_token_id = eos if len(eos) > 1 else eos[0]
+    eos = stop_token_ids(run.model, run.tokenizer)
+    stops = stop_token_list(run.model, run.tokenizer)
+    merged.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     merged.generation_config.pad_token_id = run.tokenizer.pad_token_id
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -281,7 +125,8 @@ def export_merged(run: RunModel, out_dir: Path) -> dict[str, Any]:
     # Parity: reload with plain transformers, as a user would.
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=merged.dtype).eval()
     prompts = prompt_ids(run.tokenizer, probe_conversations(run.run_dir, run.cfg))
-    parity = compare_outputs(greedy_tokens(run.model, prompts, eos), greedy_tokens(reloaded, prompts, eos), run.tokenizer)
+    trained_tokens = greedy_tokens(run.model, prompts, eos, PARITY_NEW_TOKENS)
+    parity = compare_outputs(trained_tokens, greedy_tokens(reloaded, prompts, eos, PARITY_NEW_TOKENS), run.tokenizer)
     parity["max_logit_diff"] = max_logit_diff(run.model, reloaded, prompts)
     return {"path": str(out_dir), "parity": parity}
 
@@ -294,7 +139,7 @@ def _write_tunesmith_manifest(folder: Path, run: RunModel, fmt: str, extra: dict
         "run": str(run.run_dir.resolve()),
         "base_model": run.cfg.model.name,
         "base_fingerprint": run.base_fingerprint,
-        "trained_on_base_fingerprint": (run.manifest.get("train") or {}).get("base_fingerprint"),
+        "trained_on_base_fingerprint": run.trained_on_base_fingerprint,
         "versions": library_versions(),
         **(extra or {}),
     }
@@ -321,9 +166,10 @@ def export_adapter(run: RunModel, out_dir: Path) -> dict[str, Any]:
 
     base = copy.deepcopy(run.model.get_base_model())
     reloaded = PeftModel.from_pretrained(base, str(out_dir)).eval()
-    eos = eos_token_ids(run.model, run.tokenizer)
+    eos = stop_token_ids(run.model, run.tokenizer)
     prompts = prompt_ids(run.tokenizer, probe_conversations(run.run_dir, run.cfg))
-    parity = compare_outputs(greedy_tokens(run.model, prompts, eos), greedy_tokens(reloaded, prompts, eos), run.tokenizer)
+    trained_tokens = greedy_tokens(run.model, prompts, eos, PARITY_NEW_TOKENS)
+    parity = compare_outputs(trained_tokens, greedy_tokens(reloaded, prompts, eos, PARITY_NEW_TOKENS), run.tokenizer)
     return {"path": str(out_dir), "lint": lint, "parity": parity}
 
 
@@ -331,7 +177,7 @@ def export_adapter(run: RunModel, out_dir: Path) -> dict[str, Any]:
 # gguf: the files written by gguf_export.py, checked through the tools that read them
 
 
-def gguf_parity(path: Path, run: RunModel, reference_tokens: list[list[int]], prompts: list[list[int]], eos: list[int]) -> dict[str, Any]:
+def gguf_parity(path: Path, run: RunModel, reference_tokens: list[list[int]], prompts: list[list[int]], eos: set[int]) -> dict[str, Any]:
     """Generate from the GGUF file as other tools read it: transformers' GGUF loader (which
     undoes the q/k permutation and rebuilds the tokenizer), and llama.cpp when importable."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -345,7 +191,7 @@ def gguf_parity(path: Path, run: RunModel, reference_tokens: list[list[int]], pr
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
-    result = compare_outputs(reference_tokens, greedy_tokens(model, prompts, eos), run.tokenizer)
+    result = compare_outputs(reference_tokens, greedy_tokens(model, prompts, eos, PARITY_NEW_TOKENS), run.tokenizer)
     result["max_logit_diff"] = max_logit_diff(run.model, model, prompts)
     texts = [run.tokenizer.decode(p) for p in prompts]
     result["tokenizer_matches"] = all(tokenizer(t, add_special_tokens=False)["input_ids"] == p for t, p in zip(texts, prompts))
@@ -380,9 +226,9 @@ def export_gguf(run: RunModel, out_dir: Path, gguf_types: list[str]) -> dict[str
     merged = merged_model(run)
     check_llama(merged.config)
     name = f"{run.cfg.name}"
-    eos = eos_token_ids(run.model, run.tokenizer)
+    eos = stop_token_ids(run.model, run.tokenizer)
     prompts = prompt_ids(run.tokenizer, probe_conversations(run.run_dir, run.cfg))
-    reference_tokens = greedy_tokens(run.model, prompts, eos)
+    reference_tokens = greedy_tokens(run.model, prompts, eos, PARITY_NEW_TOKENS)
     expected = hf_to_gguf_arrays(merged)
     report: dict[str, Any] = {"path": str(out_dir), "files": {}}
     with atomic_path(out_dir) as tmp:
@@ -410,7 +256,7 @@ def export_ollama(run: RunModel, out_dir: Path, gguf_type: str) -> dict[str, Any
     template = ollama_template(fmt)
     system = run.cfg.data.system_prompt or fmt.default_system
     stops = []
-    for token_id in eos_token_ids(run.model, run.tokenizer):
+    for token_id in stop_token_list(run.model, run.tokenizer):
         text = run.tokenizer.convert_ids_to_tokens(token_id)
         if text and text not in stops:
             stops.append(text)
@@ -467,13 +313,10 @@ def run(run_dir: Path, fmt: str, *, gguf_types: list[str] | None = None, allow_b
     else:
         report = export_ollama(trained, out_dir, gguf_types[0])
     record_output(out_dir)
-    if "base_mismatch_warning" in trained.manifest:
-        report["warning"] = trained.manifest["base_mismatch_warning"]
+    if trained.warning:
+        report["warning"] = trained.warning
     report["format"] = fmt
-    manifest = read_manifest(run_dir)
-    exports = dict(manifest.get("export") or {})
-    exports[fmt] = report
-    update_manifest(run_dir, "export", exports)
+    write_export_record(run_dir, ExportRecord.model_validate(report))
     return report
 
 
@@ -504,11 +347,4 @@ def parity_problems(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = [
-    "FORMATS",
-    "RunModel",
-    "check_base_fingerprint",
-    "lint_adapter_config",
-    "load_run_model",
-    "run",
-]
+__all__ = ["FORMATS", "parity_problems", "run"]

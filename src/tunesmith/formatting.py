@@ -235,6 +235,31 @@ def truncate_example(example: Example, max_length: int) -> tuple[Example, list[s
     return Example(ids, labels, example.source_line, cut_trained_tokens=cut_trained, cut_prompt_tokens=cut_prompt), []
 
 
+def truncate_prompt(prompt_ids: list[int], answer_tokens: int, max_length: int) -> tuple[list[int], int]:
+    """(prompt ids, tokens cut): a generation prompt as training's truncation (data.truncate)
+    leaves it when the example's answer is `answer_tokens` long, so evaluation prompts the model
+    with what it was trained on. The rule is `truncate_example`'s, applied to the prompt
+    followed by a stand-in answer; only its prompt part is returned.
+    """
+    if len(prompt_ids) + answer_tokens <= max_length:
+        return prompt_ids, 0
+    # One exchange: the prompt, then a stand-in answer of the right length. (A multi-turn eval
+    # prompt is treated as one exchange too: its earlier turns are not dropped whole.)
+    labels = [IGNORE_INDEX] * len(prompt_ids) + [0] * answer_tokens
+    stand_in = Example(list(prompt_ids) + [0] * answer_tokens, labels, turn_starts=[0, len(prompt_ids)], turn_roles=["user", "assistant"])
+    cut, _ = truncate_example(stand_in, max_length)
+    if not cut.cut_prompt_tokens:  # training cut the answer instead: the prompt stays whole
+        return prompt_ids, 0
+    return cut_before_tail(prompt_ids, cut.cut_prompt_tokens), cut.cut_prompt_tokens
+
+
+def cut_before_tail(prompt_ids: list[int], count: int) -> list[int]:
+    """`prompt_ids` without the `count` tokens just before its last PROMPT_TAIL_KEPT (where
+    truncation cuts a prompt: the turn boundary and the assistant header stay)."""
+    end = len(prompt_ids) - PROMPT_TAIL_KEPT
+    return prompt_ids[: end - count] + prompt_ids[end:]
+
+
 def tokenize_dataset(
     tokenizer, conversations: list[Conversation], *, max_length: int, truncate: bool = False, system_prompt: str | None = None
 ) -> tuple[list[Example], FormatReport]:
@@ -348,7 +373,7 @@ def collate(examples: list[Example], batch: list[list[int]], pad_id: int) -> dic
         pos += range(start, start + pad)  # pads continue the last example: they come after it, untrained
     input_ids = torch.tensor(rows_ids)
     labels = torch.tensor(rows_labels)
-    # A prompt prefix shared by every row is computed once (see train.loss_at_trained_positions).
+    # A prompt prefix shared by every row is computed once (see modeling.loss_at_trained_positions).
     # It must end before the first position whose hidden state predicts a trained label.
     shared = 0
     if len(batch) > 1 and all(len(row) == 1 for row in batch):

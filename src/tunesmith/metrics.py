@@ -29,9 +29,13 @@ LOWER_IS_BETTER = {"out_of_label_rate", "mean_latency_s"}
 # Metrics that describe the output rather than grade it: no winner, no verdict.
 NEUTRAL = {"mean_output_tokens", "mean_output_chars"}
 
-# A training answer set is a closed label set when answers are short, one line, and repeat.
+# A training answer set is a closed label set when answers are short (one line, a few words),
+# at most LABEL_MAX_COUNT distinct ones, and each repeats (LABEL_MIN_REPEAT rows a label on
+# average). The one rule for the task kind: data check, advise and eval all call `task_kind`.
 LABEL_MAX_CHARS = 64
+LABEL_MAX_WORDS = 6
 LABEL_MAX_COUNT = 200
+LABEL_MIN_REPEAT = 2
 # A JSON string field becomes an enum when it takes at most this many values, each repeated.
 ENUM_MAX_VALUES = 20
 # JSON answers: per-key metrics for at most this many top-level keys (the most frequent).
@@ -79,20 +83,37 @@ def mentioned_label(text: str, label_phrases: list[str]) -> int:
     return found[0][0] if len(found) == 1 else -1
 
 
-def infer_task(targets: list[str]) -> str:
-    """`json` when every answer is a JSON object or array; `classification` when answers are
-    short single lines that repeat (a closed label set); `text` otherwise."""
-    targets = [t.strip() for t in targets]
-    if not targets:
-        return "text"
-    parsed = [parse_json(t) for t in targets]
-    if all(ok and isinstance(v, (dict, list)) for ok, v in parsed):
+def is_label(text: str) -> bool:
+    """A short one-line answer: what a class label looks like."""
+    text = text.strip()
+    return bool(text) and "\n" not in text and len(text) <= LABEL_MAX_CHARS and len(text.split()) <= LABEL_MAX_WORDS
+
+
+def is_json_answer(text: str) -> bool:
+    ok, value = parse_json(text)
+    return ok and isinstance(value, (dict, list))
+
+
+def task_kind(examples: int, json_answers: int, all_labels: bool, distinct_labels: int) -> str:
+    """The task kind from answer statistics: `json` when every answer is a JSON object or array;
+    `classification` when every answer is a label (`is_label`), 2..LABEL_MAX_COUNT distinct
+    (after `normalize_label`), each repeating; `text` otherwise.
+
+    Counts, not the answers themselves, so the data check can stream a file and still apply
+    exactly the rule eval applies to a list.
+    """
+    if examples and json_answers == examples:
         return "json"
-    distinct = {normalize_label(t) for t in targets}
-    short = all(t and "\n" not in t and len(t) <= LABEL_MAX_CHARS for t in targets)
-    if short and len(distinct) <= LABEL_MAX_COUNT and len(distinct) * 2 <= len(targets):
+    if all_labels and 2 <= distinct_labels <= LABEL_MAX_COUNT and distinct_labels * LABEL_MIN_REPEAT <= examples:
         return "classification"
     return "text"
+
+
+def infer_task(targets: list[str]) -> str:
+    """`task_kind` of a list of answers."""
+    targets = [t.strip() for t in targets]
+    distinct = {normalize_label(t) for t in targets}
+    return task_kind(len(targets), sum(map(is_json_answer, targets)), all(map(is_label, targets)), len(distinct))
 
 
 def label_set(train_targets: list[str]) -> list[str]:

@@ -16,12 +16,12 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from tunesmith import artifacts
+from tunesmith import artifacts, runs
 from tunesmith.artifacts import read_manifest_or_empty, sha256_file, update_manifest, write_text_atomic
 from tunesmith.config import RunConfig, config_to_yaml
 from tunesmith.errors import UserError
 
-STAGES = ("check", "split", "baseline", "train", "eval", "export")
+STAGES = runs.PIPELINE_STAGES  # check, split, baseline, train, eval, export
 console = Console(stderr=True)
 
 
@@ -170,7 +170,7 @@ def run(
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / artifacts.CONFIG_FILE, config_to_yaml(cfg))
-    register_run(run_dir)
+    runs.register_run(run_dir)
 
     # The model fingerprint is part of most stages' inputs; resolving it first also converts the
     # builtin model once, before any stage starts timing itself.
@@ -227,116 +227,3 @@ def _record_stage(run_dir: Path, stage: str, record: dict[str, Any]) -> None:
     update_manifest(run_dir, "pipeline", pipeline)
 
 
-# --- the run registry: `tunesmith runs` -------------------------------------------------------
-
-
-def _registry_path() -> Path:
-    return artifacts.tunesmith_home() / "runs.txt"
-
-
-def register_run(run_dir: Path) -> None:
-    """Remember a run folder so `tunesmith runs` finds it wherever it lives."""
-    path = _registry_path()
-    known = set(path.read_text().splitlines()) if path.exists() else set()
-    resolved = str(Path(run_dir).resolve())
-    if resolved not in known:
-        write_text_atomic(path, "".join(f"{p}\n" for p in sorted(known | {resolved})))
-
-
-def list_runs(extra_roots: list[Path] | None = None) -> list[dict[str, Any]]:
-    """Every known run with model, method, data, status, primary metric and time."""
-    folders = []
-    path = _registry_path()
-    if path.exists():
-        folders += [Path(p) for p in path.read_text().splitlines() if p]
-    for root in extra_roots or []:
-        if root.exists():
-            folders += [p.parent for p in root.glob("*/" + artifacts.MANIFEST_FILE)]
-    rows = []
-    seen = set()
-    for folder in folders:
-        folder = folder.resolve()
-        if folder in seen or not (folder / artifacts.MANIFEST_FILE).exists():
-            continue
-        seen.add(folder)
-        rows.append(run_summary(folder))
-    return rows
-
-
-def run_summary(folder: Path) -> dict[str, Any]:
-    import yaml
-
-    manifest = read_manifest_or_empty(folder)
-    config = {}
-    if (folder / artifacts.CONFIG_FILE).exists():
-        config = yaml.safe_load((folder / artifacts.CONFIG_FILE).read_text()) or {}
-    pipeline = manifest.get("pipeline", {})
-    done = [s for s in STAGES if pipeline.get(s, {}).get("status") == "done"]
-    running = [s for s in STAGES if pipeline.get(s, {}).get("status") == "running"]
-    status = f"running {running[0]}" if running else (f"done {done[-1]}" if done else "new")
-    results = _read_json(folder / artifacts.EVAL_DIR / "results.json")
-    primary = _primary_metric(results)
-    seconds = sum(pipeline.get(s, {}).get("seconds", 0) for s in STAGES)
-    return {
-        "path": str(folder),
-        "name": config.get("name", folder.name),
-        "model": config.get("model", {}).get("name"),
-        "method": config.get("train", {}).get("method"),
-        "data": config.get("data", {}).get("train"),
-        "status": status,
-        "primary_metric": primary,
-        "seconds": round(seconds, 1),
-    }
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _primary_metric(results: dict[str, Any]) -> dict[str, Any] | None:
-    """(name, tuned value) of the evaluation's primary metric, when there is one."""
-    name = results.get("primary_metric")
-    subjects = results.get("subjects", {})
-    tuned = subjects.get("tuned", {}) if isinstance(subjects, dict) else {}
-    metrics = tuned.get("metrics", {}) if isinstance(tuned, dict) else {}
-    value = metrics.get(name)
-    if isinstance(value, dict):
-        value = value.get("value")
-    return {"name": name, "value": value} if name else None
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): data}
-
-
-def compare_runs(a: Path, b: Path) -> dict[str, Any]:
-    """Config keys and metrics that differ between two runs."""
-    import yaml
-
-    configs = []
-    for folder in (a, b):
-        path = Path(folder) / artifacts.CONFIG_FILE
-        if not path.exists():
-            raise UserError(f"{folder} has no {artifacts.CONFIG_FILE}", "pass two run folders that tunesmith wrote")
-        configs.append(_flatten(yaml.safe_load(path.read_text()) or {}))
-    keys = sorted(set(configs[0]) | set(configs[1]))
-    config_diff = {k: (configs[0].get(k), configs[1].get(k)) for k in keys if configs[0].get(k) != configs[1].get(k)}
-    metrics = []
-    for folder in (a, b):
-        results = _read_json(Path(folder) / artifacts.EVAL_DIR / "results.json")
-        flat = {}
-        for subject, data in (results.get("subjects") or {}).items():
-            for name, value in (data.get("metrics") or {}).items():
-                flat[f"{subject}.{name}"] = value.get("value") if isinstance(value, dict) else value
-        metrics.append(flat)
-    metric_keys = sorted(set(metrics[0]) | set(metrics[1]))
-    metric_diff = {k: (metrics[0].get(k), metrics[1].get(k)) for k in metric_keys if isinstance(metrics[0].get(k, 0), (int, float, type(None)))}
-    return {"config": config_diff, "metrics": metric_diff}

@@ -83,8 +83,20 @@ def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], los
         + (f" ({results['skipped_without_answer']} without an answer skipped)" if results["skipped_without_answer"] else "")
         + ".",
         f"Decoding, identical for every subject: greedy, at most {decoding['max_new_tokens']} new tokens, "
-        f"batches of {decoding['batch_size']}, {decoding['dtype']}, same chat template and system prompt.",
+        f"batches of {decoding['batch_size']}, same chat template and system prompt; weights in {decoding['dtype']} "
+        "unless a subject below says otherwise.",
     ]
+    pt = results.get("prompt_truncation") or {}
+    if pt.get("data_truncate"):
+        setup.append(
+            f"Prompt truncation as in training (data.truncate, max length {pt['max_length']}): "
+            f"{pt['truncated_examples']} prompt(s) cut before their last turn header, {pt['cut_tokens']} tokens in all."
+        )
+    elif pt.get("over_max_length"):
+        setup.append(
+            f"{pt['over_max_length']} example(s) exceed max length {pt['max_length']} with their answer; "
+            "data.truncate is off, so their prompts are evaluated whole (training refused such examples)."
+        )
     fs = results.get("few_shot") or {}
     if fs:
         setup.append(
@@ -94,7 +106,7 @@ def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], los
         )
     for name, entry in results["subjects"].items():
         where = entry.get("path") or entry.get("model")
-        setup.append(f"`{name}`: {entry.get('kind', 'base model')} {where}.")
+        setup.append(f"`{name}`: {entry.get('kind', 'base model')} {where}" + (f", computed in {entry['dtype']}" if entry.get("dtype") else "") + ".")
     blocks += [("h2", "Setup"), ("list", setup)]
     if results["task"] == "json":
         blocks += [("p", f"JSON Schema ({results['schema_source']}):"), ("code", json.dumps(results["schema"], indent=2))]

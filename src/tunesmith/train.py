@@ -7,25 +7,23 @@ resume, the loop, the artifacts: `run` at the bottom calls them in that order (`
 The data plan is a pure function of (seed, dataset, config), so the data position in a
 checkpoint is just the step number, and resuming is exact.
 What a checkpoint holds, and how it is written and read back, is in `checkpoints.py`;
-the torch.distributed plumbing (DDP/FSDP setup, sums across ranks) in `distributed.py`.
+the torch.distributed plumbing (DDP/FSDP setup, sums across ranks) in `distributed.py`;
+the model set up for a method and its loss in `modeling.py`; the run's record in `runs.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
-import logging
 import math
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunesmith import artifacts
+from tunesmith import artifacts, runs
 from tunesmith.checkpoints import (
     full_model_state,
     full_tensor,
@@ -39,7 +37,6 @@ from tunesmith.checkpoints import (
     trainable_state,
 )
 from tunesmith.config import RunConfig
-from tunesmith.data import read_conversations as read_any
 from tunesmith.distributed import all_sum, gradient_sync, init_distributed, shard_model
 from tunesmith.errors import UserError
 from tunesmith.formatting import (
@@ -51,40 +48,30 @@ from tunesmith.formatting import (
     packed_batches,
     preflight,
 )
+from tunesmith.inference import use_bf16
+from tunesmith.modeling import autocast, causal_lm, check_loss_matches_model, load_for_training, make_loss_module
 
 
 # --- data -----------------------------------------------------------------------------------
 
 
-def data_paths(cfg: RunConfig) -> tuple[Path, Path | None, str]:
-    """(train, eval, format): the split stage's files when present, else the config's."""
-    run_dir = cfg.run_dir
-    split_train, split_eval = run_dir / artifacts.TRAIN_SPLIT_FILE, run_dir / artifacts.EVAL_SPLIT_FILE
-    if split_train.exists():
-        return split_train, split_eval if split_eval.exists() else None, "openai"
-    train = cfg.resolve(cfg.data.train)
-    if not train.exists():
-        raise UserError(f"training data {train} not found", "fix data.train in the config (relative to the config file)")
-    eval_path = cfg.resolve(cfg.data.eval)
-    if eval_path is not None and not eval_path.exists():
-        raise UserError(f"eval data {eval_path} not found", "fix data.eval in the config, or remove it")
-    return train, eval_path, cfg.data.format
-
-
-def read_conversations(cfg: RunConfig, path: Path, fmt: str):
-    """Conversations of a data file, through data.py's readers (any supported format)."""
-    if fmt == "openai":  # the split stage's files already carry the system prompt
-        return read_any(path, format="openai")
-    return read_any(path, format=fmt, input_col=cfg.data.input_col, output_col=cfg.data.output_col, system_prompt=cfg.data.system_prompt)
+def data_paths(cfg: RunConfig) -> tuple[Path, Path | None, runs.DataFiles]:
+    """(train, eval, files): runs.data_files' choice (the split's files, else the config's), checked."""
+    files = runs.data_files(cfg)
+    if files.train is None or not files.train.exists():
+        raise UserError(f"training data {files.train} not found", "fix data.train in the config (relative to the config file)")
+    if files.eval is not None and not files.eval.exists():
+        raise UserError(f"eval data {files.eval} not found", "fix data.eval in the config, or remove it")
+    return files.train, files.eval, files
 
 
 def load_examples(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example], dict[str, Any]]:
     """Tokenise and pre-flight both splits; raise one UserError for every bad example."""
-    train_path, eval_path, fmt = data_paths(cfg)
-    train_examples, train_report = preflight(tokenizer, read_conversations(cfg, train_path, fmt), cfg.data, str(train_path))
+    train_path, eval_path, files = data_paths(cfg)
+    train_examples, train_report = preflight(tokenizer, files.read(train_path), cfg.data, str(train_path))
     eval_examples: list[Example] = []
     if eval_path is not None:
-        eval_examples, _ = preflight(tokenizer, read_conversations(cfg, eval_path, fmt), cfg.data, str(eval_path))
+        eval_examples, _ = preflight(tokenizer, files.read(eval_path), cfg.data, str(eval_path))
     info = {
         "train_file": str(train_path),
         "train_sha256": artifacts.sha256_file(train_path),
@@ -106,8 +93,8 @@ def show_mask(cfg: RunConfig, count: int, console) -> None:
     from tunesmith.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
-    train_path, _, fmt = data_paths(cfg)
-    examples, report = preflight(tokenizer, read_conversations(cfg, train_path, fmt), cfg.data, str(train_path))
+    train_path, _, files = data_paths(cfg)
+    examples, report = preflight(tokenizer, files.read(train_path), cfg.data, str(train_path))
     for example in examples[:count]:
         console.rule(f"line {example.source_line}: {len(example)} tokens, {example.trained_tokens} trained")
         console.print(mask_text(tokenizer, example))
@@ -223,197 +210,6 @@ def plan_settings(cfg: RunConfig, world: int) -> dict[str, Any]:
 # --- the model ------------------------------------------------------------------------------
 
 
-def use_bf16(precision: str, device) -> bool:
-    """bf16 autocast where the hardware runs it fast: CUDA with bf16, CPU with AVX512-BF16/AMX."""
-    import torch
-
-    if precision == "fp32":
-        return False
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if precision == "bf16" and not supported and device.type == "cuda":
-        raise UserError("train.precision is bf16 but this GPU has no bf16", "set train.precision: fp32")
-    return supported or precision == "bf16"
-
-
-def load_for_training(cfg: RunConfig, device, bf16: bool, fsdp: bool = False):
-    """(model, loaded): the model ready to train (PEFT-wrapped for lora/qlora), on `device`.
-
-    Under FSDP every weight is stored fp32 (an FSDP unit all-gathers one dtype); autocast still
-    computes in bf16.
-    """
-    import torch
-
-    from tunesmith.models import load_model
-
-    t = cfg.train
-    common = dict(trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle, expected_fingerprint=cfg.model.expected_fingerprint)
-    if t.method == "full":
-        # Full fine-tuning keeps fp32 master weights; bf16 is only the autocast compute.
-        loaded = load_model(cfg.model.name, dtype=torch.float32, device=device, **common)
-        model = loaded.model
-        model.requires_grad_(True)
-    else:
-        # bitsandbytes (imported by peft when installed) warns at import about an optional
-        # kernel download it cannot do offline; the NF4 CPU path works without it.
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-        from peft import LoraConfig, get_peft_model
-
-        if t.method == "qlora":
-            quant = qlora_config(bf16)
-            # Unquantized parts (embeddings, norms) stay fp32, so the residual stream does.
-            loaded = load_model(cfg.model.name, dtype=torch.float32, quantization_config=quant, device=device, **common)
-            if device.type == "cuda":  # load_model leaves quantized models where they loaded
-                loaded.model.to(device)
-        else:
-            store_bf16 = bf16 and not fsdp
-            loaded = load_model(cfg.model.name, dtype=torch.bfloat16 if store_bf16 else torch.float32, device=device, **common)
-            if store_bf16:
-                # The frozen projections are stored in bf16, the dtype autocast computes them in:
-                # no per-step weight casts, half their memory. Embeddings and norms go back to
-                # fp32, so the residual stream stays fp32 (a bf16 residual stream loses accuracy).
-                embeddings = loaded.model.get_input_embeddings().weight
-                for module in loaded.model.modules():
-                    if not isinstance(module, torch.nn.Linear) or module.weight is embeddings:
-                        for param in module.parameters(recurse=False):
-                            param.data = param.data.float()
-        lora = t.lora
-        peft_config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            use_rslora=lora.use_rslora,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        # peft keeps adapter weights in fp32 over a bf16 base (autocast_adapter_dtype), so the
-        # LoRA update and the optimizer state stay accurate.
-        model = get_peft_model(loaded.model, peft_config)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
-    return model, loaded
-
-
-def qlora_config(bf16: bool):
-    import torch
-
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise UserError("train.method qlora needs bitsandbytes", 'pip install "bitsandbytes>=0.50"') from None
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
-        bnb_4bit_quant_storage=torch.uint8,
-    )
-
-
-def causal_lm(model):
-    """The HF *ForCausalLM inside a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def loss_at_trained_positions(model, input_ids, labels, position_ids, shared_prefix_len: int = 0):
-    """Summed cross-entropy over trained positions only.
-
-    The backbone gives hidden states; the vocabulary projection runs only on positions whose
-    next token is trained (a few percent of them in domain fine-tuning, and the projection
-    is a large share of a small model's compute). With `shared_prefix_len` K > 0, every row
-    starts with the same K tokens: they run once with batch 1, and their keys/values are
-    repeated over the batch, so gradients flow back through the prefix as in the plain path.
-    """
-    import torch.nn.functional as F
-
-    lm = causal_lm(model)
-    backbone, head = lm.get_decoder(), lm.get_output_embeddings()
-    k = shared_prefix_len
-    if k > 0:
-        prefix = backbone(input_ids=input_ids[:1, :k], position_ids=position_ids[:1, :k], use_cache=True)
-        # transformers 5 names the cache `cache`; 4.x `past_key_values`.
-        cache_kw = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-        cache = prefix[cache_kw]
-        cache.batch_repeat_interleave(input_ids.shape[0])
-        hidden = backbone(
-            input_ids=input_ids[:, k:], position_ids=position_ids[:, k:], use_cache=True, **{cache_kw: cache}
-        ).last_hidden_state
-        labels = labels[:, k:]
-    else:
-        hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    trained = targets != IGNORE_INDEX
-    logits = model_logits(lm, head(hidden[:, :-1][trained]).float())
-    return F.cross_entropy(logits, targets[trained], reduction="sum")
-
-
-def model_logits(lm, logits):
-    """The head's output through the model's own logit transforms, as its forward applies them.
-
-    Granite divides by `logits_scaling`, Cohere multiplies by `logit_scale`, Gemma 2 and later
-    soft-cap with `final_logit_softcapping`: without them training would optimise another
-    objective than the one inference samples from. A transform not listed here is caught at
-    start-up by `check_loss_matches_model`.
-    """
-    import torch
-
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is not None and scaling != 1:
-        logits = logits / scaling
-    scale = getattr(lm, "logit_scale", getattr(config, "logit_scale", None))
-    if isinstance(scale, (int, float)) and scale != 1:
-        logits = logits * scale
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def check_loss_matches_model(model, examples: list[Example], pad_id: int, device, bf16: bool) -> None:
-    """Refuse to train when our loss on one example differs from the model's own
-    `model(..., labels=...).loss`: the loss skips the full logits for speed, so it must prove
-    it computes the model's objective (an unknown logit transform would make it differ)."""
-    import torch
-
-    tensors = collate(examples, [[0]], pad_id)
-    input_ids, labels, position_ids = (tensors[k].to(device) for k in ("input_ids", "labels", "position_ids"))
-    was_training = model.training
-    model.eval()  # no dropout: the two forwards must see the same network
-    with torch.no_grad(), autocast(device, bf16):
-        ours = float(loss_at_trained_positions(model, input_ids, labels, position_ids)) / tensors["trained_tokens"]
-        theirs = float(model(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False).loss)
-    model.train(was_training)
-    tolerance = 2e-2 if bf16 else 1e-4
-    if not abs(ours - theirs) <= tolerance * max(abs(theirs), 1e-6):
-        model_type = causal_lm(model).config.model_type
-        raise RuntimeError(
-            f"the training loss ({ours:.6f}) differs from the model's own loss ({theirs:.6f}) on the first example: "
-            f"{model_type} transforms its logits in a way train.model_logits does not apply; refusing to train another objective"
-        )
-
-
-def make_loss_module(model):
-    """The model wrapped as one module whose forward is the loss, so DDP and compile see it whole."""
-    import torch
-
-    class _Loss(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, labels, position_ids, shared_prefix_len: int = 0):
-            return loss_at_trained_positions(self.model, input_ids, labels, position_ids, shared_prefix_len)
-
-    return _Loss(model)
-
-
 def lr_lambda(cfg: RunConfig, total_steps: int):
     t = cfg.train
     warmup = int(t.warmup_ratio * total_steps)
@@ -513,12 +309,6 @@ def refuse_non_finite(step: int, loss: float, grad_norm: float) -> None:
             f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; no adapter or model was written",
             "lower train.learning_rate (or train.lora.alpha), or set train.max_grad_norm; then train again",
         )
-
-
-def autocast(device, bf16: bool):
-    import torch
-
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def want_compile(setting: str, device) -> bool:
@@ -737,10 +527,8 @@ def announce(s: TrainingSetup, console) -> None:
     """The serving lint (now, not at deployment, when the engines would refuse the adapter), then what trains."""
     t = s.cfg.train
     if t.method != "full":
-        from tunesmith.export import lint_adapter_config
-
         peft_config = s.model.peft_config["default"].to_dict()
-        for problem in lint_adapter_config(peft_config, causal_lm(s.model).config.model_type):
+        for problem in runs.lint_adapter_config(peft_config, causal_lm(s.model).config.model_type):
             console.print(f"[yellow]serving lint:[/yellow] {problem}")
     console.print(
         f"training {t.method} on {s.data_info['train_examples']} examples: {s.plan.total_steps} steps, "
@@ -904,24 +692,23 @@ def write_manifest(s: TrainingSetup, summary: dict[str, Any], started: float, re
             versions[dist_name] = md.version(dist_name)
         except Exception:  # noqa: BLE001 - optional libraries
             pass
-    artifacts.update_manifest(
+    runs.write_train_record(
         cfg.run_dir,
-        "train",
-        {
+        runs.TrainRecord(
             **summary,
-            "base_model": {"reference": cfg.model.name, "path": str(loaded.path), "fingerprint": loaded.fingerprint},
-            "data": s.data_info,
-            "config": cfg.model_dump(mode="json"),
-            "versions": versions,
-            "seed": t.seed,
-            "precision": "bf16" if s.bf16 else "fp32",
-            "compiled": s.compiled,
-            "world_size": s.world,
-            "parallel": t.parallel if s.world > 1 else None,
-            "hardware": artifacts.hardware_summary(),
-            "wall_time_s": time.time() - started,
-            "resumed": resumed,
-        },
+            base_model=runs.BaseModelRecord(reference=cfg.model.name, path=str(loaded.path), fingerprint=loaded.fingerprint),
+            data=s.data_info,
+            config=cfg.model_dump(mode="json"),
+            versions=versions,
+            seed=t.seed,
+            precision="bf16" if s.bf16 else "fp32",
+            compiled=s.compiled,
+            world_size=s.world,
+            parallel=t.parallel if s.world > 1 else None,
+            hardware=artifacts.hardware_summary(),
+            wall_time_s=time.time() - started,
+            resumed=resumed,
+        ),
     )
 
 

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from tunesmith.errors import UserError
+from tunesmith.inference import render_ids
 from tunesmith.serve import protocol
 from tunesmith.serve.engine import Engine, SamplingParams, Sequence, ServedModel, log
 
@@ -134,8 +135,8 @@ def check_adapter_weights(adapter_dir: Path) -> None:
 
 def resolve_served(refs: list[str]) -> ServedSet:
     """Sort the positional arguments into one base and named adapters (no weights loaded)."""
-    from tunesmith.artifacts import ADAPTER_DIR, CONFIG_FILE, FULL_MODEL_DIR, MANIFEST_FILE
-    from tunesmith.export import base_model_ref, read_run
+    from tunesmith.artifacts import ADAPTER_DIR, FULL_MODEL_DIR, MANIFEST_FILE
+    from tunesmith.runs import base_model_ref, read_run_config, trained_base_fingerprint
 
     explicit: list[tuple[str, str]] = []  # (id, ref): model arguments and full fine-tunes
     implied: list[tuple[str, str]] = []  # the bases that adapters name
@@ -144,8 +145,8 @@ def resolve_served(refs: list[str]) -> ServedSet:
     for raw in refs:
         name, _, ref = raw.partition("=") if "=" in raw and not Path(raw).exists() else ("", "", raw)
         path = Path(ref).expanduser()
-        if path.is_dir() and (path / MANIFEST_FILE).exists() and (path / CONFIG_FILE).exists():
-            cfg, manifest = read_run(path)
+        if path.is_dir() and (path / MANIFEST_FILE).exists():
+            cfg = read_run_config(path)
             if (path / FULL_MODEL_DIR / "config.json").exists():
                 explicit.append((name or cfg.name, str(path / FULL_MODEL_DIR)))
                 continue
@@ -154,7 +155,7 @@ def resolve_served(refs: list[str]) -> ServedSet:
             check_adapter_weights(path / ADAPTER_DIR)
             model_id = name or cfg.name
             adapters[model_id] = ServedModel(model_id, path / ADAPTER_DIR, cfg.data.system_prompt, str(path))
-            expected[model_id] = (manifest.get("train") or {}).get("base_fingerprint")
+            expected[model_id] = trained_base_fingerprint(path)
             implied.append((cfg.model.name, base_model_ref(cfg)))
         elif path.is_dir() and (path / "adapter_config.json").exists():
             check_adapter_weights(path)
@@ -162,7 +163,8 @@ def resolve_served(refs: list[str]) -> ServedSet:
             model_id = name or path.name
             adapters[model_id] = ServedModel(model_id, path, None, str(path))
             tunesmith_manifest = path / "tunesmith_manifest.json"
-            expected[model_id] = json.loads(tunesmith_manifest.read_text()).get("base_fingerprint") if tunesmith_manifest.exists() else None
+            exported = json.loads(tunesmith_manifest.read_text()) if tunesmith_manifest.exists() else {}
+            expected[model_id] = exported.get("trained_on_base_fingerprint") or exported.get("base_fingerprint")
             if adapter_cfg.get("base_model_name_or_path"):
                 implied.append((adapter_cfg["base_model_name_or_path"], adapter_cfg["base_model_name_or_path"]))
         else:
@@ -194,7 +196,7 @@ def check_api_key(api_key: str | None) -> None:
 def create_app(settings: ServeSettings, *, loaded: Any = None) -> Any:
     """The FastAPI app. The base model is loaded now (a bad reference fails before binding);
     `loaded` lets a caller pass an already loaded `tunesmith.models.LoadedModel`."""
-    from tunesmith.export import check_base_fingerprint
+    from tunesmith.runs import check_base_fingerprint
     from tunesmith.models import load_model
 
     check_api_key(settings.api_key)
@@ -350,7 +352,7 @@ def _render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     from jinja2.exceptions import TemplateError
 
     try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        return render_ids(tokenizer, messages)
     except TemplateError as e:  # the template's own raise_exception: a message written for users
         raise APIError(400, f"the model's chat template refused these messages: {e.message}", param="messages") from None
 

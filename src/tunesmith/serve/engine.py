@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import UserError
+from tunesmith.inference import cache_kwarg, stop_token_ids
 
 log = logging.getLogger("tunesmith.serve")
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -86,10 +87,7 @@ class Engine:
         self.max_adapters = max_adapters
         self.max_batch_size = max_batch_size
         self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 2048))
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            self.eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids = stop_token_ids(model, tokenizer)
         self.vocab_size = int(model.config.vocab_size)
         self.adapters: collections.OrderedDict[str, Path] = collections.OrderedDict()  # LRU, oldest first
         self.pending: queue.Queue[Sequence] = queue.Queue()
@@ -104,9 +102,7 @@ class Engine:
         self._grammar_lock = threading.Lock()
         self.stats = {"steps": 0, "batched_rows": 0, "max_batch": 0, "adapter_loads": 0, "adapter_evictions": 0}
         self._torch = torch
-        import inspect
-
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kwarg = cache_kwarg(model)
 
     # --- lifecycle ------------------------------------------------------------------------
 

@@ -1,0 +1,261 @@
+"""Running a model: stop ids, dtype, prompt ids, cache arguments, batched greedy decoding.
+
+eval, the export parity checks, `tunesmith generate` and the server engine all call this
+module, so "when does an answer end" and "which dtype runs here" have one answer each.
+
+Generation is our own loop (left padding, KV cache, a prompt prefix shared by every example
+computed once, finished rows dropped from the batch), because it is where evaluation spends
+its time and `generate` cannot share the prefix.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tunesmith.errors import UserError
+
+MIN_SHARED_PREFIX = 8  # tokens; below this, computing the prefix apart is not worth a forward
+# End-of-turn tokens of common chat templates, when the tokenizer has them as single tokens.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+# --------------------------------------------------------------------------- stop ids
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every id that ends a turn: the generation config's eos ids, the tokenizer's eos, and the
+    chat template's end-of-turn token (a converted GGUF may name only one of them)."""
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    template = str(getattr(tokenizer, "chat_template", "") or "")
+    for token in END_OF_TURN_TOKENS:
+        if token not in template:
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return ids
+
+
+def stop_token_list(model: Any, tokenizer: Any) -> list[int]:
+    """The stop ids in a stable order, the generation config's first (for configs that take a list)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    first = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    rest = sorted(stop_token_ids(model, tokenizer) - set(first))
+    return list(dict.fromkeys(first + rest))
+
+
+# --------------------------------------------------------------------------- dtype
+
+
+def bf16_fast(device: Any) -> bool:
+    """Whether this device runs bf16 fast: CUDA with bf16, CPUs with AMX/AVX512-BF16."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        if bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return True
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def use_bf16(precision: str, device: Any) -> bool:
+    """Training: bf16 autocast for `precision` (auto: where the hardware runs it fast)."""
+    if precision == "fp32":
+        return False
+    supported = bf16_fast(device)
+    if precision == "bf16" and not supported and getattr(device, "type", device) == "cuda":
+        raise UserError("train.precision is bf16 but this GPU has no bf16", "set train.precision: fp32")
+    return supported or precision == "bf16"
+
+
+def inference_dtype(precision: str, device: Any = None):
+    """Generation: the weights' dtype for `precision` (auto: bf16 where fast, else fp32)."""
+    import torch
+
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if bf16_fast(device) else torch.float32
+
+
+# --------------------------------------------------------------------------- prompts and cache
+
+
+def render_ids(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool = True) -> list[int]:
+    """Token ids of chat messages through the model's chat template (the one prompt renderer)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def cache_kwarg(model: Any) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache`; the name this model's forward takes
+    (a PEFT wrapper forwards **kwargs, so its base model is asked)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def cache_arg(model: Any, cache: Any) -> dict[str, Any]:
+    return {cache_kwarg(model): cache}
+
+
+# --------------------------------------------------------------------------- batched greedy decoding
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]  # generated ids, end-of-turn included (empty when reused from a previous run)
+    latency_s: float  # from the batch's start until this answer ended: what its caller waited
+    compute_s: float  # its share of the batch's wall time: sums to the subject's total time
+    stopped: bool  # ended on an end-of-turn token (else it hit max_new_tokens)
+    new_tokens: int = -1
+
+    def __post_init__(self) -> None:
+        if self.new_tokens < 0:
+            self.new_tokens = len(self.token_ids)
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
+    if not prompts:
+        return 0
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def generate_greedy(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    stop_ids: set[int],
+    pad_id: int,
+    decode: Callable[[list[int]], str],
+    share_prefix: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Generation]:
+    """Greedy answers to token-id prompts, in the prompts' order, batched.
+
+    The prefix every prompt shares (system prompt, few-shot examples) runs once; its KV cache is
+    copied into each batch. Prompts run longest first, so a batch holds similar lengths and
+    little padding; padding sits between the shared prefix and each prompt's own tokens, masked
+    out, with position ids that skip it, so each row computes what it would compute alone.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    prefix_len = shared_prefix_length(prompts) if share_prefix else 0
+    prefix_cache = None
+    with torch.inference_mode():
+        if prefix_len >= MIN_SHARED_PREFIX:
+            prefix_cache = DynamicCache(config=model.config)
+            model(input_ids=torch.tensor([prompts[0][:prefix_len]], device=device), use_cache=True, logits_to_keep=1, **cache_arg(model, prefix_cache))
+        else:
+            prefix_len = 0
+        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        results: list[Generation | None] = [None] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            own = [prompts[i][prefix_len:] for i in rows]
+            for i, gen in zip(rows, _generate_batch(model, own, prefix_cache, prefix_len, max_new_tokens, stop_ids, pad_id, decode)):
+                results[i] = gen
+            if on_batch:
+                on_batch(len(rows))
+    return results  # type: ignore[return-value]
+
+
+def _generate_batch(model, own, prefix_cache, prefix_len, max_new_tokens, stop_ids, pad_id, decode) -> list[Generation]:
+    import torch
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    rows, width = len(own), max(len(p) for p in own)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for r, ids in enumerate(own):
+        input_ids[r, width - len(ids) :] = torch.tensor(ids)
+        mask[r, width - len(ids) :] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    if prefix_cache is not None:
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(rows)
+        attention = torch.cat([torch.ones((rows, prefix_len), dtype=torch.long, device=device), mask], dim=1)
+    else:
+        cache = DynamicCache(config=model.config)
+        attention = mask
+    positions = (prefix_len + mask.cumsum(-1) - 1).clamp(min=0)
+
+    start = time.perf_counter()
+    logits = model(
+        input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_arg(model, cache)
+    ).logits[:, -1]
+    active = list(range(rows))  # batch row of each cache row still generating
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    ended_s, stopped = [0.0] * rows, [False] * rows
+    for step in range(max_new_tokens):
+        next_ids = logits.argmax(dim=-1)
+        next_list = next_ids.tolist()  # one device sync per step, not one per row
+        now = time.perf_counter() - start
+        keep = []
+        for j, r in enumerate(active):
+            token = next_list[j]
+            tokens[r].append(token)
+            if token in stop_ids:
+                stopped[r], ended_s[r] = True, now
+            elif step == max_new_tokens - 1:
+                ended_s[r] = now
+            else:
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            # Drop finished rows so the rest of the batch stops paying for them.
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            attention, positions, next_ids = attention[index], positions[index], next_ids[index]
+            active = [active[j] for j in keep]
+        attention = torch.cat([attention, torch.ones((len(active), 1), dtype=torch.long, device=device)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = model(
+            input_ids=next_ids[:, None], attention_mask=attention, position_ids=positions, use_cache=True, **cache_arg(model, cache)
+        ).logits[:, -1]
+    wall_s = time.perf_counter() - start
+    out = []
+    for r in range(rows):
+        answer = tokens[r][:-1] if stopped[r] else tokens[r]
+        out.append(Generation(decode(answer).strip(), tokens[r], ended_s[r], wall_s / rows, stopped[r]))
+    return out
+
+
+def greedy_tokens(model: Any, prompts: list[list[int]], stop_ids: set[int], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuation of each prompt, one at a time (no padding to differ between two
+    models compared token for token), end-of-turn token included."""
+    gens = generate_greedy(
+        model, prompts, max_new_tokens=max_new_tokens, batch_size=1, stop_ids=stop_ids, pad_id=0,
+        decode=lambda ids: "", share_prefix=False,
+    )
+    return [g.token_ids for g in gens]

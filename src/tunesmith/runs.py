@@ -1,0 +1,409 @@
+"""The run folder: typed manifest records, the run's data files, the one loader of its trained model.
+
+Every stage that reads what another stage wrote goes through here, so a manifest key is spelled
+once: train writes a `TrainRecord`, and export, eval and serve read the base fingerprint back
+from the same typed field. (A hand-spelled `train.base_fingerprint`, which nothing wrote, once
+disabled the drift guard everywhere.)
+
+Also here: the drift guard (an adapter is refused on a base whose fingerprint differs from the
+one its run recorded: a LoRA on the wrong base silently produces noise), the serving lint of an
+adapter config, and the run registry behind `tunesmith runs`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from tunesmith import artifacts
+from tunesmith.errors import UserError
+
+# --------------------------------------------------------------------------- typed records
+
+
+class BaseModelRecord(BaseModel):
+    """The base a run trained on: the config's reference, the folder it resolved to, its fingerprint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference: str
+    path: str
+    fingerprint: str
+
+
+class TrainRecord(BaseModel):
+    """manifest.json `train`: what training wrote. Summary statistics ride along as extra keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str
+    output: str | None = None
+    base_model: BaseModelRecord
+    config: dict[str, Any]
+    data: dict[str, Any] = {}
+    versions: dict[str, str] = {}
+    precision: str | None = None
+
+
+class EvalRecord(BaseModel):
+    """manifest.json `eval`: the evaluation's headline, pointing at the full report."""
+
+    model_config = ConfigDict(extra="allow")
+
+    task: str
+    examples: int
+    eval_sha256: str
+    primary_metric: str
+    primary: dict[str, float]
+    verdict: str
+    gates_passed: bool
+    subjects: dict[str, dict[str, Any]]
+    report: str
+    prompt_truncation: dict[str, Any] | None = None
+
+
+class ExportRecord(BaseModel):
+    """One entry of manifest.json `export` (keyed by format): the export's report."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str
+    path: str
+    warning: str | None = None
+
+
+def write_train_record(run_dir: Path, record: TrainRecord) -> None:
+    artifacts.update_manifest(run_dir, "train", record.model_dump(mode="json"))
+
+
+def read_train_record(run_dir: Path) -> TrainRecord | None:
+    """The run's train record, or None when it has not been trained."""
+    from pydantic import ValidationError
+
+    section = artifacts.read_manifest_or_empty(run_dir).get("train")
+    if not section:
+        return None
+    try:
+        return TrainRecord.model_validate(section)
+    except ValidationError as e:
+        where = ".".join(str(p) for p in e.errors()[0]["loc"])
+        raise UserError(
+            f"{Path(run_dir) / artifacts.MANIFEST_FILE}: the train record is not one tunesmith train wrote (train.{where})",
+            "train the run again with this version of tunesmith",
+        ) from None
+
+
+def write_eval_record(run_dir: Path, record: EvalRecord) -> None:
+    artifacts.update_manifest(run_dir, "eval", record.model_dump(mode="json"))
+
+
+def write_export_record(run_dir: Path, record: ExportRecord) -> None:
+    """Add (or replace) one format's entry in the manifest's `export` section."""
+    exports = dict(artifacts.read_manifest_or_empty(run_dir).get("export") or {})
+    exports[record.format] = record.model_dump(mode="json")
+    artifacts.update_manifest(run_dir, "export", exports)
+
+
+# --------------------------------------------------------------------------- the run's config and data
+
+
+def read_run_config(run_dir: Path):
+    """The config a run was trained with (its train record), else RUN/config.yaml."""
+    from tunesmith.config import RunConfig, load_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} not found", "pass the output_dir of a trained run")
+    record = read_train_record(run_dir)
+    if record is not None:
+        # The record keeps base_dir, so relative paths resolve as they did when training.
+        return RunConfig.model_validate(record.config)
+    if not (run_dir / artifacts.CONFIG_FILE).exists():
+        raise UserError(f"{run_dir} has no {artifacts.MANIFEST_FILE} train record nor {artifacts.CONFIG_FILE}", "pass a run folder that tunesmith wrote")
+    return load_config(run_dir / artifacts.CONFIG_FILE, [f"output_dir={run_dir.resolve()}"])
+
+
+@dataclass
+class DataFiles:
+    """Where a run's examples are: the split stage's files when present, else the config's."""
+
+    train: Path | None
+    eval: Path | None
+    options: dict[str, Any]  # read_conversations keyword arguments (format, columns, system prompt)
+
+    def read(self, path: Path):
+        from tunesmith.data import read_conversations
+
+        return read_conversations(path, **self.options)
+
+
+def data_files(cfg) -> DataFiles:
+    """The one rule for "the run's split files, else the config's files" (train and eval use it)."""
+    run_dir = cfg.run_dir
+    split_train, split_eval = run_dir / artifacts.TRAIN_SPLIT_FILE, run_dir / artifacts.EVAL_SPLIT_FILE
+    if split_train.exists() and split_eval.exists():
+        # The split stage writes both files, canonical OpenAI chat, the system prompt included.
+        return DataFiles(split_train, split_eval, {"format": "openai"})
+    d = cfg.data
+    options = dict(format=d.format, input_col=d.input_col, output_col=d.output_col, system_prompt=d.system_prompt)
+    return DataFiles(cfg.resolve(d.train), cfg.resolve(d.eval), options)
+
+
+# --------------------------------------------------------------------------- the drift guard
+
+
+def check_base_fingerprint(expected: str | None, actual: str, *, base: str, allow_base_mismatch: bool) -> str | None:
+    """The drift guard. Returns a warning when a mismatch is allowed, raises otherwise."""
+    if not expected or expected == actual:
+        return None
+    message = f"base model {base!r} has fingerprint {actual}, but the adapter was trained on {expected}"
+    if allow_base_mismatch:
+        return message + " (allowed by --allow-base-mismatch)"
+    raise UserError(message, "load the base the run was trained on, or pass --allow-base-mismatch if you know they match")
+
+
+def base_model_ref(cfg: Any) -> str:
+    """The config's model reference; a relative folder is taken relative to the config's folder."""
+    name = cfg.model.name
+    resolved = cfg.resolve(name)
+    if resolved is not None and not Path(name).is_absolute() and resolved.exists():
+        return str(resolved)
+    return name
+
+
+def trained_base_fingerprint(run_dir: Path) -> str | None:
+    """The fingerprint of the base the run trained on (None for a run without a train record)."""
+    record = read_train_record(run_dir)
+    return record.base_model.fingerprint if record is not None else None
+
+
+# --------------------------------------------------------------------------- loading the trained model
+
+
+@dataclass
+class RunModel:
+    """What a run trained, loaded: `model` is a PeftModel (adapter runs) or a plain HF model."""
+
+    model: Any
+    tokenizer: Any
+    kind: str  # "adapter" or "full"
+    base_fingerprint: str  # of the base loaded now (adapter) or of the full model folder
+    base_path: Path
+    cfg: Any
+    run_dir: Path
+    adapter_dir: Path | None = None
+    trained_on_base_fingerprint: str | None = None  # what the train record says
+    warning: str | None = None  # the drift guard's, when --allow-base-mismatch let it through
+    info: dict[str, Any] = field(default_factory=dict)  # for reports: kind, path, fingerprints
+
+
+def load_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, dtype: Any = None, device: Any = None) -> RunModel:
+    """Load the trained model of a run: base + adapter (drift-guarded), or the full model in `dtype`.
+
+    An adapter run is computed in fp32 whatever `dtype` says, the LoRA unmerged: merged into
+    bf16 weights, every update below half a bf16 step of W rounds away (small LoRA updates are
+    mostly that), and a bf16 forward loses the same updates again in its activations (measured:
+    docs in the test of this rule, tests/test_runs.py). Pickle weights are refused unless the
+    run's config allows them (models.load_model).
+    """
+    from tunesmith.models import load_model
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    m = cfg.model
+    opts = dict(dtype=dtype, device=device, trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
+    expected = trained_base_fingerprint(run_dir)
+    full_dir, adapter_dir = run_dir / artifacts.FULL_MODEL_DIR, run_dir / artifacts.ADAPTER_DIR
+    if (full_dir / "config.json").exists():
+        loaded = load_model(str(full_dir), **opts)
+        info = {"kind": "full", "path": str(full_dir), "fingerprint": loaded.fingerprint, "base_fingerprint": expected,
+                "dtype": str(loaded.model.dtype).replace("torch.", "")}
+        return RunModel(loaded.model, loaded.tokenizer, "full", loaded.fingerprint, loaded.path, cfg, run_dir, None, expected, None, info)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise UserError(
+            f"{run_dir} has no trained model ({artifacts.ADAPTER_DIR}/ or {artifacts.FULL_MODEL_DIR}/)",
+            "train it first: tunesmith train CONFIG",
+        )
+    import torch
+    from peft import PeftModel
+
+    opts["dtype"] = torch.float32
+    base = load_model(base_model_ref(cfg), expected_fingerprint=m.expected_fingerprint, **opts)
+    warning = check_base_fingerprint(expected, base.fingerprint, base=m.name, allow_base_mismatch=allow_base_mismatch)
+    model = PeftModel.from_pretrained(base.model, str(adapter_dir))
+    if device is not None:
+        model.to(device)
+    model.eval()
+    info = {"kind": "adapter", "path": str(adapter_dir), "base_fingerprint": base.fingerprint, "trained_on_base_fingerprint": expected, "dtype": "float32"}
+    if warning:
+        info["warning"] = warning
+    return RunModel(model, base.tokenizer, "adapter", base.fingerprint, base.path, cfg, run_dir, adapter_dir, expected, warning, info)
+
+
+# --------------------------------------------------------------------------- adapter lint
+
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+OLLAMA_ADAPTER_ARCHS = ("llama", "gemma", "gemma2", "gemma3")
+
+
+def lint_adapter_config(lora_cfg: dict[str, Any], model_type: str) -> list[str]:
+    """Problems serving engines will have with this adapter config; every one, with its fix.
+
+    `lora_cfg` is a PEFT adapter_config.json (or a peft LoraConfig's dict); `model_type` is the
+    base's `config.model_type`. Train runs it before training, export on the exported folder.
+    """
+    problems = []
+    ranks = [int(lora_cfg.get("r") or 0), *[int(r) for r in (lora_cfg.get("rank_pattern") or {}).values()]]
+    max_rank = max(ranks)
+    if max_rank > VLLM_DEFAULT_MAX_LORA_RANK:
+        flag = next((r for r in VLLM_LORA_RANKS if r >= max_rank), max_rank)
+        problems.append(
+            f"vLLM: LoRA rank {max_rank} is above vLLM's default max_lora_rank of {VLLM_DEFAULT_MAX_LORA_RANK}; "
+            f"start vLLM with --max-lora-rank {flag}"
+        )
+    if lora_cfg.get("modules_to_save"):
+        problems.append(
+            f"vLLM: modules_to_save {sorted(lora_cfg['modules_to_save'])} (fully trained modules) cannot be served as a LoRA; "
+            "export --format merged instead"
+        )
+    targets = lora_cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    embedding_like = [t for t in targets if any(k in t for k in ("embed_tokens", "lm_head", "wte", "embed_out"))]
+    if embedding_like or lora_cfg.get("trainable_token_indices"):
+        problems.append(
+            f"vLLM: LoRA on the embedding or output head ({', '.join(embedding_like) or 'trainable tokens'}) is not servable; "
+            "drop these targets or export --format merged"
+        )
+    if lora_cfg.get("use_dora"):
+        problems.append("vLLM: DoRA adapters are not supported; export --format merged (or gguf) instead")
+    if model_type not in OLLAMA_ADAPTER_ARCHS:
+        problems.append(
+            f"Ollama: ADAPTER import supports llama and gemma architectures only, not {model_type!r}; "
+            "export --format ollama (a merged GGUF) instead"
+        )
+    return problems
+
+
+# --------------------------------------------------------------------------- the registry: `tunesmith runs`
+
+PIPELINE_STAGES = ("check", "split", "baseline", "train", "eval", "export")
+
+
+def _registry_path() -> Path:
+    return artifacts.tunesmith_home() / "runs.txt"
+
+
+def register_run(run_dir: Path) -> None:
+    """Remember a run folder so `tunesmith runs` finds it wherever it lives."""
+    path = _registry_path()
+    known = set(path.read_text().splitlines()) if path.exists() else set()
+    resolved = str(Path(run_dir).resolve())
+    if resolved not in known:
+        artifacts.write_text_atomic(path, "".join(f"{p}\n" for p in sorted(known | {resolved})))
+
+
+def list_runs(extra_roots: list[Path] | None = None) -> list[dict[str, Any]]:
+    """Every known run with model, method, data, status, primary metric and time."""
+    folders = []
+    path = _registry_path()
+    if path.exists():
+        folders += [Path(p) for p in path.read_text().splitlines() if p]
+    for root in extra_roots or []:
+        if root.exists():
+            folders += [p.parent for p in root.glob("*/" + artifacts.MANIFEST_FILE)]
+    rows = []
+    seen = set()
+    for folder in folders:
+        folder = folder.resolve()
+        if folder in seen or not (folder / artifacts.MANIFEST_FILE).exists():
+            continue
+        seen.add(folder)
+        rows.append(run_summary(folder))
+    return rows
+
+
+def _run_config_dict(folder: Path) -> dict[str, Any]:
+    import yaml
+
+    if (folder / artifacts.CONFIG_FILE).exists():
+        return yaml.safe_load((folder / artifacts.CONFIG_FILE).read_text()) or {}
+    record = read_train_record(folder)
+    return {k: v for k, v in record.config.items() if k != "base_dir"} if record is not None else {}
+
+
+def run_summary(folder: Path) -> dict[str, Any]:
+    manifest = artifacts.read_manifest_or_empty(folder)
+    config = _run_config_dict(folder)
+    pipeline = manifest.get("pipeline", {})
+    done = [s for s in PIPELINE_STAGES if pipeline.get(s, {}).get("status") == "done"]
+    running = [s for s in PIPELINE_STAGES if pipeline.get(s, {}).get("status") == "running"]
+    status = f"running {running[0]}" if running else (f"done {done[-1]}" if done else "new")
+    results = _read_json(folder / artifacts.EVAL_DIR / "results.json")
+    primary = _primary_metric(results)
+    seconds = sum(pipeline.get(s, {}).get("seconds", 0) for s in PIPELINE_STAGES)
+    return {
+        "path": str(folder),
+        "name": config.get("name", folder.name),
+        "model": config.get("model", {}).get("name"),
+        "method": config.get("train", {}).get("method"),
+        "data": config.get("data", {}).get("train"),
+        "status": status,
+        "primary_metric": primary,
+        "seconds": round(seconds, 1),
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _primary_metric(results: dict[str, Any]) -> dict[str, Any] | None:
+    """(name, tuned value) of the evaluation's primary metric, when there is one."""
+    name = results.get("primary_metric")
+    subjects = results.get("subjects", {})
+    tuned = subjects.get("tuned", {}) if isinstance(subjects, dict) else {}
+    metrics = tuned.get("metrics", {}) if isinstance(tuned, dict) else {}
+    value = metrics.get(name)
+    if isinstance(value, dict):
+        value = value.get("value")
+    return {"name": name, "value": value} if name else None
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def compare_runs(a: Path, b: Path) -> dict[str, Any]:
+    """Config keys and metrics that differ between two runs."""
+    configs = []
+    for folder in (a, b):
+        config = _run_config_dict(Path(folder))
+        if not config:
+            raise UserError(f"{folder} has no {artifacts.CONFIG_FILE}", "pass two run folders that tunesmith wrote")
+        configs.append(_flatten(config))
+    keys = sorted(set(configs[0]) | set(configs[1]))
+    config_diff = {k: (configs[0].get(k), configs[1].get(k)) for k in keys if configs[0].get(k) != configs[1].get(k)}
+    metrics = []
+    for folder in (a, b):
+        results = _read_json(Path(folder) / artifacts.EVAL_DIR / "results.json")
+        flat = {}
+        for subject, data in (results.get("subjects") or {}).items():
+            for name, value in (data.get("metrics") or {}).items():
+                flat[f"{subject}.{name}"] = value.get("value") if isinstance(value, dict) else value
+        metrics.append(flat)
+    metric_keys = sorted(set(metrics[0]) | set(metrics[1]))
+    metric_diff = {k: (metrics[0].get(k), metrics[1].get(k)) for k in metric_keys if isinstance(metrics[0].get(k, 0), (int, float, type(None)))}
+    return {"config": config_diff, "metrics": metric_diff}
