@@ -343,6 +343,35 @@ def load_trained(run_dir: Path, run_cfg: RunConfig, dtype, device) -> tuple[Any,
 # --------------------------------------------------------------------------- the stage
 
 
+@dataclass
+class EvalData:
+    """The held-out examples with an answer, the training split, and the task they define."""
+
+    examples: list[Conversation]
+    train: list[Conversation]  # training examples with an answer
+    golds: list[str]
+    skipped: int  # held-out examples without an answer
+    sources: dict[str, str]
+    task: str
+    labels: list[str] | None  # classification: training and held-out labels
+    schema: dict[str, Any] | None  # json: eval.json_schema or inferred from the training answers
+    task_info: dict[str, Any]  # what results.json says about the task
+
+
+@dataclass
+class Decoding:
+    """What every generating subject shares: tokenizer, end-of-turn ids, padding, dtype, device."""
+
+    tokenizer: Any
+    stop_ids: set[int]
+    pad_id: int
+    dtype: Any
+    device: str | None
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def run(
     cfg: RunConfig,
     *,
@@ -373,6 +402,77 @@ def run(
         raise UserError(f"--against {against}: no {artifacts.CONFIG_FILE} there", "pass the folder of another tunesmith run")
 
     # 1. Data: held-out examples with a reference answer; the training answers define the task.
+    data = read_eval_data(cfg)
+
+    # 2. The base model first: the baselines share it, and the fine-tune is loaded after.
+    dtype = eval_dtype(ec.precision)
+    device = "cuda" if torch.cuda.is_available() else None
+    m = cfg.model
+    base = load_model(
+        m.name, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
+        allow_pickle=m.allow_pickle, expected_fingerprint=m.expected_fingerprint,
+    )
+    stop_ids = stop_token_ids(base.model, base.tokenizer)
+    pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else min(stop_ids)
+    decoding = Decoding(base.tokenizer, stop_ids, pad_id, dtype, device)
+
+    # 3. Prompts, 4. answers: the baselines from the base model, then each fine-tune in turn.
+    context_tokens = int(getattr(base.model.config, "max_position_embeddings", 0) or 2048)
+    prompts, few_shot_info = build_prompts(cfg, data, subjects, base.tokenizer, context_tokens)
+    generations, subject_info = generate_baselines(cfg, data, subjects, prompts, base, decoding, out_dir)
+    del base
+    generate_finetunes(cfg, data, subjects, prompts, decoding, against, generations, subject_info)
+
+    # 5. Scores, intervals, paired tests, verdict; 6. gates.
+    primary = M.PRIMARY_METRIC[data.task]
+    results_subjects, columns = score_subjects(cfg, data, subjects, generations, subject_info)
+    comparisons = compare_subjects(cfg, data.task, subjects, columns)
+    verdict = make_verdict(results_subjects, comparisons, primary)
+    gate_results = evaluate_gates(gates, results_subjects, comparisons, primary, subjects, against is not None)
+
+    # 7. Write every artifact, then the manifest, then (only then) fail the gate.
+    results = {
+        **setup_record(cfg, data, decoding, few_shot_info),
+        "subjects": results_subjects,
+        "comparisons": comparisons,
+        "verdict": verdict,
+        "gates": gate_results,
+        "passed": all(g["passed"] for g in gate_results),
+    }
+    report.write_all(out_dir, results, prediction_rows(data, subjects, generations, columns), run_dir / artifacts.METRICS_FILE)
+    if junit is not None:
+        report.write_junit(Path(junit), results)
+    write_manifest_section(run_dir, results)
+    failed = [g for g in gate_results if not g["passed"]]
+    if failed:
+        raise GateFailed("; ".join(_gate_line(g) for g in failed))
+    return results
+
+
+def setup_record(cfg: RunConfig, data: EvalData, decoding: Decoding, few_shot_info: dict[str, Any]) -> dict[str, Any]:
+    """results.json's account of what was evaluated, and how: task, data, decoding, statistics."""
+    ec = cfg.eval
+    return {
+        "task": data.task,
+        "task_source": "eval.task" if ec.task != "auto" else "inferred from the training answers",
+        "primary_metric": M.PRIMARY_METRIC[data.task],
+        "examples": len(data.examples),
+        "skipped_without_answer": data.skipped,
+        "sources": data.sources,
+        "decoding": {"strategy": "greedy", "max_new_tokens": ec.max_new_tokens, "batch_size": ec.batch_size,
+                     "dtype": str(decoding.dtype).replace("torch.", ""), "stop_token_ids": sorted(decoding.stop_ids)},
+        "confidence": 0.95,
+        "bootstrap_samples": ec.bootstrap_samples,
+        "seed": ec.seed,
+        **data.task_info,
+        "few_shot": few_shot_info,
+    }
+
+
+def read_eval_data(cfg: RunConfig) -> EvalData:
+    """The held-out examples that have an answer (the first eval.max_examples), the training
+    examples that have one, and the task: eval.task, else inferred from the training answers."""
+    ec = cfg.eval
     eval_all, train, sources = read_splits(cfg)
     examples = [c for c in eval_all if c.target is not None]
     skipped = len(eval_all) - len(examples)
@@ -399,80 +499,81 @@ def run(
             parsed = [v for ok, v in map(M.parse_json, train_targets) if ok]
             schema, schema_source = M.infer_json_schema(parsed), "inferred from the training answers"
         task_info = {"schema": schema, "schema_source": schema_source}
+    return EvalData(examples, train, golds, skipped, sources, task, labels, schema, task_info)
 
-    # 2. The base model first: both baselines share it, and the fine-tune is loaded after.
-    dtype = eval_dtype(ec.precision)
-    device = "cuda" if torch.cuda.is_available() else None
-    m = cfg.model
-    base = load_model(
-        m.name, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
-        allow_pickle=m.allow_pickle, expected_fingerprint=m.expected_fingerprint,
-    )
-    tokenizer = base.tokenizer
-    stop_ids = stop_token_ids(base.model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
 
-    # 3. Prompts. Zero-shot prompts are what training saw; few-shot adds the same k training
-    #    examples before every held-out one (never a held-out example, never one whose input
-    #    is also a held-out input).
-    systems = [system_prompt_of(c, cfg.data.system_prompt) for c in examples]
-    zero_shot = [render_ids(tokenizer, prompt_messages(c, s)) for c, s in zip(examples, systems)]
-    context = int(getattr(base.model.config, "max_position_embeddings", 0) or 2048)
-    room = context - max(map(len, zero_shot)) - ec.max_new_tokens
-    few_shot_info: dict[str, Any] = {}
+def build_prompts(
+    cfg: RunConfig, data: EvalData, subjects: list[str], tokenizer, context_tokens: int
+) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
+    """(prompt ids per subject, the few-shot choice). Zero-shot prompts are what training saw;
+    few-shot adds the same k training examples before every held-out one (never a held-out
+    example, never one whose input is also a held-out input)."""
+    ec = cfg.eval
+    systems = [system_prompt_of(c, cfg.data.system_prompt) for c in data.examples]
+    zero_shot = [render_ids(tokenizer, prompt_messages(c, s)) for c, s in zip(data.examples, systems)]
     prompts = {"base": zero_shot, "tuned": zero_shot, "against": zero_shot}
+    few_shot_info: dict[str, Any] = {}
     if "base-fewshot" in subjects:
-        order = shot_order(train, task, {c.input_text for c in examples}, ec.seed)
+        room = context_tokens - max(map(len, zero_shot)) - ec.max_new_tokens
         budget = max(0, min(room, ec.few_shot_max_tokens if ec.few_shot_k is None else room))
         common_system = systems[0] if len(set(systems)) == 1 else cfg.data.system_prompt
-        chosen, shot_tokens = choose_shots(tokenizer, train, order, system=common_system, k=ec.few_shot_k, budget_tokens=budget)
-        shots = [train[i] for i in chosen]
-        prompts["base-fewshot"] = [render_ids(tokenizer, prompt_messages(c, s, shots)) for c, s in zip(examples, systems)]
-        few_shot_info = {
-            "k": len(chosen),
-            "k_requested": ec.few_shot_k,
-            "tokens": shot_tokens,
-            "budget_tokens": budget,
-            "selection": ("round-robin over labels (sorted), each label's examples in seeded shuffle order"
-                          if task == "classification" else "seeded shuffle of the training split")
-                         + f", seed {ec.seed}, " + (f"first {ec.few_shot_k}" if ec.few_shot_k is not None
-                                                    else f"as many as fit {budget} tokens"),
-            "train_lines": [train[i].source_line for i in chosen],
-            "labels": [train[i].target.strip() for i in chosen] if task == "classification" else None,
-        }
+        chosen, few_shot_info = select_shots(tokenizer, data, common_system, ec, budget)
+        shots = [data.train[i] for i in chosen]
+        prompts["base-fewshot"] = [render_ids(tokenizer, prompt_messages(c, s, shots)) for c, s in zip(data.examples, systems)]
+    return prompts, few_shot_info
 
-    # 4. Generate, subject by subject, with identical decoding.
+
+def select_shots(tokenizer, data: EvalData, system: str | None, ec, budget_tokens: int) -> tuple[list[int], dict[str, Any]]:
+    """(train indices of the few-shot examples, in prompt order; what results.json says of them)."""
+    order = shot_order(data.train, data.task, {c.input_text for c in data.examples}, ec.seed)
+    chosen, shot_tokens = choose_shots(tokenizer, data.train, order, system=system, k=ec.few_shot_k, budget_tokens=budget_tokens)
+    classification = data.task == "classification"
+    info = {
+        "k": len(chosen),
+        "k_requested": ec.few_shot_k,
+        "tokens": shot_tokens,
+        "budget_tokens": budget_tokens,
+        "selection": ("round-robin over labels (sorted), each label's examples in seeded shuffle order"
+                      if classification else "seeded shuffle of the training split")
+                     + f", seed {ec.seed}, " + (f"first {ec.few_shot_k}" if ec.few_shot_k is not None
+                                                else f"as many as fit {budget_tokens} tokens"),
+        "train_lines": [data.train[i].source_line for i in chosen],
+        "labels": [data.train[i].target.strip() for i in chosen] if classification else None,
+    }
+    return chosen, info
+
+
+def generate_baselines(
+    cfg: RunConfig, data: EvalData, subjects: list[str], prompts, base, decoding: Decoding, out_dir: Path
+) -> tuple[dict[str, list[Generation]], dict[str, dict[str, Any]]]:
+    """(answers, what each subject is) of the baselines the base model answers.
+
+    A baseline's answers are a function of the model, the prompts and the decoding: when the
+    previous report has them for the same key (the pipeline's baseline stage, an eval rerun
+    after retraining), they are reused instead of regenerated.
+    """
     generations: dict[str, list[Generation]] = {}
     subject_info: dict[str, dict[str, Any]] = {}
-
-    def generate(name: str, model) -> None:
-        from rich.progress import Progress
-
-        with Progress(transient=True, console=_stderr()) as bar:
-            task_id = bar.add_task(f"eval {name}", total=len(examples))
-            generations[name] = generate_greedy(
-                model, prompts[name], max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size, stop_ids=stop_ids,
-                pad_id=pad_id, decode=decode, on_batch=lambda n: bar.advance(task_id, n),
-            )
-
-    # A baseline's answers are a function of the model, the prompts and the decoding: when the
-    # previous report has them for the same key (the pipeline's baseline stage, an eval rerun
-    # after retraining), they are reused instead of regenerated.
     for name in BASELINES:
-        if name in subjects:
-            key = generation_key(base.fingerprint, prompts[name], ec, dtype, stop_ids)
-            subject_info[name] = {"model": m.name, "fingerprint": base.fingerprint, "generation_key": key}
-            previous = previous_generations(out_dir, name, key, len(examples))
-            if previous is not None:
-                generations[name] = previous
-                subject_info[name]["reused_from_previous_report"] = True
-            else:
-                generate(name, base.model)
-    del base
+        if name not in subjects:
+            continue
+        key = generation_key(base.fingerprint, prompts[name], cfg.eval, decoding.dtype, decoding.stop_ids)
+        subject_info[name] = {"model": cfg.model.name, "fingerprint": base.fingerprint, "generation_key": key}
+        previous = previous_generations(out_dir, name, key, len(data.examples))
+        if previous is not None:
+            generations[name] = previous
+            subject_info[name]["reused_from_previous_report"] = True
+        else:
+            generations[name] = generate_subject(cfg, name, base.model, prompts[name], decoding)
+    return generations, subject_info
+
+
+def generate_finetunes(cfg, data, subjects, prompts, decoding: Decoding, against, generations, subject_info) -> None:
+    """Answers of the fine-tune and of `--against`'s, one model in memory at a time (adds to
+    `generations` and `subject_info`)."""
     if "tuned" in subjects:
-        model, info = load_trained(run_dir, cfg, dtype, device)
-        generate("tuned", model)
+        model, info = load_trained(cfg.run_dir, cfg, decoding.dtype, decoding.device)
+        generations["tuned"] = generate_subject(cfg, "tuned", model, prompts["tuned"], decoding)
         subject_info["tuned"] = info
         del model
     if against is not None:
@@ -480,17 +581,36 @@ def run(
 
         other_dir = Path(against).resolve()
         other = load_config(other_dir / artifacts.CONFIG_FILE, [f"output_dir={other_dir}"])
-        model, info = load_trained(other_dir, other, dtype, device)
-        generate("against", model)
+        model, info = load_trained(other_dir, other, decoding.dtype, decoding.device)
+        generations["against"] = generate_subject(cfg, "against", model, prompts["against"], decoding)
         subject_info["against"] = {**info, "run": str(other_dir)}
         del model
 
-    # 5. Scores, intervals, paired tests, verdict.
-    primary = M.PRIMARY_METRIC[task]
-    columns, results_subjects = {}, {}
+
+def generate_subject(cfg: RunConfig, name: str, model, prompts: list[list[int]], decoding: Decoding) -> list[Generation]:
+    """One subject's greedy answers, with a progress bar; decoding identical for every subject."""
+    from rich.progress import Progress
+
+    ec = cfg.eval
+    with Progress(transient=True, console=_stderr()) as bar:
+        task_id = bar.add_task(f"eval {name}", total=len(prompts))
+        return generate_greedy(
+            model, prompts, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size, stop_ids=decoding.stop_ids,
+            pad_id=decoding.pad_id, decode=decoding.decode, on_batch=lambda n: bar.advance(task_id, n),
+        )
+
+
+def score_subjects(
+    cfg: RunConfig, data: EvalData, subjects: list[str], generations, subject_info
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
+    """(results.json's entry, per-example score columns) of every subject."""
+    ec = cfg.eval
+    task = data.task
+    columns, entries = {}, {}
     for name in subjects:
         gens = generations[name]
-        cols = M.score(task, golds, [g.text for g in gens], labels=labels, schema=schema, abstain_label=ec.abstain_label if task == "classification" else None)
+        cols = M.score(task, data.golds, [g.text for g in gens], labels=data.labels, schema=data.schema,
+                       abstain_label=ec.abstain_label if task == "classification" else None)
         cols["output_tokens"] = np.array([g.new_tokens for g in gens], dtype=float)
         cols["latency_s"] = np.array([g.latency_s for g in gens])
         cols["compute_s"] = np.array([g.compute_s for g in gens])
@@ -503,24 +623,30 @@ def run(
             "ended_on_end_of_turn": float(np.mean([g.stopped for g in gens])),
         }
         if task == "classification":
-            pc = M.per_class(cols["gold_idx"], cols["pred_idx"], len(labels))
+            pc = M.per_class(cols["gold_idx"], cols["pred_idx"], len(data.labels))
             entry["per_class"] = {
                 lab: {"precision": float(pc["precision"][i]), "recall": float(pc["recall"][i]), "f1": float(pc["f1"][i]), "support": int(pc["support"][i])}
-                for i, lab in enumerate(labels)
+                for i, lab in enumerate(data.labels)
             }
             entry["confusion"] = pc["confusion"].tolist()
-        results_subjects[name] = entry
-    comparisons = {}
-    if "tuned" in subjects:
-        for name in subjects:
-            if name != "tuned":
-                comparisons[f"tuned_vs_{name}"] = M.compare(task, columns["tuned"], columns[name], samples=ec.bootstrap_samples, seed=ec.seed)
-    verdict = make_verdict(results_subjects, comparisons, primary)
+        entries[name] = entry
+    return entries, columns
 
-    # 6. Gates: thresholds on any metric, and "not significantly worse than --against".
+
+def compare_subjects(cfg: RunConfig, task: str, subjects: list[str], columns) -> dict[str, Any]:
+    """The fine-tune against every other subject, paired on the same examples."""
+    if "tuned" not in subjects:
+        return {}
+    ec = cfg.eval
+    return {f"tuned_vs_{name}": M.compare(task, columns["tuned"], columns[name], samples=ec.bootstrap_samples, seed=ec.seed)
+            for name in subjects if name != "tuned"}
+
+
+def evaluate_gates(gates, results_subjects, comparisons, primary: str, subjects: list[str], has_against: bool) -> list[dict[str, Any]]:
+    """Thresholds on any metric, and "not significantly worse than --against" on the primary one."""
     metric_values = {s: {k: v["value"] for k, v in e["metrics"].items()} for s, e in results_subjects.items()}
     gate_results = M.check_gates(gates, metric_values, "tuned" if "tuned" in subjects else subjects[-1])
-    if against is not None and "tuned" in subjects:
+    if has_against and "tuned" in subjects:
         c = comparisons["tuned_vs_against"][primary]
         worse = (-c["delta"] if primary not in M.LOWER_IS_BETTER else c["delta"]) > 0 and c["p_value"] < ALPHA
         gate_results.append({
@@ -528,31 +654,14 @@ def run(
             "op": "not worse", "threshold": None, "value": metric_values["tuned"][primary],
             "against_value": metric_values["against"][primary], "p_value": c["p_value"], "passed": not worse,
         })
+    return gate_results
 
-    # 7. Write every artifact, then the manifest, then (only then) fail the gate.
-    results = {
-        "task": task,
-        "task_source": "eval.task" if ec.task != "auto" else "inferred from the training answers",
-        "primary_metric": primary,
-        "examples": len(examples),
-        "skipped_without_answer": skipped,
-        "sources": sources,
-        "decoding": {"strategy": "greedy", "max_new_tokens": ec.max_new_tokens, "batch_size": ec.batch_size,
-                     "dtype": str(dtype).replace("torch.", ""), "stop_token_ids": sorted(stop_ids)},
-        "confidence": 0.95,
-        "bootstrap_samples": ec.bootstrap_samples,
-        "seed": ec.seed,
-        **task_info,
-        "few_shot": few_shot_info,
-        "subjects": results_subjects,
-        "comparisons": comparisons,
-        "verdict": verdict,
-        "gates": gate_results,
-        "passed": all(g["passed"] for g in gate_results),
-    }
-    predictions = []
-    for i, conv in enumerate(examples):
-        row: dict[str, Any] = {"index": i, "source_line": conv.source_line, "input": conv.input_text, "target": golds[i], "outputs": {}}
+
+def prediction_rows(data: EvalData, subjects: list[str], generations, columns) -> list[dict[str, Any]]:
+    """predictions.jsonl: per held-out example, every subject's answer and its scores."""
+    rows = []
+    for i, conv in enumerate(data.examples):
+        row: dict[str, Any] = {"index": i, "source_line": conv.source_line, "input": conv.input_text, "target": data.golds[i], "outputs": {}}
         for name in subjects:
             g, cols = generations[name][i], columns[name]
             out: dict[str, Any] = {"text": g.text, "new_tokens": g.new_tokens, "latency_s": g.latency_s, "compute_s": g.compute_s, "stopped": g.stopped}
@@ -560,27 +669,26 @@ def run(
                 if key in cols:
                     out[key] = float(cols[key][i])
             row["outputs"][name] = out
-        predictions.append(row)
-    report.write_all(out_dir, results, predictions, run_dir / artifacts.METRICS_FILE)
-    if junit is not None:
-        report.write_junit(Path(junit), results)
+        rows.append(row)
+    return rows
+
+
+def write_manifest_section(run_dir: Path, results: dict[str, Any]) -> None:
+    """The run manifest's `eval` section: primary metric per subject, verdict, what each subject was."""
+    primary = results["primary_metric"]
     artifacts.update_manifest(run_dir, "eval", {
         "finished_at": time.time(),
-        "task": task,
-        "examples": len(examples),
-        "eval_sha256": sources["eval_sha256"],
+        "task": results["task"],
+        "examples": results["examples"],
+        "eval_sha256": results["sources"]["eval_sha256"],
         "primary_metric": primary,
-        "primary": {s: metric_values[s][primary] for s in subjects},
-        "verdict": verdict["text"],
+        "primary": {s: e["metrics"][primary]["value"] for s, e in results["subjects"].items()},
+        "verdict": results["verdict"]["text"],
         "gates_passed": results["passed"],
         "subjects": {s: {k: v for k, v in e.items() if k in ("kind", "path", "fingerprint", "base_fingerprint", "model", "run")}
-                     for s, e in results_subjects.items()},
-        "report": str(out_dir / "report.html"),
+                     for s, e in results["subjects"].items()},
+        "report": str(run_dir / artifacts.EVAL_DIR / "report.html"),
     })
-    failed = [g for g in gate_results if not g["passed"]]
-    if failed:
-        raise GateFailed("; ".join(_gate_line(g) for g in failed))
-    return results
 
 
 def generation_key(fingerprint: str, prompts: list[list[int]], ec, dtype, stop_ids: set[int]) -> str:
