@@ -3,7 +3,10 @@
 Subjects, all with the same chat template, the same held-out examples and the same greedy
 decoding:
   base           the base model, system prompt only (zero-shot);
+  base-prompted  the base model, system prompt + the label set or JSON Schema and "answer with
+                 exactly that" (classification and JSON tasks);
   base-fewshot   the base model, system prompt + k training examples as prior turns;
+  majority       no model: the most frequent training label, always (classification);
   tuned          the fine-tune (adapter merged on the base, or the full model folder);
   against        optionally another run (`--against RUN_DIR`), e.g. the one in production.
 
@@ -19,6 +22,7 @@ import copy
 import json
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +38,7 @@ from tunesmith.schema import Conversation
 
 ALPHA = 0.05  # significance level of every paired test
 MIN_SHARED_PREFIX = 8  # tokens; below this, computing the prefix apart is not worth a forward
-BASELINES = ("base", "base-fewshot")
+BASELINES = ("base", "base-prompted", "base-fewshot")  # the subjects the base model answers
 
 
 # --------------------------------------------------------------------------- data
@@ -401,8 +405,10 @@ def run(
     if against is not None and not (Path(against) / artifacts.CONFIG_FILE).exists():
         raise UserError(f"--against {against}: no {artifacts.CONFIG_FILE} there", "pass the folder of another tunesmith run")
 
-    # 1. Data: held-out examples with a reference answer; the training answers define the task.
+    # 1. Data: held-out examples with a reference answer; the training answers define the task,
+    #    and the task which baselines apply.
     data = read_eval_data(cfg)
+    subjects, skipped_subjects = applicable_subjects(subjects, data.task)
 
     # 2. The base model first: the baselines share it, and the fine-tune is loaded after.
     dtype = eval_dtype(ec.precision)
@@ -418,13 +424,17 @@ def run(
 
     # 3. Prompts, 4. answers: the baselines from the base model, then each fine-tune in turn.
     context_tokens = int(getattr(base.model.config, "max_position_embeddings", 0) or 2048)
-    prompts, few_shot_info = build_prompts(cfg, data, subjects, base.tokenizer, context_tokens)
+    prompts, prompt_info, few_shot_info = build_prompts(cfg, data, subjects, base.tokenizer, context_tokens)
     generations, subject_info = generate_baselines(cfg, data, subjects, prompts, base, decoding, out_dir)
     del base
+    if "majority" in subjects:
+        generations["majority"], subject_info["majority"], prompt_info["majority"] = majority_answers(data)
     generate_finetunes(cfg, data, subjects, prompts, decoding, against, generations, subject_info)
 
     # 5. Scores, intervals, paired tests, verdict; 6. gates.
     primary = M.PRIMARY_METRIC[data.task]
+    for name in subjects:
+        subject_info[name]["prompt"] = prompt_info[name]
     results_subjects, columns = score_subjects(cfg, data, subjects, generations, subject_info)
     comparisons = compare_subjects(cfg, data.task, subjects, columns)
     verdict = make_verdict(results_subjects, comparisons, primary)
@@ -433,6 +443,7 @@ def run(
     # 7. Write every artifact, then the manifest, then (only then) fail the gate.
     results = {
         **setup_record(cfg, data, decoding, few_shot_info),
+        "skipped_subjects": skipped_subjects,
         "subjects": results_subjects,
         "comparisons": comparisons,
         "verdict": verdict,
@@ -467,6 +478,20 @@ def setup_record(cfg: RunConfig, data: EvalData, decoding: Decoding, few_shot_in
         **data.task_info,
         "few_shot": few_shot_info,
     }
+
+
+def applicable_subjects(subjects: list[str], task: str) -> tuple[list[str], dict[str, str]]:
+    """(the subjects to evaluate, why each other one is skipped): `majority` needs a label set;
+    `base-prompted` needs a label set or a schema to state, else it would be `base` again."""
+    skipped = {}
+    if task != "classification" and "majority" in subjects:
+        skipped["majority"] = f"a majority class needs a label set; the task is {task}"
+    if task == "text" and "base-prompted" in subjects:
+        skipped["base-prompted"] = "free text has no label set or schema to state: its prompt would be the base prompt"
+    kept = [s for s in subjects if s not in skipped]
+    if not kept:
+        raise UserError(f"no subject left to evaluate ({'; '.join(skipped.values())})", "add base, base-fewshot or tuned to eval.subjects")
+    return kept, skipped
 
 
 def read_eval_data(cfg: RunConfig) -> EvalData:
@@ -504,15 +529,24 @@ def read_eval_data(cfg: RunConfig) -> EvalData:
 
 def build_prompts(
     cfg: RunConfig, data: EvalData, subjects: list[str], tokenizer, context_tokens: int
-) -> tuple[dict[str, list[list[int]]], dict[str, Any]]:
-    """(prompt ids per subject, the few-shot choice). Zero-shot prompts are what training saw;
-    few-shot adds the same k training examples before every held-out one (never a held-out
-    example, never one whose input is also a held-out input)."""
+) -> tuple[dict[str, list[list[int]]], dict[str, dict[str, Any]], dict[str, Any]]:
+    """(prompt ids per subject, what prompt each subject saw, the few-shot choice).
+
+    Zero-shot prompts are what training saw; base-prompted adds the answer format to the
+    system prompt; few-shot adds the same k training examples before every held-out one (never
+    a held-out example, never one whose input is also a held-out input).
+    """
     ec = cfg.eval
     systems = [system_prompt_of(c, cfg.data.system_prompt) for c in data.examples]
     zero_shot = [render_ids(tokenizer, prompt_messages(c, s)) for c, s in zip(data.examples, systems)]
     prompts = {"base": zero_shot, "tuned": zero_shot, "against": zero_shot}
+    info = {name: prompt_record(systems) for name in ("base", "tuned", "against")}
     few_shot_info: dict[str, Any] = {}
+    if "base-prompted" in subjects:
+        instruction = answer_format_instruction(data)
+        engineered = [f"{s}\n\n{instruction}" if s else instruction for s in systems]
+        prompts["base-prompted"] = [render_ids(tokenizer, prompt_messages(c, s)) for c, s in zip(data.examples, engineered)]
+        info["base-prompted"] = prompt_record(engineered)
     if "base-fewshot" in subjects:
         room = context_tokens - max(map(len, zero_shot)) - ec.max_new_tokens
         budget = max(0, min(room, ec.few_shot_max_tokens if ec.few_shot_k is None else room))
@@ -520,13 +554,50 @@ def build_prompts(
         chosen, few_shot_info = select_shots(tokenizer, data, common_system, ec, budget)
         shots = [data.train[i] for i in chosen]
         prompts["base-fewshot"] = [render_ids(tokenizer, prompt_messages(c, s, shots)) for c, s in zip(data.examples, systems)]
-    return prompts, few_shot_info
+        info["base-fewshot"] = prompt_record(systems, few_shot_info["train_lines"])
+    return prompts, info, few_shot_info
+
+
+def prompt_record(systems: list[str | None], shot_lines: list[int] = ()) -> dict[str, Any]:
+    """What results.json says a subject saw: each distinct system prompt (in order of first
+    use; usually one), and the training lines of its shots, in prompt order."""
+    return {"system_prompts": list(dict.fromkeys(systems)), "shots": len(shot_lines), "shot_train_lines": list(shot_lines)}
+
+
+def answer_format_instruction(data: EvalData) -> str:
+    """The prompt engineering of `base-prompted`: the labels (of the training split: the
+    held-out one must not leak into a prompt) or the JSON Schema, and to answer with nothing else."""
+    if data.task == "classification":
+        labels = M.label_set([c.target for c in data.train]) or data.labels
+        return "Answer with exactly one of these labels, and nothing else:\n" + "\n".join(labels)
+    return ("Answer with only a JSON value that matches this JSON Schema, and nothing else:\n"
+            + json.dumps(data.schema, ensure_ascii=False))
+
+
+def majority_answers(data: EvalData) -> tuple[list[Generation], dict[str, Any], dict[str, Any]]:
+    """(answers, what the subject is, its prompt) of `majority`: no model, the most frequent
+    training label for every example (ties: the first in label order). The floor a classifier
+    must clear: on an 87% ham test set it scores 0.87 accuracy by saying "ham"."""
+    counts = Counter(M.normalize_label(c.target) for c in data.train)
+    if not counts:
+        raise UserError("the majority baseline needs training answers; the training split has none", "remove majority from eval.subjects")
+    spelling = {M.normalize_label(lab): lab for lab in data.labels}
+    top = max(sorted(counts), key=lambda k: counts[k])
+    label, share = spelling[top], counts[top] / sum(counts.values())
+    answers = [Generation(label, [], 0.0, 0.0, True, 0) for _ in data.examples]
+    info = {"kind": "majority class", "label": label, "train_share": share}
+    prompt = {"system_prompts": [], "shots": 0, "shot_train_lines": [],
+              "note": f"no model and no prompt: always answers {label!r}, {share:.1%} of the training answers"}
+    return answers, info, prompt
 
 
 def select_shots(tokenizer, data: EvalData, system: str | None, ec, budget_tokens: int) -> tuple[list[int], dict[str, Any]]:
     """(train indices of the few-shot examples, in prompt order; what results.json says of them)."""
     order = shot_order(data.train, data.task, {c.input_text for c in data.examples}, ec.seed)
     chosen, shot_tokens = choose_shots(tokenizer, data.train, order, system=system, k=ec.few_shot_k, budget_tokens=budget_tokens)
+    # The order above cycles through the labels; as prompt order it would teach the pattern
+    # (ham, spam, ham, ...) and end on whichever label comes last. Shuffled, still seeded.
+    random.Random(f"shots-{ec.seed}").shuffle(chosen)
     classification = data.task == "classification"
     info = {
         "k": len(chosen),
@@ -536,7 +607,8 @@ def select_shots(tokenizer, data: EvalData, system: str | None, ec, budget_token
         "selection": ("round-robin over labels (sorted), each label's examples in seeded shuffle order"
                       if classification else "seeded shuffle of the training split")
                      + f", seed {ec.seed}, " + (f"first {ec.few_shot_k}" if ec.few_shot_k is not None
-                                                else f"as many as fit {budget_tokens} tokens"),
+                                                else f"as many as fit {budget_tokens} tokens")
+                     + ", then put in seeded shuffle order",
         "train_lines": [data.train[i].source_line for i in chosen],
         "labels": [data.train[i].target.strip() for i in chosen] if classification else None,
     }

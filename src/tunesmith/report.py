@@ -70,12 +70,9 @@ def _short(text: str) -> str:
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + " …"
 
 
-def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], loss: dict) -> list[tuple]:
-    subjects = list(results["subjects"])
+def setup_blocks(results: dict[str, Any]) -> list[tuple]:
+    """What was compared, on what, how."""
     primary = results["primary_metric"]
-    blocks: list[tuple] = [("h1", "Evaluation report"), ("verdict", results["verdict"]["text"])]
-
-    # Setup: what was compared, on what, how.
     decoding = results["decoding"]
     setup = [
         f"Task: **{results['task']}** ({results['task_source']}); primary metric: **{primary}**.",
@@ -83,30 +80,66 @@ def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], los
         + (f" ({results['skipped_without_answer']} without an answer skipped)" if results["skipped_without_answer"] else "")
         + ".",
         f"Decoding, identical for every subject: greedy, at most {decoding['max_new_tokens']} new tokens, "
-        f"batches of {decoding['batch_size']}, {decoding['dtype']}, same chat template and system prompt.",
+        f"batches of {decoding['batch_size']}, {decoding['dtype']}, same chat template.",
     ]
     fs = results.get("few_shot") or {}
     if fs:
         setup.append(
             f"Few-shot prompt (base-fewshot): {fs['k']} training examples ({fs['tokens']} tokens): {fs['selection']}; "
-            f"training lines {', '.join(str(x) for x in fs['train_lines'][:30])}"
+            f"training lines in prompt order {', '.join(str(x) for x in fs['train_lines'][:30])}"
             + (" …" if len(fs["train_lines"]) > 30 else "") + "."
         )
     for name, entry in results["subjects"].items():
-        where = entry.get("path") or entry.get("model")
-        setup.append(f"`{name}`: {entry.get('kind', 'base model')} {where}.")
-    blocks += [("h2", "Setup"), ("list", setup)]
+        if entry.get("kind") == "majority class":
+            setup.append(f"`{name}`: no model; always the most frequent training label, `{entry['label']}` "
+                         f"({entry['train_share']:.1%} of the training answers).")
+        else:
+            setup.append(f"`{name}`: {entry.get('kind', 'base model')} {entry.get('path') or entry.get('model')}.")
+    for name, why in (results.get("skipped_subjects") or {}).items():
+        setup.append(f"`{name}` not evaluated: {why}.")
+    blocks = [("h2", "Setup"), ("list", setup)]
     if results["task"] == "json":
         blocks += [("p", f"JSON Schema ({results['schema_source']}):"), ("code", json.dumps(results["schema"], indent=2))]
+    return blocks
+
+
+def prompt_blocks(results: dict[str, Any]) -> list[tuple]:
+    """Exactly what each subject saw: its system prompt(s), verbatim, and its shots."""
+    blocks: list[tuple] = [("h2", "Prompts"), ("p", "Every subject sees the chat template, then the system prompt below, "
+                                                    "then its shots as earlier user/assistant turns, then the example.")]
+    for name, entry in results["subjects"].items():
+        prompt = entry.get("prompt")
+        if prompt is None:
+            continue
+        if prompt.get("note"):
+            blocks.append(("p", f"`{name}`: {prompt['note']}."))
+            continue
+        systems = prompt["system_prompts"]
+        shots = (f"{prompt['shots']} shots (training lines {', '.join(map(str, prompt['shot_train_lines']))})"
+                 if prompt["shots"] else "0 shots")
+        if not any(systems):
+            blocks.append(("p", f"`{name}`: no system prompt; {shots}."))
+            continue
+        many = f"{len(systems)} distinct system prompts (each example's own), the first shown" if len(systems) > 1 else "system prompt"
+        blocks += [("p", f"`{name}`: {shots}; {many}:"), ("pre", systems[0] or "(none)")]
+    return blocks
+
+
+def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], loss: dict) -> list[tuple]:
+    subjects = list(results["subjects"])
+    primary = results["primary_metric"]
+    blocks: list[tuple] = [("h1", "Evaluation report"), ("verdict", results["verdict"]["text"])]
+
+    blocks += setup_blocks(results) + prompt_blocks(results)
 
     # Metric table with intervals.
-    names = list(next(iter(results["subjects"].values()))["metrics"])
+    names = list(dict.fromkeys(m for e in results["subjects"].values() for m in e["metrics"]))
     rows = []
     for metric in names:
         row = [metric + (" (primary)" if metric == primary else "")]
-        for s in subjects:
-            m = results["subjects"][s]["metrics"][metric]
-            row.append(f"{_fmt(m['value'])} [{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]")
+        for s in subjects:  # a subject without a metric (majority has no tokens/s) shows "-"
+            m = results["subjects"][s]["metrics"].get(metric)
+            row.append(f"{_fmt(m['value'])} [{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]" if m else "-")
         rows.append(row)
     blocks += [
         ("h2", "Metrics"),
@@ -124,7 +157,10 @@ def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], los
                 continue
             row = [metric]
             for comparison in results["comparisons"].values():
-                c = comparison[metric]
+                c = comparison.get(metric)
+                if c is None:
+                    row.append("-")
+                    continue
                 star = " *" if c["p_value"] < 0.05 else ""
                 row.append(f"{c['delta']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] p={c['p_value']:.3g}{star}")
             rows.append(row)
@@ -231,8 +267,10 @@ def with_plots(blocks: list[tuple], results: dict[str, Any], loss: dict) -> dict
         width = 0.8 / len(subjects)
         for k, s in enumerate(subjects):
             ms = results["subjects"][s]["metrics"]
-            values = [ms[m]["value"] for m in graded]
-            errors = [[v - ms[m]["ci_low"] for v, m in zip(values, graded)], [ms[m]["ci_high"] - v for v, m in zip(values, graded)]]
+            none = {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+            values = [ms.get(m, none)["value"] for m in graded]
+            errors = [[v - ms.get(m, none)["ci_low"] for v, m in zip(values, graded)],
+                      [ms.get(m, none)["ci_high"] - v for v, m in zip(values, graded)]]
             ax.bar([i + k * width for i in range(len(graded))], values, width, yerr=errors, capsize=3, label=s)
         ax.set_xticks([i + width * (len(subjects) - 1) / 2 for i in range(len(graded))], graded, rotation=20, ha="right")
         ax.set_ylim(0, 1.05)
@@ -298,6 +336,8 @@ def render_markdown(blocks: list[tuple]) -> str:
             lines += [f"- {item}" for item in block[1]] + [""]
         elif kind == "code":
             lines += ["```json", block[1], "```", ""]
+        elif kind == "pre":
+            lines += ["```text", block[1], "```", ""]
         elif kind == "table":
             cell = lambda x: str(x).replace("|", "\\|").replace("\n", " ")  # noqa: E731
             lines += ["| " + " | ".join(map(cell, block[1])) + " |", "|" + "---|" * len(block[1])]
@@ -350,7 +390,7 @@ def render_html(blocks: list[tuple], plots: dict[str, str]) -> str:
             body.append(f"<p>{_inline(block[1])}</p>")
         elif kind == "list":
             body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block[1]) + "</ul>")
-        elif kind == "code":
+        elif kind in ("code", "pre"):
             body.append(f"<pre>{html.escape(block[1])}</pre>")
         elif kind == "table":
             head = "".join(f"<th>{_inline(str(h))}</th>" for h in block[1])
