@@ -285,3 +285,23 @@ def test_baselines_without_a_fine_tune_majority_and_prompted(cli, tmp_path, tiny
     assert f"`majority`: no model and no prompt: always answers '{top}'" in report_md
     predictions = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert {p["outputs"]["majority"]["text"] for p in predictions} == {top}
+
+
+def test_constrained_baseline_answers_only_labels_or_schema(tmp_path, tiny_model_dir):
+    """base-constrained: base-prompted's prompt, decoding held by xgrammar to the labels or the
+    JSON Schema, so even the tiny random model answers in the format, and ends its turn."""
+    for task, new_tokens in (("classification", 8), ("json", 64)):
+        config = make_run(tmp_path / task, tiny_model_dir, task=task, adapter_seed=None, eval_settings=", max_examples: 4")
+        cfg = load_config(config, ["eval.subjects=[base-prompted,base-constrained]", f"eval.max_new_tokens={new_tokens}"])
+        results = evaluate.run(cfg)
+        constrained = results["subjects"]["base-constrained"]
+        prompted = results["subjects"]["base-prompted"]
+        assert constrained["prompt"]["system_prompts"] == prompted["prompt"]["system_prompts"]
+        assert constrained["generation_key"] != prompted["generation_key"]
+        assert constrained["ended_on_end_of_turn"] == 1.0
+        metrics = {k: v["value"] for k, v in constrained["metrics"].items()}
+        if task == "classification":
+            assert metrics["out_of_label_rate"] == 0.0
+        else:
+            assert metrics["parse_rate"] == 1.0 and metrics["schema_valid_rate"] == 1.0
+        assert "`base-constrained`" in (cfg.run_dir / "eval/report.md").read_text()

@@ -5,6 +5,7 @@ decoding:
   base           the base model, system prompt only (zero-shot);
   base-prompted  the base model, system prompt + the label set or JSON Schema and "answer with
                  exactly that" (classification and JSON tasks);
+  base-constrained  base-prompted's prompt, decoding held to the labels or the schema (xgrammar);
   base-fewshot   the base model, system prompt + k training examples as prior turns;
   majority       no model: the most frequent training label, always (classification);
   tuned          the fine-tune (adapter merged on the base, or the full model folder);
@@ -19,6 +20,7 @@ the report files in report.py; this module reads top to bottom as the stage.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
 import time
@@ -38,7 +40,7 @@ from tunesmith.schema import Conversation
 
 ALPHA = 0.05  # significance level of every paired test
 MIN_SHARED_PREFIX = 8  # tokens; below this, computing the prefix apart is not worth a forward
-BASELINES = ("base", "base-prompted", "base-fewshot")  # the subjects the base model answers
+BASELINES = ("base", "base-prompted", "base-constrained", "base-fewshot")  # the subjects the base model answers
 
 
 # --------------------------------------------------------------------------- data
@@ -482,12 +484,13 @@ def setup_record(cfg: RunConfig, data: EvalData, decoding: Decoding, few_shot_in
 
 def applicable_subjects(subjects: list[str], task: str) -> tuple[list[str], dict[str, str]]:
     """(the subjects to evaluate, why each other one is skipped): `majority` needs a label set;
-    `base-prompted` needs a label set or a schema to state, else it would be `base` again."""
+    `base-prompted` and `base-constrained` need a label set or a schema, else they are `base` again."""
     skipped = {}
     if task != "classification" and "majority" in subjects:
         skipped["majority"] = f"a majority class needs a label set; the task is {task}"
-    if task == "text" and "base-prompted" in subjects:
-        skipped["base-prompted"] = "free text has no label set or schema to state: its prompt would be the base prompt"
+    for name in ("base-prompted", "base-constrained"):
+        if task == "text" and name in subjects:
+            skipped[name] = "free text has no label set or schema to state or to hold the answer to"
     kept = [s for s in subjects if s not in skipped]
     if not kept:
         raise UserError(f"no subject left to evaluate ({'; '.join(skipped.values())})", "add base, base-fewshot or tuned to eval.subjects")
@@ -542,11 +545,14 @@ def build_prompts(
     prompts = {"base": zero_shot, "tuned": zero_shot, "against": zero_shot}
     info = {name: prompt_record(systems) for name in ("base", "tuned", "against")}
     few_shot_info: dict[str, Any] = {}
-    if "base-prompted" in subjects:
+    if "base-prompted" in subjects or "base-constrained" in subjects:
         instruction = answer_format_instruction(data)
         engineered = [f"{s}\n\n{instruction}" if s else instruction for s in systems]
-        prompts["base-prompted"] = [render_ids(tokenizer, prompt_messages(c, s)) for c, s in zip(data.examples, engineered)]
+        prompts["base-prompted"] = prompts["base-constrained"] = [
+            render_ids(tokenizer, prompt_messages(c, s)) for c, s in zip(data.examples, engineered)
+        ]
         info["base-prompted"] = prompt_record(engineered)
+        info["base-constrained"] = {**prompt_record(engineered), "constrained_to": "the label set" if data.task == "classification" else "the JSON Schema"}
     if "base-fewshot" in subjects:
         room = context_tokens - max(map(len, zero_shot)) - ec.max_new_tokens
         budget = max(0, min(room, ec.few_shot_max_tokens if ec.few_shot_k is None else room))
@@ -630,11 +636,16 @@ def generate_baselines(
         if name not in subjects:
             continue
         key = generation_key(base.fingerprint, prompts[name], cfg.eval, decoding.dtype, decoding.stop_ids)
+        grammar = answer_grammar(data) if name == "base-constrained" else None
+        if grammar is not None:  # the same prompts, other decoding: a key of its own
+            key = hashlib.sha256((key + grammar).encode()).hexdigest()
         subject_info[name] = {"model": cfg.model.name, "fingerprint": base.fingerprint, "generation_key": key}
         previous = previous_generations(out_dir, name, key, len(data.examples))
         if previous is not None:
             generations[name] = previous
             subject_info[name]["reused_from_previous_report"] = True
+        elif grammar is not None:
+            generations[name] = generate_constrained(base.model, prompts[name], grammar, data.task, cfg.eval.max_new_tokens, decoding)
         else:
             generations[name] = generate_subject(cfg, name, base.model, prompts[name], decoding)
     return generations, subject_info
@@ -670,6 +681,59 @@ def generate_subject(cfg: RunConfig, name: str, model, prompts: list[list[int]],
             model, prompts, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size, stop_ids=decoding.stop_ids,
             pad_id=decoding.pad_id, decode=decoding.decode, on_batch=lambda n: bar.advance(task_id, n),
         )
+
+
+def answer_grammar(data: EvalData) -> str:
+    """What `base-constrained` may answer: an EBNF alternation of the training labels, or the
+    JSON Schema (as JSON text)."""
+    if data.task == "classification":
+        labels = M.label_set([c.target for c in data.train]) or data.labels
+        return "root ::= " + " | ".join(json.dumps(lab, ensure_ascii=False) for lab in labels)
+    return json.dumps(data.schema or {}, ensure_ascii=False)
+
+
+def generate_constrained(model, prompts: list[list[int]], grammar: str, task: str, max_new_tokens: int, decoding: Decoding) -> list[Generation]:
+    """Greedy answers held to `grammar` (xgrammar, as the server's response_format does): at
+    each step the tokens the grammar forbids are masked out before the argmax.
+
+    One prompt at a time, with a KV cache: a baseline's answers are a label or a short JSON
+    value, and a matcher per row is what batching would complicate. No free whitespace in JSON,
+    as in the server: a small model otherwise wanders into endless indentation.
+    """
+    import torch
+    import xgrammar as xgr
+    from transformers import DynamicCache
+
+    vocab_size = int(model.config.vocab_size)
+    info = xgr.TokenizerInfo.from_huggingface(decoding.tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(decoding.stop_ids))
+    compiler = xgr.GrammarCompiler(info)
+    try:
+        compiled = compiler.compile_grammar(grammar) if task == "classification" else compiler.compile_json_schema(grammar, any_whitespace=False)
+    except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError on a schema it cannot use
+        raise UserError(f"base-constrained: xgrammar cannot compile the {task} grammar: {e}",
+                        "fix eval.json_schema, or remove base-constrained from the subjects") from None
+    device = next(model.parameters()).device
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            matcher, cache, tokens, stopped = xgr.GrammarMatcher(compiled), DynamicCache(config=model.config), [], False
+            start = time.perf_counter()
+            logits = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1, **_cache_arg(model, cache)).logits[0, -1]
+            for _ in range(max_new_tokens):
+                scores = logits[:vocab_size].float().unsqueeze(0)
+                matcher.fill_next_token_bitmask(bitmask)
+                xgr.apply_token_bitmask_inplace(scores, bitmask.to(scores.device))
+                token = int(scores.argmax())
+                tokens.append(token)
+                if token in decoding.stop_ids or not matcher.accept_token(token) or matcher.is_terminated():
+                    stopped = token in decoding.stop_ids or matcher.is_terminated()
+                    break
+                logits = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **_cache_arg(model, cache)).logits[0, -1]
+            elapsed_s = time.perf_counter() - start
+            answer = tokens[:-1] if tokens and tokens[-1] in decoding.stop_ids else tokens
+            out.append(Generation(decoding.decode(answer).strip(), tokens, elapsed_s, elapsed_s, stopped))
+    return out
 
 
 def score_subjects(

@@ -117,6 +117,8 @@ def prompt_blocks(results: dict[str, Any]) -> list[tuple]:
         systems = prompt["system_prompts"]
         shots = (f"{prompt['shots']} shots (training lines {', '.join(map(str, prompt['shot_train_lines']))})"
                  if prompt["shots"] else "0 shots")
+        if prompt.get("constrained_to"):
+            shots += f"; decoding held to {prompt['constrained_to']} (xgrammar)"
         if not any(systems):
             blocks.append(("p", f"`{name}`: no system prompt; {shots}."))
             continue
