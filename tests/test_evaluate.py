@@ -283,6 +283,7 @@ def test_baselines_without_a_fine_tune_majority_and_prompted(cli, tmp_path, tiny
     assert "## Prompts" in report_md and prompted["system_prompts"][0] in report_md
     assert f"`base-fewshot`: 4 shots (training lines {', '.join(map(str, fewshot['shot_train_lines']))})" in report_md
     assert f"`majority`: no model and no prompt: always answers '{top}'" in report_md
+    assert "## Confusion matrix (base-fewshot)" in report_md  # not the constant majority's
     predictions = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert {p["outputs"]["majority"]["text"] for p in predictions} == {top}
 

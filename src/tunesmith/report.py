@@ -128,104 +128,18 @@ def prompt_blocks(results: dict[str, Any]) -> list[tuple]:
 
 
 def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], loss: dict) -> list[tuple]:
-    subjects = list(results["subjects"])
-    primary = results["primary_metric"]
+    """The report, top to bottom: verdict, setup, prompts, metrics, paired tests, gates, loss,
+    per class, disagreements, how to read it."""
     blocks: list[tuple] = [("h1", "Evaluation report"), ("verdict", results["verdict"]["text"])]
-
-    blocks += setup_blocks(results) + prompt_blocks(results)
-
-    # Metric table with intervals.
-    names = list(dict.fromkeys(m for e in results["subjects"].values() for m in e["metrics"]))
-    rows = []
-    for metric in names:
-        row = [metric + (" (primary)" if metric == primary else "")]
-        for s in subjects:  # a subject without a metric (majority has no tokens/s) shows "-"
-            m = results["subjects"][s]["metrics"].get(metric)
-            row.append(f"{_fmt(m['value'])} [{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]" if m else "-")
-        rows.append(row)
-    blocks += [
-        ("h2", "Metrics"),
-        ("p", f"Value [95% bootstrap interval, {results['bootstrap_samples']} resamples, seed {results['seed']}]."),
-        ("table", ["metric", *subjects], rows),
-        ("plot", "metrics"),
-    ]
-
-    # Paired tests of the fine-tune against each other subject.
-    if results["comparisons"]:
-        header = ["metric"] + [k.replace("tuned_vs_", "tuned − ") for k in results["comparisons"]]
-        rows = []
-        for metric in names:
-            if metric in M.NEUTRAL:
-                continue
-            row = [metric]
-            for comparison in results["comparisons"].values():
-                c = comparison.get(metric)
-                if c is None:
-                    row.append("-")
-                    continue
-                star = " *" if c["p_value"] < 0.05 else ""
-                row.append(f"{c['delta']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] p={c['p_value']:.3g}{star}")
-            rows.append(row)
-        blocks += [
-            ("h2", "Fine-tune against each subject"),
-            ("p", "Difference tuned − other on the same examples [95% interval]; p from McNemar's exact test for "
-                  "accuracy and exact match, from a paired bootstrap otherwise; * marks p < 0.05."),
-            ("table", header, rows),
-        ]
-
+    blocks += setup_blocks(results) + prompt_blocks(results) + metric_blocks(results) + comparison_blocks(results)
     if results["gates"]:
         rows = [[g["gate"], g["subject"], _fmt(g["value"], 4), "pass" if g["passed"] else "FAIL"] for g in results["gates"]]
         blocks += [("h2", "Gates"), ("table", ["gate", "subject", "value", "result"], rows)]
-
     if loss:
         blocks += [("h2", "Training loss"), ("plot", "loss")]
-
     if results["task"] == "classification":
-        labels = results["labels"]
-        rows = []
-        for label in labels:
-            row = [label, str(next(iter(results["subjects"].values()))["per_class"][label]["support"])]
-            for s in subjects:
-                pc = results["subjects"][s]["per_class"][label]
-                row.append(f"{pc['precision']:.2f} / {pc['recall']:.2f} / {pc['f1']:.2f}")
-            rows.append(row)
-        blocks += [
-            ("h2", "Per class"),
-            ("p", "Precision / recall / F1 per label; support is the number of held-out examples of the label."),
-            ("table", ["label", "support", *subjects], rows),
-            ("plot", "per_class"),
-        ]
-        focus = "tuned" if "tuned" in subjects else subjects[-1]
-        matrix = results["subjects"][focus]["confusion"]
-        blocks.append(("h2", f"Confusion matrix ({focus})"))
-        if len(labels) <= MAX_CONFUSION_LABELS:
-            rows = [[labels[i], *map(str, r)] for i, r in enumerate(matrix)]
-            blocks += [("p", "Rows: reference label; columns: answer (`other`: outside the label set)."),
-                       ("table", ["reference \\ answer", *labels, "other"], rows), ("plot", "confusion")]
-        else:
-            pairs = [(matrix[i][j], labels[i], (labels + ["other"])[j]) for i in range(len(labels))
-                     for j in range(len(labels) + 1) if i != j and matrix[i][j]]
-            pairs.sort(key=lambda x: (-x[0], x[1], x[2]))
-            blocks += [("p", f"{len(labels)} labels: the 20 most frequent confusions."),
-                       ("table", ["reference", "answer", "count"], [[a, b, str(n)] for n, a, b in pairs[:20]])]
-
-    # Side by side where the subjects disagree.
-    key = "correct" if results["task"] == "classification" else "exact"
-    disagree = []
-    for p in predictions:
-        outcomes = {s: p["outputs"][s].get(key) for s in subjects}
-        texts = {p["outputs"][s]["text"] for s in subjects}
-        if len(set(outcomes.values())) > 1 or (results["task"] == "text" and len(texts) > 1):
-            disagree.append(p)
-    blocks.append(("h2", f"Where the subjects disagree ({len(disagree)} of {len(predictions)} examples, first {min(len(disagree), MAX_DISAGREEMENTS)} shown)"))
-    for p in disagree[:MAX_DISAGREEMENTS]:
-        rows = [["reference", _short(p["target"]), ""]]
-        for s in subjects:
-            o = p["outputs"][s]
-            mark = "✓" if o.get(key) == 1.0 else "✗" if o.get(key) == 0.0 else ""
-            rows.append([s, _short(o["text"]) or "(empty)", mark])
-        blocks += [("p", f"Example {p['index']} (line {p['source_line']}): {_short(p['input'])}"), ("table", ["", "answer", key], rows)]
-
+        blocks += per_class_blocks(results)
+    blocks += disagreement_blocks(results, predictions)
     blocks += [
         ("h2", "How to read this report"),
         ("list", [
@@ -237,6 +151,115 @@ def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], los
             "generation wall time.",
         ]),
     ]
+    return blocks
+
+
+def metric_names(results: dict[str, Any]) -> list[str]:
+    """Every metric any subject has, in first-seen order (majority has no tokens/s)."""
+    return list(dict.fromkeys(m for e in results["subjects"].values() for m in e["metrics"]))
+
+
+def focus_subject(results: dict[str, Any]) -> str:
+    """The subject whose confusion matrix is shown: the fine-tune, else the last model baseline."""
+    subjects = list(results["subjects"])
+    if "tuned" in subjects:
+        return "tuned"
+    models = [s for s in subjects if results["subjects"][s].get("kind") != "majority class"]
+    return (models or subjects)[-1]
+
+
+def metric_blocks(results: dict[str, Any]) -> list[tuple]:
+    """Every metric of every subject, with its interval; "-" where a subject has no such metric."""
+    subjects, primary = list(results["subjects"]), results["primary_metric"]
+    rows = []
+    for metric in metric_names(results):
+        row = [metric + (" (primary)" if metric == primary else "")]
+        for s in subjects:
+            m = results["subjects"][s]["metrics"].get(metric)
+            row.append(f"{_fmt(m['value'])} [{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]" if m else "-")
+        rows.append(row)
+    return [
+        ("h2", "Metrics"),
+        ("p", f"Value [95% bootstrap interval, {results['bootstrap_samples']} resamples, seed {results['seed']}]."),
+        ("table", ["metric", *subjects], rows),
+        ("plot", "metrics"),
+    ]
+
+
+def comparison_blocks(results: dict[str, Any]) -> list[tuple]:
+    """Paired tests of the fine-tune against each other subject."""
+    if not results["comparisons"]:
+        return []
+    header = ["metric"] + [k.replace("tuned_vs_", "tuned − ") for k in results["comparisons"]]
+    rows = []
+    for metric in metric_names(results):
+        if metric in M.NEUTRAL:
+            continue
+        row = [metric]
+        for comparison in results["comparisons"].values():
+            c = comparison.get(metric)
+            if c is None:
+                row.append("-")
+                continue
+            star = " *" if c["p_value"] < 0.05 else ""
+            row.append(f"{c['delta']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] p={c['p_value']:.3g}{star}")
+        rows.append(row)
+    return [
+        ("h2", "Fine-tune against each subject"),
+        ("p", "Difference tuned − other on the same examples [95% interval]; p from McNemar's exact test for "
+              "accuracy and exact match, from a paired bootstrap otherwise; * marks p < 0.05."),
+        ("table", header, rows),
+    ]
+
+
+def per_class_blocks(results: dict[str, Any]) -> list[tuple]:
+    """Precision / recall / F1 per label for every subject, and one subject's confusion matrix."""
+    subjects, labels = list(results["subjects"]), results["labels"]
+    rows = []
+    for label in labels:
+        row = [label, str(next(iter(results["subjects"].values()))["per_class"][label]["support"])]
+        for s in subjects:
+            pc = results["subjects"][s]["per_class"][label]
+            row.append(f"{pc['precision']:.2f} / {pc['recall']:.2f} / {pc['f1']:.2f}")
+        rows.append(row)
+    blocks: list[tuple] = [
+        ("h2", "Per class"),
+        ("p", "Precision / recall / F1 per label; support is the number of held-out examples of the label."),
+        ("table", ["label", "support", *subjects], rows),
+        ("plot", "per_class"),
+    ]
+    focus = focus_subject(results)
+    matrix = results["subjects"][focus]["confusion"]
+    blocks.append(("h2", f"Confusion matrix ({focus})"))
+    if len(labels) <= MAX_CONFUSION_LABELS:
+        rows = [[labels[i], *map(str, r)] for i, r in enumerate(matrix)]
+        return blocks + [("p", "Rows: reference label; columns: answer (`other`: outside the label set)."),
+                         ("table", ["reference \\ answer", *labels, "other"], rows), ("plot", "confusion")]
+    pairs = [(matrix[i][j], labels[i], (labels + ["other"])[j]) for i in range(len(labels))
+             for j in range(len(labels) + 1) if i != j and matrix[i][j]]
+    pairs.sort(key=lambda x: (-x[0], x[1], x[2]))
+    return blocks + [("p", f"{len(labels)} labels: the 20 most frequent confusions."),
+                     ("table", ["reference", "answer", "count"], [[a, b, str(n)] for n, a, b in pairs[:20]])]
+
+
+def disagreement_blocks(results: dict[str, Any], predictions: list[dict[str, Any]]) -> list[tuple]:
+    """Side by side, the examples where the subjects disagree (the first MAX_DISAGREEMENTS)."""
+    subjects = list(results["subjects"])
+    key = "correct" if results["task"] == "classification" else "exact"
+    disagree = []
+    for p in predictions:
+        outcomes = {s: p["outputs"][s].get(key) for s in subjects}
+        texts = {p["outputs"][s]["text"] for s in subjects}
+        if len(set(outcomes.values())) > 1 or (results["task"] == "text" and len(texts) > 1):
+            disagree.append(p)
+    blocks = [("h2", f"Where the subjects disagree ({len(disagree)} of {len(predictions)} examples, first {min(len(disagree), MAX_DISAGREEMENTS)} shown)")]
+    for p in disagree[:MAX_DISAGREEMENTS]:
+        rows = [["reference", _short(p["target"]), ""]]
+        for s in subjects:
+            o = p["outputs"][s]
+            mark = "✓" if o.get(key) == 1.0 else "✗" if o.get(key) == 0.0 else ""
+            rows.append([s, _short(o["text"]) or "(empty)", mark])
+        blocks += [("p", f"Example {p['index']} (line {p['source_line']}): {_short(p['input'])}"), ("table", ["", "answer", key], rows)]
     return blocks
 
 
@@ -300,7 +323,7 @@ def with_plots(blocks: list[tuple], results: dict[str, Any], loss: dict) -> dict
         ax.legend(fontsize=8)
         plots["per_class"] = _png(fig)
     if "confusion" in wanted:
-        focus = "tuned" if "tuned" in subjects else subjects[-1]
+        focus = focus_subject(results)
         matrix = results["subjects"][focus]["confusion"]
         labels = results["labels"]
         fig, ax = plt.subplots(figsize=(1.5 + 0.5 * len(labels), 1.2 + 0.45 * len(labels)))
