@@ -410,7 +410,7 @@ def run(
     # 1. Data: held-out examples with a reference answer; the training answers define the task,
     #    and the task which baselines apply.
     data = read_eval_data(cfg)
-    subjects, skipped_subjects = applicable_subjects(subjects, data.task)
+    subjects, skipped_subjects = applicable_subjects(subjects, data)
 
     # 2. The base model first: the baselines share it, and the fine-tune is loaded after.
     dtype = eval_dtype(ec.precision)
@@ -482,14 +482,17 @@ def setup_record(cfg: RunConfig, data: EvalData, decoding: Decoding, few_shot_in
     }
 
 
-def applicable_subjects(subjects: list[str], task: str) -> tuple[list[str], dict[str, str]]:
-    """(the subjects to evaluate, why each other one is skipped): `majority` needs a label set;
-    `base-prompted` and `base-constrained` need a label set or a schema, else they are `base` again."""
+def applicable_subjects(subjects: list[str], data: EvalData) -> tuple[list[str], dict[str, str]]:
+    """(the subjects to evaluate, why each other one is skipped): `majority` needs a label set
+    and training answers; `base-prompted` and `base-constrained` need a label set or a schema,
+    else they are `base` again. Decided before any generation, not after minutes of it."""
     skipped = {}
-    if task != "classification" and "majority" in subjects:
-        skipped["majority"] = f"a majority class needs a label set; the task is {task}"
+    if data.task != "classification" and "majority" in subjects:
+        skipped["majority"] = f"a majority class needs a label set; the task is {data.task}"
+    elif not data.train and "majority" in subjects:
+        skipped["majority"] = "the training split has no answers to count"
     for name in ("base-prompted", "base-constrained"):
-        if task == "text" and name in subjects:
+        if data.task == "text" and name in subjects:
             skipped[name] = "free text has no label set or schema to state or to hold the answer to"
     kept = [s for s in subjects if s not in skipped]
     if not kept:
@@ -585,8 +588,6 @@ def majority_answers(data: EvalData) -> tuple[list[Generation], dict[str, Any], 
     training label for every example (ties: the first in label order). The floor a classifier
     must clear: on an 87% ham test set it scores 0.87 accuracy by saying "ham"."""
     counts = Counter(M.normalize_label(c.target) for c in data.train)
-    if not counts:
-        raise UserError("the majority baseline needs training answers; the training split has none", "remove majority from eval.subjects")
     spelling = {M.normalize_label(lab): lab for lab in data.labels}
     top = max(sorted(counts), key=lambda k: counts[k])
     label, share = spelling[top], counts[top] / sum(counts.values())
