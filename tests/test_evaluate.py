@@ -88,21 +88,23 @@ def test_eval_cli_reports_gates_and_exit_codes(cli, tmp_path, tiny_model_dir):
     out = tmp_path / "runs/r/eval"
     assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "report.html", "report.md", "results.json"]
     results = json.loads((out / "results.json").read_text())
-    assert results["task"] == "classification" and list(results["subjects"]) == ["base", "base-fewshot", "tuned"]
-    for entry in results["subjects"].values():
+    subjects = ["base", "base-prompted", "base-fewshot", "majority", "tuned"]
+    assert results["task"] == "classification" and list(results["subjects"]) == subjects
+    for name, entry in results["subjects"].items():
         m = entry["metrics"]["accuracy"]
         assert m["ci_low"] <= m["value"] <= m["ci_high"]
-        assert {"macro_f1", "out_of_label_rate", "mean_latency_s", "tokens_per_s"} <= set(entry["metrics"])
-    assert set(results["comparisons"]) == {"tuned_vs_base", "tuned_vs_base-fewshot"}
-    assert results["verdict"]["best_baseline"] in ("base", "base-fewshot") and "tuned" not in results["verdict"]["best_baseline"]
+        assert {"macro_f1", "out_of_label_rate", "mean_latency_s"} <= set(entry["metrics"])
+        assert ("tokens_per_s" in entry["metrics"]) == (name != "majority")  # majority generates nothing
+    assert set(results["comparisons"]) == {f"tuned_vs_{s}" for s in subjects[:-1]}
+    assert results["verdict"]["best_baseline"] in subjects[:-1]
     predictions = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == results["examples"] == 12
-    assert all(set(p["outputs"]) == {"base", "base-fewshot", "tuned"} for p in predictions)
+    assert all(set(p["outputs"]) == set(subjects) for p in predictions)
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<script" not in html and "http" not in html.split("<body>")[0]
     assert results["verdict"]["text"] in (out / "report.md").read_text().replace("\n", " ")
     assert 'failures="0"' in junit.read_text()
-    assert artifacts.read_manifest(tmp_path / "runs/r")["eval"]["primary"].keys() == {"base", "base-fewshot", "tuned"}
+    assert artifacts.read_manifest(tmp_path / "runs/r")["eval"]["primary"].keys() == set(subjects)
     assert " ".join(results["verdict"]["text"].split()) in " ".join(result.stdout.split())
 
     # The tiny random model never answers a label: a real threshold fails with exit 3, after
@@ -130,7 +132,9 @@ def test_determinism_and_json_task(tmp_path, tiny_model_dir):
     # A second run over the previous report reuses the baselines' answers (same model, prompts,
     # decoding) and regenerates the fine-tune's.
     reused = evaluate.run(load_config(config))
-    assert [reused["subjects"][s].get("reused_from_previous_report", False) for s in reused["subjects"]] == [True, True, False]
+    assert list(reused["subjects"]) == ["base", "base-prompted", "base-fewshot", "tuned"]  # no majority class in JSON
+    assert "majority" in reused["skipped_subjects"]
+    assert [reused["subjects"][s].get("reused_from_previous_report", False) for s in reused["subjects"]] == [True, True, True, False]
     # Determinism: everything generated again from scratch gives identical answers.
     import shutil
 
@@ -142,6 +146,9 @@ def test_determinism_and_json_task(tmp_path, tiny_model_dir):
     assert texts == again
     assert first["task"] == "json" and first["schema_source"] == "inferred from the training answers"
     assert first["schema"]["properties"]["priority"]["enum"] == ["high", "low", "normal", "urgent"]
+    prompted = first["subjects"]["base-prompted"]["prompt"]["system_prompts"]
+    assert len(prompted) == 1 and prompted[0].endswith("\n" + json.dumps(first["schema"]))
+    assert prompted[0].startswith(SYSTEM_PROMPT) and "only a JSON value" in prompted[0]
     for s in first["subjects"]:
         values = {k: v["value"] for k, v in first["subjects"][s]["metrics"].items()}
         assert values.keys() >= {"exact_match", "parse_rate", "schema_valid_rate", "field_f1"}
@@ -227,3 +234,81 @@ def test_eval_truncates_prompts_like_training_and_says_so(tmp_path, tiny_model_d
     config.write_text(text.replace("truncate: true", "truncate: false"))
     results = evaluate.run(load_config(config, ["eval.subjects=[base]"]))
     assert results["prompt_truncation"]["truncated_examples"] == 0 and results["prompt_truncation"]["over_max_length"] == 3
+
+
+def _label_sequence(cfg, tokenizer, seed: int) -> list[str]:
+    cfg.eval.seed = seed
+    data = evaluate.read_eval_data(cfg)
+    chosen, info = evaluate.select_shots(tokenizer, data, SYSTEM_PROMPT, cfg.eval, budget_tokens=100_000)
+    assert info["train_lines"] == [data.train[i].source_line for i in chosen]
+    return info["labels"]
+
+
+def test_few_shot_order_is_a_seeded_shuffle_not_an_alternation(tmp_path, tiny_model_dir):
+    """The shots cover the labels round-robin, but their prompt order is shuffled: the same for
+    one seed, different across seeds, never the strict label cycle (a, b, c, d, a, b, ...)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = make_run(tmp_path, tiny_model_dir, adapter_seed=None, eval_settings=", few_shot_k: 8")
+    cfg = load_config(config)
+    orders = {seed: _label_sequence(cfg, tokenizer, seed) for seed in (0, 1, 2)}
+    assert _label_sequence(cfg, tokenizer, 1) == orders[1]  # deterministic for one seed
+    assert len({tuple(o) for o in orders.values()}) > 1  # the seed decides the order
+    for order in orders.values():
+        labels = sorted(set(order))
+        assert sorted(order) == sorted(labels * 2)  # still two of each of the four labels
+        assert order != [labels[i % len(labels)] for i in range(len(order))]  # not the strict cycle
+
+
+def test_baselines_without_a_fine_tune_majority_and_prompted(cli, tmp_path, tiny_model_dir):
+    """`--subjects base-prompted,base-fewshot,majority` runs without a trained model; majority
+    scores the held-out share of the most frequent training label; base-prompted's system prompt
+    lists every label; the report shows each subject's prompt."""
+    config = make_run(tmp_path, tiny_model_dir, adapter_seed=None, eval_settings=", few_shot_k: 4")
+    result = cli("eval", str(config), "--subjects", "base-prompted,base-fewshot,majority")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "runs/r/eval"
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["subjects"]) == ["base-prompted", "base-fewshot", "majority"]
+    train = [json.loads(x)["messages"][-1]["content"] for x in (tmp_path / "runs/r/data/train.jsonl").read_text().splitlines()]
+    golds = [json.loads(x)["messages"][-1]["content"] for x in (tmp_path / "runs/r/data/eval.jsonl").read_text().splitlines()]
+    top = max(sorted(set(train)), key=train.count)
+    majority = results["subjects"]["majority"]
+    assert majority["label"] == top and majority["train_share"] == train.count(top) / len(train)
+    assert majority["metrics"]["accuracy"]["value"] == golds.count(top) / len(golds)
+    assert results["verdict"]["best_baseline"] is None and "best subject" in results["verdict"]["text"]
+    prompted = results["subjects"]["base-prompted"]["prompt"]
+    assert prompted["shots"] == 0 and len(prompted["system_prompts"]) == 1
+    assert prompted["system_prompts"][0].startswith(SYSTEM_PROMPT)
+    assert all(f"\n{label}" in prompted["system_prompts"][0] for label in results["labels"])
+    fewshot = results["subjects"]["base-fewshot"]["prompt"]
+    assert fewshot["system_prompts"] == [SYSTEM_PROMPT] and fewshot["shot_train_lines"] == results["few_shot"]["train_lines"]
+    assert fewshot["shots"] == 4
+    report_md = (out / "report.md").read_text()
+    assert "## Prompts" in report_md and prompted["system_prompts"][0] in report_md
+    assert f"`base-fewshot`: 4 shots (training lines {', '.join(map(str, fewshot['shot_train_lines']))})" in report_md
+    assert f"`majority`: no model and no prompt: always answers '{top}'" in report_md
+    assert "## Confusion matrix (base-fewshot)" in report_md  # not the constant majority's
+    predictions = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {p["outputs"]["majority"]["text"] for p in predictions} == {top}
+
+
+def test_constrained_baseline_answers_only_labels_or_schema(tmp_path, tiny_model_dir):
+    """base-constrained: base-prompted's prompt, decoding held by xgrammar to the labels or the
+    JSON Schema, so even the tiny random model answers in the format, and ends its turn."""
+    for task, new_tokens in (("classification", 8), ("json", 64)):
+        config = make_run(tmp_path / task, tiny_model_dir, task=task, adapter_seed=None, eval_settings=", max_examples: 4")
+        cfg = load_config(config, ["eval.subjects=[base-prompted,base-constrained]", f"eval.max_new_tokens={new_tokens}"])
+        results = evaluate.run(cfg)
+        constrained = results["subjects"]["base-constrained"]
+        prompted = results["subjects"]["base-prompted"]
+        assert constrained["prompt"]["system_prompts"] == prompted["prompt"]["system_prompts"]
+        assert constrained["generation_key"] != prompted["generation_key"]
+        assert constrained["ended_on_end_of_turn"] == 1.0
+        metrics = {k: v["value"] for k, v in constrained["metrics"].items()}
+        if task == "classification":
+            assert metrics["out_of_label_rate"] == 0.0
+        else:
+            assert metrics["parse_rate"] == 1.0 and metrics["schema_valid_rate"] == 1.0
+        assert "`base-constrained`" in (cfg.run_dir / "eval/report.md").read_text()

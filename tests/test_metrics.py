@@ -186,3 +186,18 @@ def test_gates():
     assert results[0]["value"] == 0.8
     with pytest.raises(UserError, match="macro_f1"):
         M.check_gates(["macro_f1>0.1", "nobody.accuracy>0"], metrics, "tuned")
+
+
+def test_json_scores_agree_on_one_canonical_comparison():
+    """Exact match, field F1 and per-key accuracy use one comparison: true is not 1, 1 is 1.0,
+    key order is irrelevant (Python's == said True == 1, field F1 compared json.dumps strings)."""
+    golds = ['{"a": true, "b": 1}', '{"a": 1, "b": [true]}', '{"a": 2, "b": {"x": 1, "y": 0}}']
+    preds = ['{"b": 1, "a": 1}', '{"a": 1.0, "b": [1]}', '{"b": {"y": 0.0, "x": 1}, "a": 2.0}']
+    cols = M.score("json", golds, preds)
+    out = M.aggregate("json", cols)
+    assert cols["exact"].tolist() == [0.0, 0.0, 1.0]
+    # fields: (a true/1: miss, b: hit), (a 1/1.0: hit, b[] true/1: miss), (a, b.x, b.y: all hit)
+    assert (cols["field_tp"].tolist(), cols["field_fp"].tolist()) == ([1, 1, 3], [1, 1, 0])
+    assert out["key_a_accuracy"] == pytest.approx(2 / 3)
+    assert M.json_equal(True, 1) is False and M.json_equal(1, 1.0) and M.json_equal({"a": 1, "b": 2}, {"b": 2, "a": 1})
+    assert M.canonical_text({"b": 1.5, "a": [False, 3.0]}) == '{"a": [false, 3], "b": 1.5}'

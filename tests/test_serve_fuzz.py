@@ -13,7 +13,6 @@ from collections import Counter
 
 import httpx
 import pytest
-from conftest import make_adapter_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,9 +25,8 @@ FUZZ_LOG: Counter = Counter()
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_model_dir, tmp_path_factory):
-    run = make_adapter_run(tmp_path_factory.mktemp("fuzz") / "alpha", tiny_model_dir, seed=0, name="alpha")
-    settings_ = ServeSettings(models=[str(tiny_model_dir), str(run)], port=0, api_key=API_KEY, max_tokens_limit=6, max_n=2, max_body_bytes=16384, max_batch_size=4)
+def fuzz_server(tiny_model_dir, tiny_run):
+    settings_ = ServeSettings(models=[str(tiny_model_dir), str(tiny_run)], port=0, api_key=API_KEY, max_tokens_limit=6, max_n=2, max_body_bytes=16384, max_batch_size=4)
     handle = run_in_thread(create_app(settings_))
     with httpx.Client(base_url=handle.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as http:
         handle.http = http

@@ -135,7 +135,7 @@ def eval_command(
     against: Optional[Path] = typer.Option(None, "--against", help="Another run folder to compare with (e.g. the one in production)."),
     gate: list[str] = typer.Option([], "--gate", help='Fail (exit 3) unless this holds, e.g. "accuracy>=0.85" (repeatable).'),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write the gates as JUnit XML here."),
-    subjects: Optional[str] = typer.Option(None, "--subjects", help="Comma-separated: base, base-fewshot, tuned."),
+    subjects: Optional[str] = typer.Option(None, "--subjects", help="Comma-separated: base, base-prompted, base-constrained, base-fewshot, majority, tuned."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="Evaluate the first N held-out examples."),
     allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Evaluate an adapter on a base whose fingerprint differs from the run's (warns)."),
 ) -> None:

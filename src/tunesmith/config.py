@@ -153,8 +153,12 @@ class TrainConfig(_Closed):
 
 
 class EvalConfig(_Closed):
-    subjects: list[Literal["base", "base-fewshot", "tuned"]] = Field(
-        default_factory=lambda: ["base", "base-fewshot", "tuned"], description="What to evaluate."
+    subjects: list[Literal["base", "base-prompted", "base-constrained", "base-fewshot", "majority", "tuned"]] = Field(
+        default_factory=lambda: ["base", "base-prompted", "base-fewshot", "majority", "tuned"],
+        description="What to evaluate: the base model zero-shot (`base`), with the label set or JSON Schema in its system "
+        "prompt (`base-prompted`), that prompt with decoding held to the labels or schema (`base-constrained`, opt-in), "
+        "with training examples as prior turns (`base-fewshot`); the most frequent training "
+        "label (`majority`, classification); the fine-tune (`tuned`).",
     )
     few_shot_k: int | None = Field(
         None, ge=0, le=MAX_TOKENS, description="Examples in the few-shot prompt; null: as many as fit the context."

@@ -3,7 +3,11 @@
 Subjects, all with the same chat template, the same held-out examples and the same greedy
 decoding:
   base           the base model, system prompt only (zero-shot);
+  base-prompted  the base model, system prompt + the label set or JSON Schema and "answer with
+                 exactly that" (classification and JSON tasks);
+  base-constrained  base-prompted's prompt, decoding held to the labels or the schema (xgrammar);
   base-fewshot   the base model, system prompt + k training examples as prior turns;
+  majority       no model: the most frequent training label, always (classification);
   tuned          the fine-tune: runs.load_run_model (drift guard; an adapter unmerged and computed
                  in fp32, so small updates are not rounded away; a full model in the eval dtype);
   against        optionally another run (`--against RUN_DIR`), e.g. the one in production.
@@ -14,9 +18,12 @@ statistics metrics.py's; the report files report.py's. This module reads top to 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +34,11 @@ from tunesmith import metrics as M
 from tunesmith.config import RunConfig
 from tunesmith.errors import GateFailed, UserError
 from tunesmith.formatting import cut_before_tail, truncate_prompt
-from tunesmith.inference import Generation, generate_greedy, inference_dtype, render_ids, stop_token_ids
+from tunesmith.inference import Generation, cache_arg, generate_greedy, inference_dtype, render_ids, stop_token_ids
 from tunesmith.schema import Conversation
 
 ALPHA = 0.05  # significance level of every paired test
-BASELINES = ("base", "base-fewshot")
+BASELINES = ("base", "base-prompted", "base-constrained", "base-fewshot")  # the subjects the base model answers
 
 
 # --------------------------------------------------------------------------- data
@@ -122,9 +129,6 @@ def choose_shots(
     return chosen, used
 
 
-# --------------------------------------------------------------------------- generation
-
-
 def truncate_prompts(tokenizer, prompts: list[list[int]], golds: list[str], data_cfg) -> tuple[list[list[int]], list[int], dict[str, Any]]:
     """(prompts, tokens cut from each, summary): with data.truncate on, each prompt cut as
     training cut its example (formatting.truncate_prompt, the example's answer length known),
@@ -140,7 +144,7 @@ def truncate_prompts(tokenizer, prompts: list[list[int]], golds: list[str], data
     return [p for p, _ in cut_pairs], cuts, summary
 
 
-# --------------------------------------------------------------------------- the stage
+# --------------------------------------------------------------------------- models
 
 
 def load_tuned(run_dir: Path, dtype, device, allow_base_mismatch: bool) -> runs.RunModel:
@@ -151,6 +155,38 @@ def load_tuned(run_dir: Path, dtype, device, allow_base_mismatch: bool) -> runs.
             "run `tunesmith train` first, or evaluate the baselines only: --subjects base,base-fewshot",
         )
     return runs.load_run_model(run_dir, allow_base_mismatch=allow_base_mismatch, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class EvalData:
+    """The held-out examples with an answer, the training split, and the task they define."""
+
+    examples: list[Conversation]
+    train: list[Conversation]  # training examples with an answer
+    golds: list[str]
+    skipped: int  # held-out examples without an answer
+    sources: dict[str, str]
+    task: str
+    labels: list[str] | None  # classification: training and held-out labels
+    schema: dict[str, Any] | None  # json: eval.json_schema or inferred from the training answers
+    task_info: dict[str, Any]  # what results.json says about the task
+
+
+@dataclass
+class Decoding:
+    """What every generating subject shares: tokenizer, end-of-turn ids, padding, dtype, device."""
+
+    tokenizer: Any
+    stop_ids: set[int]
+    pad_id: int
+    dtype: Any
+    device: str | None
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def run(
@@ -184,7 +220,105 @@ def run(
     if against is not None and not (Path(against) / artifacts.MANIFEST_FILE).exists():
         raise UserError(f"--against {against}: no {artifacts.MANIFEST_FILE} there", "pass the folder of another tunesmith run")
 
-    # 1. Data: held-out examples with a reference answer; the training answers define the task.
+    # 1. Data: held-out examples with a reference answer; the training answers define the task,
+    #    and the task which baselines apply.
+    data = read_eval_data(cfg)
+    subjects, skipped_subjects = applicable_subjects(subjects, data)
+
+    # 2. The base model first: the baselines share it, and the fine-tune is loaded after.
+    dtype = inference_dtype(ec.precision)
+    device = "cuda" if torch.cuda.is_available() else None
+    m = cfg.model
+    base = load_model(
+        m.name, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
+        allow_pickle=m.allow_pickle, expected_fingerprint=m.expected_fingerprint,
+    )
+    stop_ids = stop_token_ids(base.model, base.tokenizer)
+    pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else min(stop_ids)
+    decoding = Decoding(base.tokenizer, stop_ids, pad_id, dtype, device)
+
+    # 3. Prompts, 4. answers: the baselines from the base model, then each fine-tune in turn.
+    context_tokens = int(getattr(base.model.config, "max_position_embeddings", 0) or 2048)
+    prompts, prompt_info, few_shot_info, truncation = build_prompts(cfg, data, subjects, base.tokenizer, context_tokens)
+    generations, subject_info = generate_baselines(cfg, data, subjects, prompts, base, decoding, out_dir)
+    del base
+    if "majority" in subjects:
+        generations["majority"], subject_info["majority"], prompt_info["majority"] = majority_answers(data)
+    warnings = generate_finetunes(cfg, data, subjects, prompts, decoding, against, generations, subject_info, allow_base_mismatch)
+
+    # 5. Scores, intervals, paired tests, verdict; 6. gates.
+    primary = M.PRIMARY_METRIC[data.task]
+    for name in subjects:
+        subject_info[name]["prompt"] = prompt_info[name]
+    results_subjects, columns = score_subjects(cfg, data, subjects, generations, subject_info)
+    comparisons = compare_subjects(cfg, data.task, subjects, columns)
+    verdict = make_verdict(results_subjects, comparisons, primary)
+    gate_results = evaluate_gates(gates, results_subjects, comparisons, primary, subjects, against is not None)
+
+    # 7. Write every artifact, then the manifest, then (only then) fail the gate.
+    results = {
+        **setup_record(cfg, data, decoding, few_shot_info),
+        "prompt_truncation": truncation,
+        "warnings": warnings,
+        "skipped_subjects": skipped_subjects,
+        "subjects": results_subjects,
+        "comparisons": comparisons,
+        "verdict": verdict,
+        "gates": gate_results,
+        "passed": all(g["passed"] for g in gate_results),
+    }
+    report.write_all(out_dir, results, prediction_rows(data, subjects, generations, columns), run_dir / artifacts.METRICS_FILE)
+    if junit is not None:
+        report.write_junit(Path(junit), results)
+    write_manifest_section(run_dir, results)
+    failed = [g for g in gate_results if not g["passed"]]
+    if failed:
+        raise GateFailed("; ".join(_gate_line(g) for g in failed))
+    return results
+
+
+def setup_record(cfg: RunConfig, data: EvalData, decoding: Decoding, few_shot_info: dict[str, Any]) -> dict[str, Any]:
+    """results.json's account of what was evaluated, and how: task, data, decoding, statistics."""
+    ec = cfg.eval
+    return {
+        "task": data.task,
+        "task_source": "eval.task" if ec.task != "auto" else "inferred from the training answers",
+        "primary_metric": M.PRIMARY_METRIC[data.task],
+        "examples": len(data.examples),
+        "skipped_without_answer": data.skipped,
+        "sources": data.sources,
+        "decoding": {"strategy": "greedy", "max_new_tokens": ec.max_new_tokens, "batch_size": ec.batch_size,
+                     "dtype": str(decoding.dtype).replace("torch.", ""), "stop_token_ids": sorted(decoding.stop_ids)},
+        "confidence": 0.95,
+        "bootstrap_samples": ec.bootstrap_samples,
+        "seed": ec.seed,
+        **data.task_info,
+        "few_shot": few_shot_info,
+    }
+
+
+def applicable_subjects(subjects: list[str], data: EvalData) -> tuple[list[str], dict[str, str]]:
+    """(the subjects to evaluate, why each other one is skipped): `majority` needs a label set
+    and training answers; `base-prompted` and `base-constrained` need a label set or a schema,
+    else they are `base` again. Decided before any generation, not after minutes of it."""
+    skipped = {}
+    if data.task != "classification" and "majority" in subjects:
+        skipped["majority"] = f"a majority class needs a label set; the task is {data.task}"
+    elif not data.train and "majority" in subjects:
+        skipped["majority"] = "the training split has no answers to count"
+    for name in ("base-prompted", "base-constrained"):
+        if data.task == "text" and name in subjects:
+            skipped[name] = "free text has no label set or schema to state or to hold the answer to"
+    kept = [s for s in subjects if s not in skipped]
+    if not kept:
+        raise UserError(f"no subject left to evaluate ({'; '.join(skipped.values())})", "add base, base-fewshot or tuned to eval.subjects")
+    return kept, skipped
+
+
+def read_eval_data(cfg: RunConfig) -> EvalData:
+    """The held-out examples that have an answer (the first eval.max_examples), the training
+    examples that have one, and the task: eval.task, else inferred from the training answers."""
+    ec = cfg.eval
     eval_all, train, sources = read_splits(cfg)
     examples = [c for c in eval_all if c.target is not None]
     skipped = len(eval_all) - len(examples)
@@ -211,98 +345,228 @@ def run(
             parsed = [v for ok, v in map(M.parse_json, train_targets) if ok]
             schema, schema_source = M.infer_json_schema(parsed), "inferred from the training answers"
         task_info = {"schema": schema, "schema_source": schema_source}
+    return EvalData(examples, train, golds, skipped, sources, task, labels, schema, task_info)
 
-    # 2. The base model first: both baselines share it, and the fine-tune is loaded after.
-    device = "cuda" if torch.cuda.is_available() else None
-    dtype = inference_dtype(ec.precision)
-    m = cfg.model
-    base = load_model(
-        m.name, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
-        allow_pickle=m.allow_pickle, expected_fingerprint=m.expected_fingerprint,
-    )
-    tokenizer = base.tokenizer
-    stop_ids = stop_token_ids(base.model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
 
-    # 3. Prompts. Zero-shot prompts are what training saw; few-shot adds the same k training
-    #    examples before every held-out one (never a held-out example, never one whose input
-    #    is also a held-out input).
-    systems = [system_prompt_of(c, cfg.data.system_prompt) for c in examples]
-    zero_shot = [render_ids(tokenizer, prompt_messages(c, s)) for c, s in zip(examples, systems)]
-    zero_shot, cuts, truncation = truncate_prompts(tokenizer, zero_shot, golds, cfg.data)
-    context = int(getattr(base.model.config, "max_position_embeddings", 0) or 2048)
-    room = context - max(map(len, zero_shot)) - ec.max_new_tokens
-    few_shot_info: dict[str, Any] = {}
+def build_prompts(
+    cfg: RunConfig, data: EvalData, subjects: list[str], tokenizer, context_tokens: int
+) -> tuple[dict[str, list[list[int]]], dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """(prompt ids per subject, what prompt each subject saw, the few-shot choice, the prompt truncation).
+
+    Zero-shot prompts are what training saw (cut as training cut them, with data.truncate; every
+    other subject's prompt loses the same tokens before its tail); base-prompted adds the answer format to the
+    system prompt; few-shot adds the same k training examples before every held-out one (never
+    a held-out example, never one whose input is also a held-out input).
+    """
+    ec = cfg.eval
+    systems = [system_prompt_of(c, cfg.data.system_prompt) for c in data.examples]
+    zero_shot = [render_ids(tokenizer, prompt_messages(c, s)) for c, s in zip(data.examples, systems)]
+    zero_shot, cuts, truncation = truncate_prompts(tokenizer, zero_shot, data.golds, cfg.data)
+
+    def cut_like_zero_shot(rendered: list[list[int]]) -> list[list[int]]:
+        return [cut_before_tail(p, cut) if cut else p for p, cut in zip(rendered, cuts)]
+
     prompts = {"base": zero_shot, "tuned": zero_shot, "against": zero_shot}
+    info = {name: prompt_record(systems) for name in ("base", "tuned", "against")}
+    few_shot_info: dict[str, Any] = {}
+    if "base-prompted" in subjects or "base-constrained" in subjects:
+        instruction = answer_format_instruction(data)
+        engineered = [f"{s}\n\n{instruction}" if s else instruction for s in systems]
+        prompts["base-prompted"] = prompts["base-constrained"] = cut_like_zero_shot(
+            [render_ids(tokenizer, prompt_messages(c, s)) for c, s in zip(data.examples, engineered)]
+        )
+        info["base-prompted"] = prompt_record(engineered)
+        info["base-constrained"] = {**prompt_record(engineered), "constrained_to": "the label set" if data.task == "classification" else "the JSON Schema"}
     if "base-fewshot" in subjects:
-        order = shot_order(train, task, {c.input_text for c in examples}, ec.seed)
+        room = context_tokens - max(map(len, zero_shot)) - ec.max_new_tokens
         budget = max(0, min(room, ec.few_shot_max_tokens if ec.few_shot_k is None else room))
         common_system = systems[0] if len(set(systems)) == 1 else cfg.data.system_prompt
-        chosen, shot_tokens = choose_shots(tokenizer, train, order, system=common_system, k=ec.few_shot_k, budget_tokens=budget)
-        shots = [train[i] for i in chosen]
-        few_shot = [render_ids(tokenizer, prompt_messages(c, s, shots)) for c, s in zip(examples, systems)]
-        # The example's own prompt loses what its zero-shot prompt lost (the same tokens before its tail).
-        prompts["base-fewshot"] = [cut_before_tail(p, cut) if cut else p for p, cut in zip(few_shot, cuts)]
-        few_shot_info = {
-            "k": len(chosen),
-            "k_requested": ec.few_shot_k,
-            "tokens": shot_tokens,
-            "budget_tokens": budget,
-            "selection": ("round-robin over labels (sorted), each label's examples in seeded shuffle order"
-                          if task == "classification" else "seeded shuffle of the training split")
-                         + f", seed {ec.seed}, " + (f"first {ec.few_shot_k}" if ec.few_shot_k is not None
-                                                    else f"as many as fit {budget} tokens"),
-            "train_lines": [train[i].source_line for i in chosen],
-            "labels": [train[i].target.strip() for i in chosen] if task == "classification" else None,
-        }
+        chosen, few_shot_info = select_shots(tokenizer, data, common_system, ec, budget)
+        shots = [data.train[i] for i in chosen]
+        prompts["base-fewshot"] = cut_like_zero_shot([render_ids(tokenizer, prompt_messages(c, s, shots)) for c, s in zip(data.examples, systems)])
+        info["base-fewshot"] = prompt_record(systems, few_shot_info["train_lines"])
+    return prompts, info, few_shot_info, truncation
 
-    # 4. Generate, subject by subject, with identical decoding.
+
+def prompt_record(systems: list[str | None], shot_lines: list[int] = ()) -> dict[str, Any]:
+    """What results.json says a subject saw: each distinct system prompt (in order of first
+    use; usually one), and the training lines of its shots, in prompt order."""
+    return {"system_prompts": list(dict.fromkeys(systems)), "shots": len(shot_lines), "shot_train_lines": list(shot_lines)}
+
+
+def answer_format_instruction(data: EvalData) -> str:
+    """The prompt engineering of `base-prompted`: the labels (of the training split: the
+    held-out one must not leak into a prompt) or the JSON Schema, and to answer with nothing else."""
+    if data.task == "classification":
+        labels = M.label_set([c.target for c in data.train]) or data.labels
+        return "Answer with exactly one of these labels, and nothing else:\n" + "\n".join(labels)
+    return ("Answer with only a JSON value that matches this JSON Schema, and nothing else:\n"
+            + json.dumps(data.schema, ensure_ascii=False))
+
+
+def majority_answers(data: EvalData) -> tuple[list[Generation], dict[str, Any], dict[str, Any]]:
+    """(answers, what the subject is, its prompt) of `majority`: no model, the most frequent
+    training label for every example (ties: the first in label order). The floor a classifier
+    must clear: on an 87% ham test set it scores 0.87 accuracy by saying "ham"."""
+    counts = Counter(M.normalize_label(c.target) for c in data.train)
+    spelling = {M.normalize_label(lab): lab for lab in data.labels}
+    top = max(sorted(counts), key=lambda k: counts[k])
+    label, share = spelling[top], counts[top] / sum(counts.values())
+    answers = [Generation(label, [], 0.0, 0.0, True, 0) for _ in data.examples]
+    info = {"kind": "majority class", "label": label, "train_share": share}
+    prompt = {"system_prompts": [], "shots": 0, "shot_train_lines": [],
+              "note": f"no model and no prompt: always answers {label!r}, {share:.1%} of the training answers"}
+    return answers, info, prompt
+
+
+def select_shots(tokenizer, data: EvalData, system: str | None, ec, budget_tokens: int) -> tuple[list[int], dict[str, Any]]:
+    """(train indices of the few-shot examples, in prompt order; what results.json says of them)."""
+    order = shot_order(data.train, data.task, {c.input_text for c in data.examples}, ec.seed)
+    chosen, shot_tokens = choose_shots(tokenizer, data.train, order, system=system, k=ec.few_shot_k, budget_tokens=budget_tokens)
+    # The order above cycles through the labels; as prompt order it would teach the pattern
+    # (ham, spam, ham, ...) and end on whichever label comes last. Shuffled, still seeded.
+    random.Random(f"shots-{ec.seed}").shuffle(chosen)
+    classification = data.task == "classification"
+    info = {
+        "k": len(chosen),
+        "k_requested": ec.few_shot_k,
+        "tokens": shot_tokens,
+        "budget_tokens": budget_tokens,
+        "selection": ("round-robin over labels (sorted), each label's examples in seeded shuffle order"
+                      if classification else "seeded shuffle of the training split")
+                     + f", seed {ec.seed}, " + (f"first {ec.few_shot_k}" if ec.few_shot_k is not None
+                                                else f"as many as fit {budget_tokens} tokens")
+                     + ", then put in seeded shuffle order",
+        "train_lines": [data.train[i].source_line for i in chosen],
+        "labels": [data.train[i].target.strip() for i in chosen] if classification else None,
+    }
+    return chosen, info
+
+
+def generate_baselines(
+    cfg: RunConfig, data: EvalData, subjects: list[str], prompts, base, decoding: Decoding, out_dir: Path
+) -> tuple[dict[str, list[Generation]], dict[str, dict[str, Any]]]:
+    """(answers, what each subject is) of the baselines the base model answers.
+
+    A baseline's answers are a function of the model, the prompts and the decoding: when the
+    previous report has them for the same key (the pipeline's baseline stage, an eval rerun
+    after retraining), they are reused instead of regenerated.
+    """
     generations: dict[str, list[Generation]] = {}
     subject_info: dict[str, dict[str, Any]] = {}
-
-    def generate(name: str, model) -> None:
-        from rich.progress import Progress
-
-        with Progress(transient=True, console=_stderr()) as bar:
-            task_id = bar.add_task(f"eval {name}", total=len(examples))
-            generations[name] = generate_greedy(
-                model, prompts[name], max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size, stop_ids=stop_ids,
-                pad_id=pad_id, decode=decode, on_batch=lambda n: bar.advance(task_id, n),
-            )
-
-    # A baseline's answers are a function of the model, the prompts and the decoding: when the
-    # previous report has them for the same key (the pipeline's baseline stage, an eval rerun
-    # after retraining), they are reused instead of regenerated.
     for name in BASELINES:
-        if name in subjects:
-            key = generation_key(base.fingerprint, prompts[name], ec, dtype, stop_ids)
-            subject_info[name] = {"model": m.name, "fingerprint": base.fingerprint, "generation_key": key, "dtype": str(dtype).replace("torch.", "")}
-            previous = previous_generations(out_dir, name, key, len(examples))
-            if previous is not None:
-                generations[name] = previous
-                subject_info[name]["reused_from_previous_report"] = True
-            else:
-                generate(name, base.model)
-    del base
-    warnings = []
-    for name, folder in (("tuned", run_dir), ("against", against)):
         if name not in subjects:
             continue
-        trained = load_tuned(Path(folder), dtype, device, allow_base_mismatch)
-        generate(name, trained.model)
+        key = generation_key(base.fingerprint, prompts[name], cfg.eval, decoding.dtype, decoding.stop_ids)
+        grammar = answer_grammar(data) if name == "base-constrained" else None
+        if grammar is not None:  # the same prompts, other decoding: a key of its own
+            key = hashlib.sha256((key + grammar).encode()).hexdigest()
+        subject_info[name] = {"model": cfg.model.name, "fingerprint": base.fingerprint, "generation_key": key,
+                              "dtype": str(decoding.dtype).replace("torch.", "")}
+        previous = previous_generations(out_dir, name, key, len(data.examples))
+        if previous is not None:
+            generations[name] = previous
+            subject_info[name]["reused_from_previous_report"] = True
+        elif grammar is not None:
+            generations[name] = generate_constrained(base.model, prompts[name], grammar, data.task, cfg.eval.max_new_tokens, decoding)
+        else:
+            generations[name] = generate_subject(cfg, name, base.model, prompts[name], decoding)
+    return generations, subject_info
+
+
+def generate_finetunes(cfg, data, subjects, prompts, decoding: Decoding, against, generations, subject_info, allow_base_mismatch: bool) -> list[str]:
+    """Answers of the fine-tune and of `--against`'s, one model in memory at a time (adds to
+    `generations` and `subject_info`); returns the drift guard's warnings, when allowed."""
+    warnings = []
+    for name, folder in (("tuned", cfg.run_dir), ("against", against)):
+        if name not in subjects:
+            continue
+        trained = load_tuned(Path(folder), decoding.dtype, decoding.device, allow_base_mismatch)
+        generations[name] = generate_subject(cfg, name, trained.model, prompts[name], decoding)
         subject_info[name] = {**trained.info, **({"run": str(Path(folder).resolve())} if name == "against" else {})}
         if trained.warning:
             warnings.append(f"{name}: {trained.warning}")
             _stderr().print(f"warning: {name}: {trained.warning}", markup=False, highlight=False)
         del trained
+    return warnings
 
-    # 5. Scores, intervals, paired tests, verdict.
-    primary = M.PRIMARY_METRIC[task]
-    columns, results_subjects = {}, {}
+def generate_subject(cfg: RunConfig, name: str, model, prompts: list[list[int]], decoding: Decoding) -> list[Generation]:
+    """One subject's greedy answers, with a progress bar; decoding identical for every subject."""
+    from rich.progress import Progress
+
+    ec = cfg.eval
+    with Progress(transient=True, console=_stderr()) as bar:
+        task_id = bar.add_task(f"eval {name}", total=len(prompts))
+        return generate_greedy(
+            model, prompts, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size, stop_ids=decoding.stop_ids,
+            pad_id=decoding.pad_id, decode=decoding.decode, on_batch=lambda n: bar.advance(task_id, n),
+        )
+
+
+def answer_grammar(data: EvalData) -> str:
+    """What `base-constrained` may answer: an EBNF alternation of the training labels, or the
+    JSON Schema (as JSON text)."""
+    if data.task == "classification":
+        labels = M.label_set([c.target for c in data.train]) or data.labels
+        return "root ::= " + " | ".join(json.dumps(lab, ensure_ascii=False) for lab in labels)
+    return json.dumps(data.schema or {}, ensure_ascii=False)
+
+
+def generate_constrained(model, prompts: list[list[int]], grammar: str, task: str, max_new_tokens: int, decoding: Decoding) -> list[Generation]:
+    """Greedy answers held to `grammar` (xgrammar, as the server's response_format does): at
+    each step the tokens the grammar forbids are masked out before the argmax.
+
+    One prompt at a time, with a KV cache: a baseline's answers are a label or a short JSON
+    value, and a matcher per row is what batching would complicate. No free whitespace in JSON,
+    as in the server: a small model otherwise wanders into endless indentation.
+    """
+    import torch
+    import xgrammar as xgr
+    from transformers import DynamicCache
+
+    vocab_size = int(model.config.vocab_size)
+    info = xgr.TokenizerInfo.from_huggingface(decoding.tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(decoding.stop_ids))
+    compiler = xgr.GrammarCompiler(info)
+    try:
+        compiled = compiler.compile_grammar(grammar) if task == "classification" else compiler.compile_json_schema(grammar, any_whitespace=False)
+    except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError on a schema it cannot use
+        raise UserError(f"base-constrained: xgrammar cannot compile the {task} grammar: {e}",
+                        "fix eval.json_schema, or remove base-constrained from the subjects") from None
+    device = next(model.parameters()).device
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            matcher, cache, tokens, stopped = xgr.GrammarMatcher(compiled), DynamicCache(config=model.config), [], False
+            start = time.perf_counter()
+            logits = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1, **cache_arg(model, cache)).logits[0, -1]
+            for _ in range(max_new_tokens):
+                scores = logits[:vocab_size].float().unsqueeze(0)
+                matcher.fill_next_token_bitmask(bitmask)
+                xgr.apply_token_bitmask_inplace(scores, bitmask.to(scores.device))
+                token = int(scores.argmax())
+                tokens.append(token)
+                if token in decoding.stop_ids or not matcher.accept_token(token) or matcher.is_terminated():
+                    stopped = token in decoding.stop_ids or matcher.is_terminated()
+                    break
+                logits = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **cache_arg(model, cache)).logits[0, -1]
+            elapsed_s = time.perf_counter() - start
+            answer = tokens[:-1] if tokens and tokens[-1] in decoding.stop_ids else tokens
+            out.append(Generation(decoding.decode(answer).strip(), tokens, elapsed_s, elapsed_s, stopped))
+    return out
+
+
+def score_subjects(
+    cfg: RunConfig, data: EvalData, subjects: list[str], generations, subject_info
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
+    """(results.json's entry, per-example score columns) of every subject."""
+    ec = cfg.eval
+    task = data.task
+    columns, entries = {}, {}
     for name in subjects:
         gens = generations[name]
-        cols = M.score(task, golds, [g.text for g in gens], labels=labels, schema=schema, abstain_label=ec.abstain_label if task == "classification" else None)
+        cols = M.score(task, data.golds, [g.text for g in gens], labels=data.labels, schema=data.schema,
+                       abstain_label=ec.abstain_label if task == "classification" else None)
         cols["output_tokens"] = np.array([g.new_tokens for g in gens], dtype=float)
         cols["latency_s"] = np.array([g.latency_s for g in gens])
         cols["compute_s"] = np.array([g.compute_s for g in gens])
@@ -315,24 +579,30 @@ def run(
             "ended_on_end_of_turn": float(np.mean([g.stopped for g in gens])),
         }
         if task == "classification":
-            pc = M.per_class(cols["gold_idx"], cols["pred_idx"], len(labels))
+            pc = M.per_class(cols["gold_idx"], cols["pred_idx"], len(data.labels))
             entry["per_class"] = {
                 lab: {"precision": float(pc["precision"][i]), "recall": float(pc["recall"][i]), "f1": float(pc["f1"][i]), "support": int(pc["support"][i])}
-                for i, lab in enumerate(labels)
+                for i, lab in enumerate(data.labels)
             }
             entry["confusion"] = pc["confusion"].tolist()
-        results_subjects[name] = entry
-    comparisons = {}
-    if "tuned" in subjects:
-        for name in subjects:
-            if name != "tuned":
-                comparisons[f"tuned_vs_{name}"] = M.compare(task, columns["tuned"], columns[name], samples=ec.bootstrap_samples, seed=ec.seed)
-    verdict = make_verdict(results_subjects, comparisons, primary)
+        entries[name] = entry
+    return entries, columns
 
-    # 6. Gates: thresholds on any metric, and "not significantly worse than --against".
+
+def compare_subjects(cfg: RunConfig, task: str, subjects: list[str], columns) -> dict[str, Any]:
+    """The fine-tune against every other subject, paired on the same examples."""
+    if "tuned" not in subjects:
+        return {}
+    ec = cfg.eval
+    return {f"tuned_vs_{name}": M.compare(task, columns["tuned"], columns[name], samples=ec.bootstrap_samples, seed=ec.seed)
+            for name in subjects if name != "tuned"}
+
+
+def evaluate_gates(gates, results_subjects, comparisons, primary: str, subjects: list[str], has_against: bool) -> list[dict[str, Any]]:
+    """Thresholds on any metric, and "not significantly worse than --against" on the primary one."""
     metric_values = {s: {k: v["value"] for k, v in e["metrics"].items()} for s, e in results_subjects.items()}
     gate_results = M.check_gates(gates, metric_values, "tuned" if "tuned" in subjects else subjects[-1])
-    if against is not None and "tuned" in subjects:
+    if has_against and "tuned" in subjects:
         c = comparisons["tuned_vs_against"][primary]
         worse = (-c["delta"] if primary not in M.LOWER_IS_BETTER else c["delta"]) > 0 and c["p_value"] < ALPHA
         gate_results.append({
@@ -340,33 +610,14 @@ def run(
             "op": "not worse", "threshold": None, "value": metric_values["tuned"][primary],
             "against_value": metric_values["against"][primary], "p_value": c["p_value"], "passed": not worse,
         })
+    return gate_results
 
-    # 7. Write every artifact, then the manifest, then (only then) fail the gate.
-    results = {
-        "task": task,
-        "task_source": "eval.task" if ec.task != "auto" else "inferred from the training answers",
-        "primary_metric": primary,
-        "examples": len(examples),
-        "skipped_without_answer": skipped,
-        "sources": sources,
-        "decoding": {"strategy": "greedy", "max_new_tokens": ec.max_new_tokens, "batch_size": ec.batch_size,
-                     "dtype": str(dtype).replace("torch.", ""), "stop_token_ids": sorted(stop_ids)},
-        "confidence": 0.95,
-        "bootstrap_samples": ec.bootstrap_samples,
-        "seed": ec.seed,
-        **task_info,
-        "few_shot": few_shot_info,
-        "prompt_truncation": truncation,
-        "warnings": warnings,
-        "subjects": results_subjects,
-        "comparisons": comparisons,
-        "verdict": verdict,
-        "gates": gate_results,
-        "passed": all(g["passed"] for g in gate_results),
-    }
-    predictions = []
-    for i, conv in enumerate(examples):
-        row: dict[str, Any] = {"index": i, "source_line": conv.source_line, "input": conv.input_text, "target": golds[i], "outputs": {}}
+
+def prediction_rows(data: EvalData, subjects: list[str], generations, columns) -> list[dict[str, Any]]:
+    """predictions.jsonl: per held-out example, every subject's answer and its scores."""
+    rows = []
+    for i, conv in enumerate(data.examples):
+        row: dict[str, Any] = {"index": i, "source_line": conv.source_line, "input": conv.input_text, "target": data.golds[i], "outputs": {}}
         for name in subjects:
             g, cols = generations[name][i], columns[name]
             out: dict[str, Any] = {"text": g.text, "new_tokens": g.new_tokens, "latency_s": g.latency_s, "compute_s": g.compute_s, "stopped": g.stopped}
@@ -374,29 +625,27 @@ def run(
                 if key in cols:
                     out[key] = float(cols[key][i])
             row["outputs"][name] = out
-        predictions.append(row)
-    report.write_all(out_dir, results, predictions, run_dir / artifacts.METRICS_FILE)
-    if junit is not None:
-        report.write_junit(Path(junit), results)
+        rows.append(row)
+    return rows
+
+
+def write_manifest_section(run_dir: Path, results: dict[str, Any]) -> None:
+    """The run manifest's `eval` record: primary metric per subject, verdict, what each subject was."""
+    primary = results["primary_metric"]
     runs.write_eval_record(run_dir, runs.EvalRecord(
         finished_at=time.time(),
-        task=task,
-        examples=len(examples),
-        eval_sha256=sources["eval_sha256"],
+        task=results["task"],
+        examples=results["examples"],
+        eval_sha256=results["sources"]["eval_sha256"],
         primary_metric=primary,
-        primary={s: metric_values[s][primary] for s in subjects},
-        verdict=verdict["text"],
+        primary={s: e["metrics"][primary]["value"] for s, e in results["subjects"].items()},
+        verdict=results["verdict"]["text"],
         gates_passed=results["passed"],
         subjects={s: {k: v for k, v in e.items() if k in ("kind", "path", "fingerprint", "base_fingerprint", "trained_on_base_fingerprint", "model", "run", "warning")}
-                  for s, e in results_subjects.items()},
-        report=str(out_dir / "report.html"),
+                  for s, e in results["subjects"].items()},
+        report=str(run_dir / artifacts.EVAL_DIR / "report.html"),
         prompt_truncation=results.get("prompt_truncation"),
     ))
-    failed = [g for g in gate_results if not g["passed"]]
-    if failed:
-        raise GateFailed("; ".join(_gate_line(g) for g in failed))
-    return results
-
 
 def generation_key(fingerprint: str, prompts: list[list[int]], ec, dtype, stop_ids: set[int]) -> str:
     """What a subject's greedy answers depend on: model, exact prompt tokens, decoding, batching

@@ -169,8 +169,36 @@ def infer_json_schema(values: list[Any]) -> dict[str, Any]:
     return {"type": sorted(types)} if types else {}
 
 
+def canonical_json(value: Any) -> Any:
+    """The value JSON answers are compared by: booleans stay booleans, and a float with an
+    integral value becomes that integer.
+
+    Python's `==` says `True == 1 == 1.0`; JSON says `true` is not a number, and `1` and `1.0`
+    are one number (JSON Schema calls both integers). Object key order never matters.
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {str(k): canonical_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [canonical_json(v) for v in value]
+    return value
+
+
+def canonical_text(value: Any) -> str:
+    """`canonical_json` as one string (sorted keys): the unit every JSON comparison uses."""
+    return json.dumps(canonical_json(value), sort_keys=True, ensure_ascii=False)
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """Equal as JSON values: exact match and per-key accuracy both use this (see canonical_json)."""
+    return canonical_text(a) == canonical_text(b)
+
+
 def flatten_fields(value: Any, prefix: str = "") -> Counter:
-    """(path, canonical value) pairs of a JSON value: the unit of field-level P/R/F1.
+    """(path, canonical_text of the value) pairs of a JSON value: the unit of field-level P/R/F1.
 
     Nested objects give dotted paths; list elements are matched as a multiset under `path[]`.
     """
@@ -182,7 +210,7 @@ def flatten_fields(value: Any, prefix: str = "") -> Counter:
         for v in value:
             out.update(flatten_fields(v, f"{prefix}[]"))
     else:
-        out[(prefix, json.dumps(value, sort_keys=True))] += 1
+        out[(prefix, canonical_text(value))] += 1
     return out
 
 
@@ -293,7 +321,7 @@ def score(
             pred_values.append(value if ok else None)
             parsed[i] = ok
             valid[i] = ok and validator.is_valid(value)
-            exact[i] = ok and value == gold_value
+            exact[i] = ok and json_equal(value, gold_value)
             tp[i], fp[i], fn[i] = field_counts(flatten_fields(gold_value), flatten_fields(value) if ok else Counter())
         cols.update(parsed=parsed, schema_valid=valid, exact=exact, field_tp=tp, field_fp=fp, field_fn=fn)
         cols.update(key_columns(gold_values, pred_values))
@@ -334,7 +362,7 @@ def key_columns(gold_values: list[Any], pred_values: list[Any]) -> dict[str, np.
             cols.update({f"keytp:{key}": tp, f"keyfp:{key}": fp, f"keyfn:{key}": fn})
         else:
             cols[f"keyhas:{key}"] = np.array(present, dtype=float)
-            cols[f"keyacc:{key}"] = np.array([h and key in p and p[key] == g[key] for h, g, p in zip(present, gold_values, pred_values)], dtype=float)
+            cols[f"keyacc:{key}"] = np.array([h and key in p and json_equal(p[key], g[key]) for h, g, p in zip(present, gold_values, pred_values)], dtype=float)
     return cols
 
 

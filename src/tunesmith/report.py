@@ -70,12 +70,9 @@ def _short(text: str) -> str:
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + " …"
 
 
-def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], loss: dict) -> list[tuple]:
-    subjects = list(results["subjects"])
+def setup_blocks(results: dict[str, Any]) -> list[tuple]:
+    """What was compared, on what, how."""
     primary = results["primary_metric"]
-    blocks: list[tuple] = [("h1", "Evaluation report"), ("verdict", results["verdict"]["text"])]
-
-    # Setup: what was compared, on what, how.
     decoding = results["decoding"]
     setup = [
         f"Task: **{results['task']}** ({results['task_source']}); primary metric: **{primary}**.",
@@ -83,7 +80,7 @@ def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], los
         + (f" ({results['skipped_without_answer']} without an answer skipped)" if results["skipped_without_answer"] else "")
         + ".",
         f"Decoding, identical for every subject: greedy, at most {decoding['max_new_tokens']} new tokens, "
-        f"batches of {decoding['batch_size']}, same chat template and system prompt; weights in {decoding['dtype']} "
+        f"batches of {decoding['batch_size']}, same chat template (each subject's prompt is under Prompts); weights in {decoding['dtype']} "
         "unless a subject below says otherwise.",
     ]
     pt = results.get("prompt_truncation") or {}
@@ -101,105 +98,61 @@ def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], los
     if fs:
         setup.append(
             f"Few-shot prompt (base-fewshot): {fs['k']} training examples ({fs['tokens']} tokens): {fs['selection']}; "
-            f"training lines {', '.join(str(x) for x in fs['train_lines'][:30])}"
+            f"training lines in prompt order {', '.join(str(x) for x in fs['train_lines'][:30])}"
             + (" …" if len(fs["train_lines"]) > 30 else "") + "."
         )
     for name, entry in results["subjects"].items():
-        where = entry.get("path") or entry.get("model")
-        setup.append(f"`{name}`: {entry.get('kind', 'base model')} {where}" + (f", computed in {entry['dtype']}" if entry.get("dtype") else "") + ".")
-    blocks += [("h2", "Setup"), ("list", setup)]
+        if entry.get("kind") == "majority class":
+            setup.append(f"`{name}`: no model; always the most frequent training label, `{entry['label']}` "
+                         f"({entry['train_share']:.1%} of the training answers).")
+        else:
+            where = entry.get("path") or entry.get("model")
+            setup.append(f"`{name}`: {entry.get('kind', 'base model')} {where}" + (f", computed in {entry['dtype']}" if entry.get("dtype") else "") + ".")
+    for name, why in (results.get("skipped_subjects") or {}).items():
+        setup.append(f"`{name}` not evaluated: {why}.")
+    blocks = [("h2", "Setup"), ("list", setup)]
     if results["task"] == "json":
         blocks += [("p", f"JSON Schema ({results['schema_source']}):"), ("code", json.dumps(results["schema"], indent=2))]
+    return blocks
 
-    # Metric table with intervals.
-    names = list(next(iter(results["subjects"].values()))["metrics"])
-    rows = []
-    for metric in names:
-        row = [metric + (" (primary)" if metric == primary else "")]
-        for s in subjects:
-            m = results["subjects"][s]["metrics"][metric]
-            row.append(f"{_fmt(m['value'])} [{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]")
-        rows.append(row)
-    blocks += [
-        ("h2", "Metrics"),
-        ("p", f"Value [95% bootstrap interval, {results['bootstrap_samples']} resamples, seed {results['seed']}]."),
-        ("table", ["metric", *subjects], rows),
-        ("plot", "metrics"),
-    ]
 
-    # Paired tests of the fine-tune against each other subject.
-    if results["comparisons"]:
-        header = ["metric"] + [k.replace("tuned_vs_", "tuned − ") for k in results["comparisons"]]
-        rows = []
-        for metric in names:
-            if metric in M.NEUTRAL:
-                continue
-            row = [metric]
-            for comparison in results["comparisons"].values():
-                c = comparison[metric]
-                star = " *" if c["p_value"] < 0.05 else ""
-                row.append(f"{c['delta']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] p={c['p_value']:.3g}{star}")
-            rows.append(row)
-        blocks += [
-            ("h2", "Fine-tune against each subject"),
-            ("p", "Difference tuned − other on the same examples [95% interval]; p from McNemar's exact test for "
-                  "accuracy and exact match, from a paired bootstrap otherwise; * marks p < 0.05."),
-            ("table", header, rows),
-        ]
+def prompt_blocks(results: dict[str, Any]) -> list[tuple]:
+    """Exactly what each subject saw: its system prompt(s), verbatim, and its shots."""
+    blocks: list[tuple] = [("h2", "Prompts"), ("p", "Every subject sees the chat template, then the system prompt below, "
+                                                    "then its shots as earlier user/assistant turns, then the example.")]
+    for name, entry in results["subjects"].items():
+        prompt = entry.get("prompt")
+        if prompt is None:
+            continue
+        if prompt.get("note"):
+            blocks.append(("p", f"`{name}`: {prompt['note']}."))
+            continue
+        systems = prompt["system_prompts"]
+        shots = (f"{prompt['shots']} shots (training lines {', '.join(map(str, prompt['shot_train_lines']))})"
+                 if prompt["shots"] else "0 shots")
+        if prompt.get("constrained_to"):
+            shots += f"; decoding held to {prompt['constrained_to']} (xgrammar)"
+        if not any(systems):
+            blocks.append(("p", f"`{name}`: no system prompt; {shots}."))
+            continue
+        many = f"{len(systems)} distinct system prompts (each example's own), the first shown" if len(systems) > 1 else "system prompt"
+        blocks += [("p", f"`{name}`: {shots}; {many}:"), ("pre", systems[0] or "(none)")]
+    return blocks
 
+
+def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], loss: dict) -> list[tuple]:
+    """The report, top to bottom: verdict, setup, prompts, metrics, paired tests, gates, loss,
+    per class, disagreements, how to read it."""
+    blocks: list[tuple] = [("h1", "Evaluation report"), ("verdict", results["verdict"]["text"])]
+    blocks += setup_blocks(results) + prompt_blocks(results) + metric_blocks(results) + comparison_blocks(results)
     if results["gates"]:
         rows = [[g["gate"], g["subject"], _fmt(g["value"], 4), "pass" if g["passed"] else "FAIL"] for g in results["gates"]]
         blocks += [("h2", "Gates"), ("table", ["gate", "subject", "value", "result"], rows)]
-
     if loss:
         blocks += [("h2", "Training loss"), ("plot", "loss")]
-
     if results["task"] == "classification":
-        labels = results["labels"]
-        rows = []
-        for label in labels:
-            row = [label, str(next(iter(results["subjects"].values()))["per_class"][label]["support"])]
-            for s in subjects:
-                pc = results["subjects"][s]["per_class"][label]
-                row.append(f"{pc['precision']:.2f} / {pc['recall']:.2f} / {pc['f1']:.2f}")
-            rows.append(row)
-        blocks += [
-            ("h2", "Per class"),
-            ("p", "Precision / recall / F1 per label; support is the number of held-out examples of the label."),
-            ("table", ["label", "support", *subjects], rows),
-            ("plot", "per_class"),
-        ]
-        focus = "tuned" if "tuned" in subjects else subjects[-1]
-        matrix = results["subjects"][focus]["confusion"]
-        blocks.append(("h2", f"Confusion matrix ({focus})"))
-        if len(labels) <= MAX_CONFUSION_LABELS:
-            rows = [[labels[i], *map(str, r)] for i, r in enumerate(matrix)]
-            blocks += [("p", "Rows: reference label; columns: answer (`other`: outside the label set)."),
-                       ("table", ["reference \\ answer", *labels, "other"], rows), ("plot", "confusion")]
-        else:
-            pairs = [(matrix[i][j], labels[i], (labels + ["other"])[j]) for i in range(len(labels))
-                     for j in range(len(labels) + 1) if i != j and matrix[i][j]]
-            pairs.sort(key=lambda x: (-x[0], x[1], x[2]))
-            blocks += [("p", f"{len(labels)} labels: the 20 most frequent confusions."),
-                       ("table", ["reference", "answer", "count"], [[a, b, str(n)] for n, a, b in pairs[:20]])]
-
-    # Side by side where the subjects disagree.
-    key = "correct" if results["task"] == "classification" else "exact"
-    disagree = []
-    for p in predictions:
-        outcomes = {s: p["outputs"][s].get(key) for s in subjects}
-        texts = {p["outputs"][s]["text"] for s in subjects}
-        if len(set(outcomes.values())) > 1 or (results["task"] == "text" and len(texts) > 1):
-            disagree.append(p)
-    blocks.append(("h2", f"Where the subjects disagree ({len(disagree)} of {len(predictions)} examples, first {min(len(disagree), MAX_DISAGREEMENTS)} shown)"))
-    for p in disagree[:MAX_DISAGREEMENTS]:
-        rows = [["reference", _short(p["target"]), ""]]
-        for s in subjects:
-            o = p["outputs"][s]
-            mark = "✓" if o.get(key) == 1.0 else "✗" if o.get(key) == 0.0 else ""
-            rows.append([s, _short(o["text"]) or "(empty)", mark])
-        blocks += [("p", f"Example {p['index']} (line {p['source_line']}): {_short(p['input'])}"), ("table", ["", "answer", key], rows)]
-
+        blocks += per_class_blocks(results)
+    blocks += disagreement_blocks(results, predictions)
     blocks += [
         ("h2", "How to read this report"),
         ("list", [
@@ -211,6 +164,115 @@ def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], los
             "generation wall time.",
         ]),
     ]
+    return blocks
+
+
+def metric_names(results: dict[str, Any]) -> list[str]:
+    """Every metric any subject has, in first-seen order (majority has no tokens/s)."""
+    return list(dict.fromkeys(m for e in results["subjects"].values() for m in e["metrics"]))
+
+
+def focus_subject(results: dict[str, Any]) -> str:
+    """The subject whose confusion matrix is shown: the fine-tune, else the last model baseline."""
+    subjects = list(results["subjects"])
+    if "tuned" in subjects:
+        return "tuned"
+    models = [s for s in subjects if results["subjects"][s].get("kind") != "majority class"]
+    return (models or subjects)[-1]
+
+
+def metric_blocks(results: dict[str, Any]) -> list[tuple]:
+    """Every metric of every subject, with its interval; "-" where a subject has no such metric."""
+    subjects, primary = list(results["subjects"]), results["primary_metric"]
+    rows = []
+    for metric in metric_names(results):
+        row = [metric + (" (primary)" if metric == primary else "")]
+        for s in subjects:
+            m = results["subjects"][s]["metrics"].get(metric)
+            row.append(f"{_fmt(m['value'])} [{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]" if m else "-")
+        rows.append(row)
+    return [
+        ("h2", "Metrics"),
+        ("p", f"Value [95% bootstrap interval, {results['bootstrap_samples']} resamples, seed {results['seed']}]."),
+        ("table", ["metric", *subjects], rows),
+        ("plot", "metrics"),
+    ]
+
+
+def comparison_blocks(results: dict[str, Any]) -> list[tuple]:
+    """Paired tests of the fine-tune against each other subject."""
+    if not results["comparisons"]:
+        return []
+    header = ["metric"] + [k.replace("tuned_vs_", "tuned − ") for k in results["comparisons"]]
+    rows = []
+    for metric in metric_names(results):
+        if metric in M.NEUTRAL:
+            continue
+        row = [metric]
+        for comparison in results["comparisons"].values():
+            c = comparison.get(metric)
+            if c is None:
+                row.append("-")
+                continue
+            star = " *" if c["p_value"] < 0.05 else ""
+            row.append(f"{c['delta']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] p={c['p_value']:.3g}{star}")
+        rows.append(row)
+    return [
+        ("h2", "Fine-tune against each subject"),
+        ("p", "Difference tuned − other on the same examples [95% interval]; p from McNemar's exact test for "
+              "accuracy and exact match, from a paired bootstrap otherwise; * marks p < 0.05."),
+        ("table", header, rows),
+    ]
+
+
+def per_class_blocks(results: dict[str, Any]) -> list[tuple]:
+    """Precision / recall / F1 per label for every subject, and one subject's confusion matrix."""
+    subjects, labels = list(results["subjects"]), results["labels"]
+    rows = []
+    for label in labels:
+        row = [label, str(next(iter(results["subjects"].values()))["per_class"][label]["support"])]
+        for s in subjects:
+            pc = results["subjects"][s]["per_class"][label]
+            row.append(f"{pc['precision']:.2f} / {pc['recall']:.2f} / {pc['f1']:.2f}")
+        rows.append(row)
+    blocks: list[tuple] = [
+        ("h2", "Per class"),
+        ("p", "Precision / recall / F1 per label; support is the number of held-out examples of the label."),
+        ("table", ["label", "support", *subjects], rows),
+        ("plot", "per_class"),
+    ]
+    focus = focus_subject(results)
+    matrix = results["subjects"][focus]["confusion"]
+    blocks.append(("h2", f"Confusion matrix ({focus})"))
+    if len(labels) <= MAX_CONFUSION_LABELS:
+        rows = [[labels[i], *map(str, r)] for i, r in enumerate(matrix)]
+        return blocks + [("p", "Rows: reference label; columns: answer (`other`: outside the label set)."),
+                         ("table", ["reference \\ answer", *labels, "other"], rows), ("plot", "confusion")]
+    pairs = [(matrix[i][j], labels[i], (labels + ["other"])[j]) for i in range(len(labels))
+             for j in range(len(labels) + 1) if i != j and matrix[i][j]]
+    pairs.sort(key=lambda x: (-x[0], x[1], x[2]))
+    return blocks + [("p", f"{len(labels)} labels: the 20 most frequent confusions."),
+                     ("table", ["reference", "answer", "count"], [[a, b, str(n)] for n, a, b in pairs[:20]])]
+
+
+def disagreement_blocks(results: dict[str, Any], predictions: list[dict[str, Any]]) -> list[tuple]:
+    """Side by side, the examples where the subjects disagree (the first MAX_DISAGREEMENTS)."""
+    subjects = list(results["subjects"])
+    key = "correct" if results["task"] == "classification" else "exact"
+    disagree = []
+    for p in predictions:
+        outcomes = {s: p["outputs"][s].get(key) for s in subjects}
+        texts = {p["outputs"][s]["text"] for s in subjects}
+        if len(set(outcomes.values())) > 1 or (results["task"] == "text" and len(texts) > 1):
+            disagree.append(p)
+    blocks = [("h2", f"Where the subjects disagree ({len(disagree)} of {len(predictions)} examples, first {min(len(disagree), MAX_DISAGREEMENTS)} shown)")]
+    for p in disagree[:MAX_DISAGREEMENTS]:
+        rows = [["reference", _short(p["target"]), ""]]
+        for s in subjects:
+            o = p["outputs"][s]
+            mark = "✓" if o.get(key) == 1.0 else "✗" if o.get(key) == 0.0 else ""
+            rows.append([s, _short(o["text"]) or "(empty)", mark])
+        blocks += [("p", f"Example {p['index']} (line {p['source_line']}): {_short(p['input'])}"), ("table", ["", "answer", key], rows)]
     return blocks
 
 
@@ -243,8 +305,10 @@ def with_plots(blocks: list[tuple], results: dict[str, Any], loss: dict) -> dict
         width = 0.8 / len(subjects)
         for k, s in enumerate(subjects):
             ms = results["subjects"][s]["metrics"]
-            values = [ms[m]["value"] for m in graded]
-            errors = [[v - ms[m]["ci_low"] for v, m in zip(values, graded)], [ms[m]["ci_high"] - v for v, m in zip(values, graded)]]
+            none = {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+            values = [ms.get(m, none)["value"] for m in graded]
+            errors = [[v - ms.get(m, none)["ci_low"] for v, m in zip(values, graded)],
+                      [ms.get(m, none)["ci_high"] - v for v, m in zip(values, graded)]]
             ax.bar([i + k * width for i in range(len(graded))], values, width, yerr=errors, capsize=3, label=s)
         ax.set_xticks([i + width * (len(subjects) - 1) / 2 for i in range(len(graded))], graded, rotation=20, ha="right")
         ax.set_ylim(0, 1.05)
@@ -272,7 +336,7 @@ def with_plots(blocks: list[tuple], results: dict[str, Any], loss: dict) -> dict
         ax.legend(fontsize=8)
         plots["per_class"] = _png(fig)
     if "confusion" in wanted:
-        focus = "tuned" if "tuned" in subjects else subjects[-1]
+        focus = focus_subject(results)
         matrix = results["subjects"][focus]["confusion"]
         labels = results["labels"]
         fig, ax = plt.subplots(figsize=(1.5 + 0.5 * len(labels), 1.2 + 0.45 * len(labels)))
@@ -310,6 +374,8 @@ def render_markdown(blocks: list[tuple]) -> str:
             lines += [f"- {item}" for item in block[1]] + [""]
         elif kind == "code":
             lines += ["```json", block[1], "```", ""]
+        elif kind == "pre":
+            lines += ["```text", block[1], "```", ""]
         elif kind == "table":
             cell = lambda x: str(x).replace("|", "\\|").replace("\n", " ")  # noqa: E731
             lines += ["| " + " | ".join(map(cell, block[1])) + " |", "|" + "---|" * len(block[1])]
@@ -362,7 +428,7 @@ def render_html(blocks: list[tuple], plots: dict[str, str]) -> str:
             body.append(f"<p>{_inline(block[1])}</p>")
         elif kind == "list":
             body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block[1]) + "</ul>")
-        elif kind == "code":
+        elif kind in ("code", "pre"):
             body.append(f"<pre>{html.escape(block[1])}</pre>")
         elif kind == "table":
             head = "".join(f"<th>{_inline(str(h))}</th>" for h in block[1])
