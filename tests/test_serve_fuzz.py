@@ -151,5 +151,5 @@ def test_fuzz_raw_bodies_and_paths(fuzz_server):
 
 def test_fuzz_server_is_alive_after(fuzz_server):
     """After everything above, the server still answers a normal request."""
-    response = _post(fuzz_server, "/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0})
+    response = _post(fuzz_server, "/v1/chat/completions", {"model": "tiny-run", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0})
     assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] in ("stop", "length")
