@@ -201,6 +201,17 @@ class RunModel:
     info: dict[str, Any] = field(default_factory=dict)  # for reports: kind, path, fingerprints
 
 
+def check_adapter_weights(adapter_dir: Path) -> None:
+    """Refuse an adapter folder without safetensors weights at startup: peft would otherwise
+    unpickle `adapter_model.bin` (never done here) or fail on the first request, half-loaded.
+    The one pickle refusal for adapters: load_run_model and the server both call it."""
+    if (adapter_dir / "adapter_model.safetensors").exists():
+        return
+    if (adapter_dir / "adapter_model.bin").exists():
+        raise UserError(f"adapter {adapter_dir} has only pickle weights (adapter_model.bin); tunesmith loads safetensors only", "re-save it with peft's save_pretrained(..., safe_serialization=True)")
+    raise UserError(f"adapter {adapter_dir} has no adapter_model.safetensors", "point at a PEFT adapter folder as save_pretrained writes it")
+
+
 def load_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, dtype: Any = None, device: Any = None) -> RunModel:
     """Load the trained model of a run: base + adapter (drift-guarded), or the full model in `dtype`.
 
@@ -228,6 +239,7 @@ def load_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, dtype: A
             f"{run_dir} has no trained model ({artifacts.ADAPTER_DIR}/ or {artifacts.FULL_MODEL_DIR}/)",
             "train it first: tunesmith train CONFIG",
         )
+    check_adapter_weights(adapter_dir)
     import torch
     from peft import PeftModel
 

@@ -123,20 +123,10 @@ class ServedSet:
     expected_base_fingerprints: dict[str, str | None]
 
 
-def check_adapter_weights(adapter_dir: Path) -> None:
-    """Refuse an adapter folder without safetensors weights at startup: peft would otherwise
-    unpickle `adapter_model.bin` (never done here) or fail on the first request, half-loaded."""
-    if (adapter_dir / "adapter_model.safetensors").exists():
-        return
-    if (adapter_dir / "adapter_model.bin").exists():
-        raise UserError(f"adapter {adapter_dir} has only pickle weights (adapter_model.bin); tunesmith loads safetensors only", "re-save it with peft's save_pretrained(..., safe_serialization=True)")
-    raise UserError(f"adapter {adapter_dir} has no adapter_model.safetensors", "point at a PEFT adapter folder as save_pretrained writes it")
-
-
 def resolve_served(refs: list[str]) -> ServedSet:
     """Sort the positional arguments into one base and named adapters (no weights loaded)."""
     from tunesmith.artifacts import ADAPTER_DIR, FULL_MODEL_DIR, MANIFEST_FILE
-    from tunesmith.runs import base_model_ref, read_run_config, trained_base_fingerprint
+    from tunesmith.runs import base_model_ref, check_adapter_weights, read_run_config, trained_base_fingerprint
 
     explicit: list[tuple[str, str]] = []  # (id, ref): model arguments and full fine-tunes
     implied: list[tuple[str, str]] = []  # the bases that adapters name
