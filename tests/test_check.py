@@ -321,6 +321,34 @@ def test_token_counts_with_the_chat_template(write_jsonl, tiny_model_dir):
     assert finding.line == 4
 
 
+def test_check_says_what_training_truncation_does_by_training_s_own_rule(write_jsonl, tiny_model_dir):
+    """Over max_length, check asks formatting.truncate_example (the one rule): a long first
+    exchange is dropped and the answer kept; a final answer longer than max_length cannot be kept,
+    so the row is refused, as training refuses it."""
+    from tunesmith.config import DataConfig
+    from tunesmith.data import read_conversations
+    from tunesmith.errors import UserError
+    from tunesmith.formatting import preflight
+    from tunesmith.models import load_tokenizer
+
+    long_first = {"messages": [
+        {"role": "user", "content": "first " * 60}, {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "second"}, {"role": "assistant", "content": "done"}]}
+    long_answer = chat("hi", "answer " * 60, system="You answer.")
+    records = valid_records(4) + [long_first, long_answer]
+    path = write_jsonl(records)
+    tok = load_tokenizer(str(tiny_model_dir))
+    max_length = 40
+    report = check_file(path, model=str(tiny_model_dir), max_length=max_length)
+    messages = {f.line: f.message for f in report.warnings if f.code == "over_max_length"}
+    assert "keeps the answer" in messages[5] and "refuses this row" in messages[6]
+    assert report.stats["tokens"]["answer_kept_by_prompt_truncation"] == sum("keeps the answer" in m for m in messages.values())
+    # Training agrees: only the long-answer row is refused.
+    with pytest.raises(UserError) as err:
+        preflight(tok, read_conversations(path), DataConfig(train="x", max_length=max_length, truncate=True), str(path))
+    assert "(line 6)" in err.value.message and "line 5" not in err.value.message
+
+
 # ---------------------------------------------------------------- exit codes and JSON
 
 

@@ -213,13 +213,19 @@ def size_advice(examples: int) -> str:
 class _TokenCounter:
     """Counts total / prompt / answer tokens per example, rendering in batches for speed."""
 
-    def __init__(self, tokenizer, findings: _Findings, batch: int = 256):
+    def __init__(self, tokenizer, findings: _Findings, batch: int = 256, max_length: int | None = None):
         self.tokenizer = tokenizer
         self.findings = findings
         self.batch = batch
+        self.max_length = max_length
         self.pending: list[tuple[int, Conversation]] = []
+        self.pending_done: list[tuple[int, Conversation]] = []
         self.total, self.prompt, self.answer = array("I"), array("I"), array("I")
         self.lines = array("I")
+        # Per example over max_length: does training's data.truncate keep the final answer?
+        # Asked of formatting.truncate_example itself (the one truncation rule), only for the
+        # few rows that are too long.
+        self.answer_kept: dict[int, bool] = {}
 
     @staticmethod
     def _messages(messages: list[Message]) -> list[dict[str, Any]]:
@@ -250,13 +256,20 @@ class _TokenCounter:
             full_texts.append(full)
             prompt_texts.append(prompt)
             lines.append(line)
-        self.pending = []
+        self.pending_done, self.pending = self.pending, []
         if not full_texts:
             return
         full_ids = self.tokenizer(full_texts, add_special_tokens=False)["input_ids"]
         prompt_ids = self.tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
+        convs = {line: conv for line, conv in self.pending_done}
+        self.pending_done = []
         for line, f, p in zip(lines, full_ids, prompt_ids):
             total, prompt = len(f), min(len(p), len(f))
+            if self.max_length is not None and total > self.max_length:
+                from tunesmith.formatting import tokenize_conversation
+
+                _, problems = tokenize_conversation(self.tokenizer, convs[line], max_length=self.max_length, truncate=True)
+                self.answer_kept[len(self.total)] = "final_answer_too_long" not in problems
             self.total.append(total)
             self.prompt.append(prompt)
             self.answer.append(total - prompt)
@@ -587,13 +600,11 @@ def _token_findings(report: CheckReport, findings: _Findings, counter: _TokenCou
     report.stats["tokens"] = token_stats
     if max_length is None:
         return
-    from tunesmith.formatting import PROMPT_TAIL_KEPT
-
     over = np.nonzero(total > max_length)[0]
     dropped = np.minimum(total[over] - max_length, answer[over])
-    # What training does with data.truncate: cut the prompt before the answer when the
-    # prompt is long enough for it (formatting.truncate_example), else refuse the row.
-    answer_kept = (prompt[over] - PROMPT_TAIL_KEPT - 1) >= (total[over] - max_length)
+    # What training does with data.truncate (formatting.truncate_example, asked per row by the
+    # counter): drop earlier exchanges, then cut the prompt, never the final answer; else refuse.
+    answer_kept = np.array([counter.answer_kept.get(int(i), False) for i in over], dtype=bool)
     token_stats.update(
         max_length=max_length,
         over_max_length=int(len(over)),
@@ -605,7 +616,7 @@ def _token_findings(report: CheckReport, findings: _Findings, counter: _TokenCou
     for i, d, kept in zip(over, dropped, answer_kept):
         whole = " (the whole answer)" if prompt[i] >= max_length else ""
         how = (
-            "; data.truncate cuts the prompt instead and keeps the answer"
+            "; data.truncate cuts the prompt (earliest turns first) instead and keeps the answer"
             if kept
             else "; the prompt is too short to cut instead, so data.truncate refuses this row (final_answer_too_long)"
         )
@@ -678,7 +689,7 @@ def check_file(
         tokenizer = load_tokenizer(model)
         report.stats["tokenizer_load_s"] = round(time.perf_counter() - loading, 3)
         started += time.perf_counter() - loading  # rows/s measures the check, not the model load
-    counter = _TokenCounter(tokenizer, findings) if tokenizer is not None else None
+    counter = _TokenCounter(tokenizer, findings, max_length=max_length) if tokenizer is not None else None
 
     # One pass over the rows, then each whole-file analysis on what it kept.
     stats = _RowStats(want_input_signatures=eval_path is not None)
