@@ -407,7 +407,7 @@ def test_prompt_rendering_runs_off_the_event_loop(server, client):
     with swapped_state(server, tokenizer=Recording()):
         client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=1)
         client.completions.create(model="alpha", prompt="hello", max_tokens=1)
-    assert len(threads) == 2 and server.thread not in threads
+    assert len(threads) >= 2 and server.thread not in threads  # chat renders, then tokenises (inference.render_ids)
 
 
 def test_prompt_longer_than_the_model_context_is_400(server):
