@@ -379,8 +379,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     path = Path(path)
     if not path.exists():
         raise UserError(f"config file {path} not found", "pass the path of a YAML config (`tunesmith init DIR` writes one)")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a config file", "pass the path of a YAML config (`tunesmith init DIR` writes one)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: byte {e.start} is not UTF-8 text", "save the config as UTF-8 YAML") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
