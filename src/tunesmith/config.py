@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from tunesmith.artifacts import MANIFEST_FILE
 from tunesmith.errors import UserError
 
 
@@ -258,6 +259,10 @@ class RunConfig(_Closed):
         run_dir = (path if path.is_absolute() else config_dir / path).resolve()
         if run_dir == Path(run_dir.anchor) or run_dir == Path.home().resolve() or run_dir in config_dir.parents:
             raise ValueError(f"{value!r} resolves to {run_dir}, which holds more than this run: use a folder of its own, e.g. runs/NAME")
+        # The config's own folder would have its config.yaml and data/train.jsonl replaced by the
+        # run's; only a run folder (RUN/config.yaml reloaded by runs.read_run_config) may name itself.
+        if run_dir == config_dir and not (config_dir / MANIFEST_FILE).exists():
+            raise ValueError(f"{value!r} is the config's own folder, whose config.yaml and data/ the run would replace: use a folder of its own, e.g. runs/NAME")
         return value
 
 
