@@ -89,6 +89,13 @@ def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
             old = tmp / (path.name + ".old")
             os.replace(path, old)
             os.replace(target, path)
+        elif target.is_dir() and os.path.lexists(path):
+            # Nor can a folder be renamed over a file (or a link): the same move aside, and the
+            # same rule the other way round.
+            if not force:
+                raise UserError(f"{path} is a file; tunesmith will not replace it with a folder", "name an output folder, or pass --force")
+            os.replace(path, tmp / (path.name + ".old"))
+            os.replace(target, path)
         else:
             os.replace(target, path)
     finally:
