@@ -251,6 +251,12 @@ def test_drift_guard_refuses_adapters_on_another_base(tiny_model_dir, runs, tmp_
         create_app(ServeSettings(models=[str(other), str(runs["alpha"])]))
     app = create_app(ServeSettings(models=[str(other), str(runs["alpha"])], allow_base_mismatch=True))
     assert app.state.warnings and "alpha" in app.state.warnings[0]
+    # An exported adapter folder carries the fingerprint in its export manifest.
+    from tunesmith import export
+
+    exported = export.run(shutil.copytree(runs["alpha"], tmp_path / "alpha-copy"), "adapter")["path"]
+    with pytest.raises(UserError, match="fingerprint"):
+        create_app(ServeSettings(models=[str(other), str(exported)]))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ METRICS_FILE = "train/metrics.jsonl"
 LOSS_PLOT_FILE = "train/loss.png"
 EVAL_DIR = "eval"
 EXPORT_DIR = "export"
+# Beside every export (RUN/export/FORMAT/): the base fingerprint it was trained on, which
+# `tunesmith serve` reads to drift-guard an exported adapter folder.
+EXPORT_MANIFEST_FILE = "tunesmith_manifest.json"
 
 
 def tunesmith_home() -> Path:

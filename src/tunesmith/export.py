@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tunesmith.artifacts import EVAL_SPLIT_FILE, EXPORT_DIR, atomic_path, guard_output, record_output
+from tunesmith.artifacts import EVAL_SPLIT_FILE, EXPORT_DIR, EXPORT_MANIFEST_FILE, atomic_path, guard_output, record_output
 from tunesmith.errors import UserError
 from tunesmith.gguf_export import check_llama, gguf_tensor_report, hf_to_gguf_arrays, write_gguf, write_gguf_lora
 from tunesmith.inference import greedy_tokens, render_ids, stop_token_ids, stop_token_list
@@ -28,7 +28,6 @@ from tunesmith.runs import ExportRecord, RunModel, lint_adapter_config, load_run
 
 FORMATS = ("merged", "adapter", "gguf", "ollama")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-TUNESMITH_MANIFEST = "tunesmith_manifest.json"
 PARITY_NEW_TOKENS = 16
 
 # Probe conversations for the parity check when the run has no held-out split to borrow from.
@@ -143,7 +142,7 @@ def _write_tunesmith_manifest(folder: Path, run: RunModel, fmt: str, extra: dict
         "versions": library_versions(),
         **(extra or {}),
     }
-    (folder / TUNESMITH_MANIFEST).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    (folder / EXPORT_MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------

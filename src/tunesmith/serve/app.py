@@ -125,7 +125,7 @@ class ServedSet:
 
 def resolve_served(refs: list[str]) -> ServedSet:
     """Sort the positional arguments into one base and named adapters (no weights loaded)."""
-    from tunesmith.artifacts import ADAPTER_DIR, FULL_MODEL_DIR, MANIFEST_FILE
+    from tunesmith.artifacts import ADAPTER_DIR, EXPORT_MANIFEST_FILE, FULL_MODEL_DIR, MANIFEST_FILE
     from tunesmith.runs import base_model_ref, check_adapter_weights, read_run_config, trained_base_fingerprint
 
     explicit: list[tuple[str, str]] = []  # (id, ref): model arguments and full fine-tunes
@@ -152,7 +152,7 @@ def resolve_served(refs: list[str]) -> ServedSet:
             adapter_cfg = _json_object(path / "adapter_config.json")
             model_id = name or path.name
             adapters[model_id] = ServedModel(model_id, path, None, str(path))
-            tunesmith_manifest = path / "tunesmith_manifest.json"
+            tunesmith_manifest = path / EXPORT_MANIFEST_FILE
             exported = _json_object(tunesmith_manifest) if tunesmith_manifest.exists() else {}
             expected[model_id] = exported.get("trained_on_base_fingerprint") or exported.get("base_fingerprint")
             if adapter_cfg.get("base_model_name_or_path"):
