@@ -400,6 +400,18 @@ def test_advise_json_set_and_cli(write_jsonl, cli):
     assert json.loads(result.stdout)["recommendation"] == "fine-tune with LoRA"
 
 
+@pytest.mark.parametrize("content", [None, b"\x00\x9f\x92\x96" * 80], ids=["missing", "binary"])
+def test_advise_on_an_unreadable_file_is_an_error_not_advice(tmp_path, cli, content):
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    result = cli("advise", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert "recommendation" not in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data.jsonl" in lines[0] and "fix:" in lines[0], result.stderr
+
+
 def test_pipeline_run_writes_the_report(write_jsonl, tiny_model_dir, tmp_path):
     from tunesmith.artifacts import CHECK_REPORT_FILE
     from tunesmith.check import run

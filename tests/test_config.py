@@ -69,6 +69,19 @@ def test_invalid_yaml_is_a_user_error(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00n\x00a\x00m\x00e\x00", None], ids=["utf16", "folder"])
+def test_unreadable_config_is_one_line_not_a_traceback(capsys, tmp_path, content):
+    path = tmp_path / "config.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    code, out, err = config_check(capsys, path)
+    assert code == 2 and "Traceback" not in out + err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "config.yaml" in lines[0] and "fix:" in lines[0], err
+
+
 def test_every_field_is_documented():
     def walk(model):
         for name, field in model.model_fields.items():
@@ -129,6 +142,8 @@ UNRUNNABLE = [
     ("eval.json_schema=''", "eval.json_schema"),
     ("output_dir=/", "output_dir"),
     ("output_dir=..", "output_dir"),
+    ("output_dir=.", "output_dir"),
+    ("output_dir=./", "output_dir"),
     ("output_dir=''", "output_dir"),
     ("name=../escape", "name"),
     ("model.name=''", "model.name"),

@@ -176,3 +176,28 @@ def test_export_keeps_a_users_file_unless_force(run_dir, trained):
     assert note.read_text() == "keep me"
     report = export.run(run_dir, "adapter", force=True)
     assert not note.exists() and report["parity"]["mismatches"] == []
+
+
+def test_export_over_a_users_file_needs_force_then_replaces_it(run_dir, trained):
+    import shutil
+
+    out = run_dir / "export" / "adapter"
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("a file where the export folder goes")
+    with pytest.raises(UserError, match="did not write"):
+        export.run(run_dir, "adapter")
+    assert out.read_text() == "a file where the export folder goes"
+    report = export.run(run_dir, "adapter", force=True)  # a folder renamed over a file: moved aside first
+    assert (out / "adapter_model.safetensors").exists() and report["parity"]["mismatches"] == []
+
+
+def test_atomic_folder_over_a_file_is_refused_without_force(tmp_path):
+    from tunesmith.artifacts import atomic_path
+
+    path = tmp_path / "out"
+    path.write_text("keep")
+    with pytest.raises(UserError, match="will not replace it with a folder"):
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+    assert path.read_text() == "keep"

@@ -61,6 +61,20 @@ def test_convert_and_split_never_replace_a_folder(data, tmp_path, capsys, comman
     assert (precious / "train.jsonl" / "thesis.txt").read_text() == "thesis"
 
 
+@pytest.mark.parametrize("command", ["convert", "split", "redact"])
+def test_output_under_a_file_is_one_line_not_a_traceback(data, tmp_path, capsys, command):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("notes")
+    args = {
+        "convert": ["data", "convert", data, notes / "out.jsonl"],
+        "split": ["data", "split", data, "--out", notes],
+        "redact": ["data", "check", data, "--redact", notes / "sub" / "red.jsonl"],
+    }[command]
+    code, _, err = run_in_process(capsys, *args)
+    assert_refused(code, err, "notes.txt", "is a file, not a folder")
+    assert notes.read_text() == "notes"
+
+
 def test_foreign_file_is_refused_unless_force_and_own_output_is_replaced(data, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     out.write_text("my own notes\n")

@@ -251,6 +251,12 @@ def test_drift_guard_refuses_adapters_on_another_base(tiny_model_dir, runs, tmp_
         create_app(ServeSettings(models=[str(other), str(runs["alpha"])]))
     app = create_app(ServeSettings(models=[str(other), str(runs["alpha"])], allow_base_mismatch=True))
     assert app.state.warnings and "alpha" in app.state.warnings[0]
+    # An exported adapter folder carries the fingerprint in its export manifest.
+    from tunesmith import export
+
+    exported = export.run(shutil.copytree(runs["alpha"], tmp_path / "alpha-copy"), "adapter")["path"]
+    with pytest.raises(UserError, match="fingerprint"):
+        create_app(ServeSettings(models=[str(other), str(exported)]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,6 +375,8 @@ def test_error_bodies_carry_no_internals(server):
     assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
 
     class Exploding:
+        chat_template = "{{ messages }}"  # has one, so the failure is inside rendering
+
         def apply_chat_template(self, *args, **kwargs):
             raise RuntimeError("secret detail at /opt/site-packages/x.py")
 
@@ -470,3 +478,34 @@ def test_a_failing_sequence_fails_alone_in_its_batch(tiny_model_dir):
     assert events[0][-1][0] == "done" and events[2][-1][0] == "done"
     assert events[1][-1] == ("error", "internal error")
     assert engine.stats["max_batch"] == 3
+
+
+def test_damaged_adapter_config_is_refused_at_startup(tiny_model_dir, runs, tmp_path):
+    import shutil
+
+    from tunesmith.artifacts import ADAPTER_DIR
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(runs["alpha"] / ADAPTER_DIR, adapter)
+    (adapter / "adapter_config.json").write_text("{not json")
+    with pytest.raises(UserError, match="adapter_config.json is not valid JSON"):
+        create_app(ServeSettings(models=[str(tiny_model_dir), str(adapter)]))
+
+
+def test_chat_on_a_model_without_chat_template_is_400_not_500(tiny_model_dir, tmp_path):
+    import shutil
+
+    base = tmp_path / "no-template"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    handle = run_in_thread(create_app(ServeSettings(models=[str(base)], port=0)))
+    try:
+        chat = httpx.post(f"{handle.url}/v1/chat/completions", json={"model": str(base), "messages": MESSAGES, "max_tokens": 2}, timeout=60)
+        completion = httpx.post(f"{handle.url}/v1/completions", json={"model": str(base), "prompt": "hello", "max_tokens": 2}, timeout=60)
+    finally:
+        handle.stop()
+    assert chat.status_code == 400 and chat.json()["error"]["code"] == "no_chat_template", chat.text
+    assert completion.status_code == 200, completion.text

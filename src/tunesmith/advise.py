@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.check import FEW_EXAMPLES, IMBALANCE_RATIO, CheckReport, check_file
+from tunesmith.errors import UserError
 
 RAG_WORDS = ("document", "docs", "knowledge base", "manual", "faq", "wiki", "pdf", "policy", "policies", "retriev", "search our")
 
@@ -126,4 +127,9 @@ def advise_file(
 ) -> Advice:
     """`tunesmith advise`: check the file (without a model) and turn its statistics into advice."""
     report = check_file(path, format=format, input_col=input_col, output_col=output_col, system_prompt=system_prompt)
+    unreadable = [f for f in report.errors if f.code == "unreadable"]
+    if unreadable and not report.examples:
+        # Nothing was read (a missing or binary file, a typo in the path): advice about "0
+        # examples of free-form generation" would be made up, so this is the user's error.
+        raise UserError(unreadable[0].message, unreadable[0].fix)
     return advise_report(report, task)

@@ -46,6 +46,9 @@ METRICS_FILE = "train/metrics.jsonl"
 LOSS_PLOT_FILE = "train/loss.png"
 EVAL_DIR = "eval"
 EXPORT_DIR = "export"
+# Beside every export (RUN/export/FORMAT/): the base fingerprint it was trained on, which
+# `tunesmith serve` reads to drift-guard an exported adapter folder.
+EXPORT_MANIFEST_FILE = "tunesmith_manifest.json"
 
 
 def tunesmith_home() -> Path:
@@ -88,6 +91,13 @@ def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
             # window without `path` is two renames wide and the old copy is never half-deleted.
             old = tmp / (path.name + ".old")
             os.replace(path, old)
+            os.replace(target, path)
+        elif target.is_dir() and os.path.lexists(path):
+            # Nor can a folder be renamed over a file (or a link): the same move aside, and the
+            # same rule the other way round.
+            if not force:
+                raise UserError(f"{path} is a file; tunesmith will not replace it with a folder", "name an output folder, or pass --force")
+            os.replace(path, tmp / (path.name + ".old"))
             os.replace(target, path)
         else:
             os.replace(target, path)
@@ -160,6 +170,7 @@ def guard_output(path: Path, inputs: Iterable[Path | None] = (), force: bool = F
         if _same_or_inside(resolved, source) or _same_or_inside(source, resolved):
             what = "is" if resolved == source else ("is inside" if source in resolved.parents else "holds")
             raise UserError(f"output {path} {what} the input {given}", "write the output to another path")
+    _check_writable_folder(path)
     if force or not os.path.lexists(path) or written_by_tunesmith(path):
         return
     kind = "folder" if path.is_dir() and not path.is_symlink() else "file"
@@ -167,6 +178,18 @@ def guard_output(path: Path, inputs: Iterable[Path | None] = (), force: bool = F
         f"{path} is a {kind} that tunesmith did not write (or that changed since)",
         "choose another output path, or pass --force to replace it",
     )
+
+
+def _check_writable_folder(path: Path) -> None:
+    """Refuse, before any work, an output whose folder is a file or cannot be written: the
+    write would otherwise fail with a traceback after the whole input was read."""
+    folder = Path(os.path.abspath(path)).parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {path}: {folder} is a file, not a folder", "choose an output path inside a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: the folder {folder} is not writable", "choose an output path in a folder you can write to")
 
 
 @contextlib.contextmanager

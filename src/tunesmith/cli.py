@@ -87,6 +87,8 @@ def generate(
 
     loaded = load_model(model, dtype=inference.inference_dtype("auto"), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     tokenizer = loaded.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"model {model!r} has no chat template, so it cannot answer a chat message", "use an instruct (chat) model")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     ids = inference.render_ids(tokenizer, messages)
     stop_ids = inference.stop_token_ids(loaded.model, tokenizer)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from tunesmith.artifacts import MANIFEST_FILE
 from tunesmith.errors import UserError
 
 
@@ -258,6 +259,10 @@ class RunConfig(_Closed):
         run_dir = (path if path.is_absolute() else config_dir / path).resolve()
         if run_dir == Path(run_dir.anchor) or run_dir == Path.home().resolve() or run_dir in config_dir.parents:
             raise ValueError(f"{value!r} resolves to {run_dir}, which holds more than this run: use a folder of its own, e.g. runs/NAME")
+        # The config's own folder would have its config.yaml and data/train.jsonl replaced by the
+        # run's; only a run folder (RUN/config.yaml reloaded by runs.read_run_config) may name itself.
+        if run_dir == config_dir and not (config_dir / MANIFEST_FILE).exists():
+            raise ValueError(f"{value!r} is the config's own folder, whose config.yaml and data/ the run would replace: use a folder of its own, e.g. runs/NAME")
         return value
 
 
@@ -379,8 +384,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     path = Path(path)
     if not path.exists():
         raise UserError(f"config file {path} not found", "pass the path of a YAML config (`tunesmith init DIR` writes one)")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a config file", "pass the path of a YAML config (`tunesmith init DIR` writes one)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: byte {e.start} is not UTF-8 text", "save the config as UTF-8 YAML") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

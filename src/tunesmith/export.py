@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tunesmith.artifacts import EVAL_SPLIT_FILE, EXPORT_DIR, atomic_path, guard_output, record_output
+from tunesmith.artifacts import EVAL_SPLIT_FILE, EXPORT_DIR, EXPORT_MANIFEST_FILE, atomic_path, guard_output, record_output
 from tunesmith.errors import UserError
 from tunesmith.gguf_export import check_llama, gguf_tensor_report, hf_to_gguf_arrays, write_gguf, write_gguf_lora
 from tunesmith.inference import greedy_tokens, render_ids, stop_token_ids, stop_token_list
@@ -28,7 +28,6 @@ from tunesmith.runs import ExportRecord, RunModel, lint_adapter_config, load_run
 
 FORMATS = ("merged", "adapter", "gguf", "ollama")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-TUNESMITH_MANIFEST = "tunesmith_manifest.json"
 PARITY_NEW_TOKENS = 16
 
 # Probe conversations for the parity check when the run has no held-out split to borrow from.
@@ -108,7 +107,7 @@ def merged_model(run: RunModel) -> Any:
     return copy.deepcopy(run.model).merge_and_unload()
 
 
-def export_merged(run: RunModel, out_dir: Path) -> dict[str, Any]:
+def export_merged(run: RunModel, out_dir: Path, force: bool = False) -> dict[str, Any]:
     """HF folder (safetensors, tokenizer, chat template, generation config) + parity check."""
     from transformers import AutoModelForCausalLM
 
@@ -117,7 +116,7 @@ def export_merged(run: RunModel, out_dir: Path) -> dict[str, Any]:
     stops = stop_token_list(run.model, run.tokenizer)
     merged.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     merged.generation_config.pad_token_id = run.tokenizer.pad_token_id
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, force=force) as tmp:
         tmp.mkdir()
         merged.save_pretrained(tmp, safe_serialization=True)
         run.tokenizer.save_pretrained(tmp)
@@ -143,14 +142,14 @@ def _write_tunesmith_manifest(folder: Path, run: RunModel, fmt: str, extra: dict
         "versions": library_versions(),
         **(extra or {}),
     }
-    (folder / TUNESMITH_MANIFEST).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    (folder / EXPORT_MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------
 # adapter
 
 
-def export_adapter(run: RunModel, out_dir: Path) -> dict[str, Any]:
+def export_adapter(run: RunModel, out_dir: Path, force: bool = False) -> dict[str, Any]:
     """The PEFT folder as trained, plus the manifest, the serving lint and a reload parity check."""
     from peft import PeftModel
 
@@ -158,7 +157,7 @@ def export_adapter(run: RunModel, out_dir: Path) -> dict[str, Any]:
         raise UserError(f"{run.run_dir} is a full fine-tune: it has no adapter", "export --format merged or gguf")
     adapter_cfg = json.loads((run.adapter_dir / "adapter_config.json").read_text())
     lint = lint_adapter_config(adapter_cfg, run.model.base_model.model.config.model_type)
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, force=force) as tmp:
         shutil.copytree(run.adapter_dir, tmp)
         _write_tunesmith_manifest(tmp, run, "adapter", {"lint": lint})
     # Parity: the exported folder on a fresh copy of the base, against the trained model.
@@ -220,7 +219,7 @@ def _llama_cpp_parity(path: Path, reference_tokens: list[list[int]], prompts: li
     return compare_outputs(trimmed, outputs, tokenizer)
 
 
-def export_gguf(run: RunModel, out_dir: Path, gguf_types: list[str]) -> dict[str, Any]:
+def export_gguf(run: RunModel, out_dir: Path, gguf_types: list[str], force: bool = False) -> dict[str, Any]:
     """The merged model as GGUF (one file per type) and, for adapter runs, the LoRA as a GGUF
     adapter for llama.cpp's --lora; every file read back and checked."""
     merged = merged_model(run)
@@ -231,7 +230,7 @@ def export_gguf(run: RunModel, out_dir: Path, gguf_types: list[str]) -> dict[str
     reference_tokens = greedy_tokens(run.model, prompts, eos, PARITY_NEW_TOKENS)
     expected = hf_to_gguf_arrays(merged)
     report: dict[str, Any] = {"path": str(out_dir), "files": {}}
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, force=force) as tmp:
         tmp.mkdir()
         for gguf_type in gguf_types:
             path = tmp / f"{name}-{gguf_type}.gguf"
@@ -250,7 +249,7 @@ def export_gguf(run: RunModel, out_dir: Path, gguf_types: list[str]) -> dict[str
 # (derived and checked in ollama_modelfile.py)
 
 
-def export_ollama(run: RunModel, out_dir: Path, gguf_type: str) -> dict[str, Any]:
+def export_ollama(run: RunModel, out_dir: Path, gguf_type: str, force: bool = False) -> dict[str, Any]:
     """GGUF + Modelfile; prints nothing itself, the CLI shows the `ollama create` command."""
     fmt = chat_format(run.tokenizer)
     template = ollama_template(fmt)
@@ -268,7 +267,7 @@ def export_ollama(run: RunModel, out_dir: Path, gguf_type: str) -> dict[str, Any
     parity_template = template_parity(run.tokenizer, template, system, conversations)
     merged = merged_model(run)
     gguf_name = f"{run.cfg.name}-{gguf_type}.gguf"
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, force=force) as tmp:
         tmp.mkdir()
         write_gguf(merged, run.tokenizer, tmp / gguf_name, gguf_type, run.cfg.name)
         tensors = gguf_tensor_report(tmp / gguf_name, hf_to_gguf_arrays(merged))
@@ -305,13 +304,13 @@ def run(run_dir: Path, fmt: str, *, gguf_types: list[str] | None = None, allow_b
             raise UserError(f"unknown GGUF type {t!r}", f"use one of: {', '.join(GGUF_TYPES)}")
     out_dir = run_dir / EXPORT_DIR / fmt
     if fmt == "merged":
-        report = export_merged(trained, out_dir)
+        report = export_merged(trained, out_dir, force)
     elif fmt == "adapter":
-        report = export_adapter(trained, out_dir)
+        report = export_adapter(trained, out_dir, force)
     elif fmt == "gguf":
-        report = export_gguf(trained, out_dir, gguf_types)
+        report = export_gguf(trained, out_dir, gguf_types, force)
     else:
-        report = export_ollama(trained, out_dir, gguf_types[0])
+        report = export_ollama(trained, out_dir, gguf_types[0], force)
     record_output(out_dir)
     if trained.warning:
         report["warning"] = trained.warning

@@ -125,7 +125,7 @@ class ServedSet:
 
 def resolve_served(refs: list[str]) -> ServedSet:
     """Sort the positional arguments into one base and named adapters (no weights loaded)."""
-    from tunesmith.artifacts import ADAPTER_DIR, FULL_MODEL_DIR, MANIFEST_FILE
+    from tunesmith.artifacts import ADAPTER_DIR, EXPORT_MANIFEST_FILE, FULL_MODEL_DIR, MANIFEST_FILE
     from tunesmith.runs import base_model_ref, check_adapter_weights, read_run_config, trained_base_fingerprint
 
     explicit: list[tuple[str, str]] = []  # (id, ref): model arguments and full fine-tunes
@@ -149,11 +149,11 @@ def resolve_served(refs: list[str]) -> ServedSet:
             implied.append((cfg.model.name, base_model_ref(cfg)))
         elif path.is_dir() and (path / "adapter_config.json").exists():
             check_adapter_weights(path)
-            adapter_cfg = json.loads((path / "adapter_config.json").read_text())
+            adapter_cfg = _json_object(path / "adapter_config.json")
             model_id = name or path.name
             adapters[model_id] = ServedModel(model_id, path, None, str(path))
-            tunesmith_manifest = path / "tunesmith_manifest.json"
-            exported = json.loads(tunesmith_manifest.read_text()) if tunesmith_manifest.exists() else {}
+            tunesmith_manifest = path / EXPORT_MANIFEST_FILE
+            exported = _json_object(tunesmith_manifest) if tunesmith_manifest.exists() else {}
             expected[model_id] = exported.get("trained_on_base_fingerprint") or exported.get("base_fingerprint")
             if adapter_cfg.get("base_model_name_or_path"):
                 implied.append((adapter_cfg["base_model_name_or_path"], adapter_cfg["base_model_name_or_path"]))
@@ -171,6 +171,17 @@ def resolve_served(refs: list[str]) -> ServedSet:
     if base_id in adapters:
         raise UserError(f"model id {base_id!r} is used twice", "rename one with NAME=PATH")
     return ServedSet(base_ref, base_id, {base_id: ServedModel(base_id, None, None, base_ref), **adapters}, expected)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file of an adapter folder; a damaged one is the user's to fix, not a traceback."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})", "restore the file, or export the adapter again") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object", "restore the file, or export the adapter again")
+    return data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,6 +352,8 @@ async def completions(request: Request) -> Any:
 def _render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     from jinja2.exceptions import TemplateError
 
+    if not getattr(tokenizer, "chat_template", None):  # a base model without one: the client's route is /v1/completions
+        raise APIError(400, "this model has no chat template, so it cannot take chat messages; send a prompt to /v1/completions", param="messages", code="no_chat_template")
     try:
         return render_ids(tokenizer, messages)
     except TemplateError as e:  # the template's own raise_exception: a message written for users
