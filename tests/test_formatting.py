@@ -252,3 +252,13 @@ def test_eval_prompt_truncation_is_the_training_rule(tokenizer):
     # A prompt that fits is left alone.
     short = render_ids(tokenizer, [{"role": "user", "content": "hi"}])
     assert truncate_prompt(short, answer_tokens, len(short) + answer_tokens) == (short, 0)
+
+
+def test_preflight_without_a_chat_template_is_one_user_error(tokenizer):
+    """A base model with no chat template: one line with the fix, not a transformers traceback."""
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    with pytest.raises(UserError, match="no chat template"):
+        preflight(bare, [conv(("user", "hi"), ("assistant", "ok"))], DataConfig(train="x"), "d")

@@ -282,6 +282,12 @@ def tokenize_dataset(
 
 def preflight(tokenizer, conversations: list[Conversation], data_cfg, source: str) -> tuple[list[Example], FormatReport]:
     """Tokenise with the config's limits; raise one UserError listing every failing example."""
+    if not getattr(tokenizer, "chat_template", None):
+        # The loss mask is built from the chat template: without one there is nothing to mask.
+        raise UserError(
+            f"the model's tokenizer has no chat template, so {source} cannot be formatted as chat turns",
+            "use a chat/instruct model, or add a chat_template to the model folder's tokenizer_config.json",
+        )
     examples, report = tokenize_dataset(
         tokenizer,
         conversations,
