@@ -647,6 +647,10 @@ def save_outputs(s: TrainingSetup, metrics: MetricsLog) -> Path | None:
     if not s.main_rank:
         return None
     run_dir = s.cfg.run_dir
+    # A run retrained (--force) with another method must not keep the other kind of output:
+    # loaders take model_full/ over adapter/, so a stale one would be evaluated and served.
+    stale = artifacts.ADAPTER_DIR if s.cfg.train.method == "full" else artifacts.FULL_MODEL_DIR
+    shutil.rmtree(run_dir / stale, ignore_errors=True)
     if s.cfg.train.method == "full":
         out = run_dir / artifacts.FULL_MODEL_DIR
         with artifacts.atomic_path(out) as tmp:
