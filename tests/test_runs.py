@@ -97,3 +97,16 @@ def test_a_foreign_train_record_is_a_user_error(tiny_run, tmp_path):
     (run_dir / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="train record is not one tunesmith train wrote"):
         runs.load_run_model(run_dir)
+
+
+def test_the_run_config_resolves_paths_as_training_did(tmp_path, tiny_model_dir, monkeypatch):
+    """The train record's config keeps the config's folder: read back from another working
+    directory, output_dir and the data files resolve as when training (without it, every
+    relative path resolved against the caller's current directory)."""
+    project = tmp_path / "project"
+    run_dir = train_tiny_run(project, tiny_model_dir, train={"max_steps": 1})
+    monkeypatch.chdir(tmp_path)
+    cfg = runs.read_run_config(run_dir)
+    assert cfg.run_dir.resolve() == run_dir.resolve()
+    assert cfg.resolve(cfg.data.train).resolve() == (project / "train.jsonl").resolve()
+    assert runs.run_summary(run_dir)["data"] == "train.jsonl"  # the registry shows the config as written

@@ -702,7 +702,9 @@ def write_manifest(s: TrainingSetup, summary: dict[str, Any], started: float, re
             **summary,
             base_model=runs.BaseModelRecord(reference=cfg.model.name, path=str(loaded.path), fingerprint=loaded.fingerprint),
             data=s.data_info,
-            config=cfg.model_dump(mode="json"),
+            # base_dir is excluded from dumps; the record keeps it so runs.read_run_config
+            # resolves the config's relative paths (output_dir, data, model) as training did.
+            config={**cfg.model_dump(mode="json"), "base_dir": cfg.base_dir},
             versions=versions,
             seed=t.seed,
             precision="bf16" if s.bf16 else "fp32",
