@@ -230,7 +230,7 @@ def run(
     device = "cuda" if torch.cuda.is_available() else None
     m = cfg.model
     base = load_model(
-        m.name, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
+        runs.base_model_ref(cfg), dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
         allow_pickle=m.allow_pickle, expected_fingerprint=m.expected_fingerprint,
     )
     stop_ids = stop_token_ids(base.model, base.tokenizer)

@@ -174,7 +174,7 @@ def run(
 
     # The model fingerprint is part of most stages' inputs; resolving it first also converts the
     # builtin model once, before any stage starts timing itself.
-    model_dir = resolve_model_dir(cfg.model.name, allow_pickle=cfg.model.allow_pickle)
+    model_dir = resolve_model_dir(runs.base_model_ref(cfg), allow_pickle=cfg.model.allow_pickle)
     model_fp = fingerprint(model_dir)
     if cfg.model.expected_fingerprint and cfg.model.expected_fingerprint != model_fp:
         raise UserError(

@@ -92,7 +92,7 @@ def show_mask(cfg: RunConfig, count: int, console) -> None:
     """Print `count` training examples with their trained tokens highlighted."""
     from tunesmith.models import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
+    tokenizer = load_tokenizer(runs.base_model_ref(cfg), trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
     train_path, _, files = data_paths(cfg)
     examples, report = preflight(tokenizer, files.read(train_path), cfg.data, str(train_path))
     for example in examples[:count]:
@@ -428,7 +428,7 @@ def prepare(cfg: RunConfig, world: int, rank: int, device) -> TrainingSetup:
     # 1. Data first: the pre-flight mask check fails in seconds, before a model load.
     from tunesmith.models import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
+    tokenizer = load_tokenizer(runs.base_model_ref(cfg), trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
     train_examples, eval_examples, data_info = load_examples(cfg, tokenizer)
 
     # 2. Seeds before the model: LoRA init draws from the torch RNG.
