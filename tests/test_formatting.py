@@ -252,3 +252,17 @@ def test_eval_prompt_truncation_is_the_training_rule(tokenizer):
     # A prompt that fits is left alone.
     short = render_ids(tokenizer, [{"role": "user", "content": "hi"}])
     assert truncate_prompt(short, answer_tokens, len(short) + answer_tokens) == (short, 0)
+
+
+def test_estimate_counts_the_tokens_left_after_a_whole_exchange_is_dropped(tokenizer):
+    """Dropping an earlier exchange can leave an example well under max_length: the estimate's
+    fed tokens (and squared lengths) are what the truncated example holds, as training feeds it."""
+    from tunesmith.estimate import count_tokens
+
+    c = multi_turn("and more " * 30, "", line=5)
+    examples, report = tokenize_dataset(tokenizer, [c], max_length=60, truncate=True)
+    assert report.truncated_lines == [5] and len(examples[0]) < 60
+    counted = count_tokens([c], tokenizer, 60)
+    assert counted["fed_tokens"] == report.tokens == len(examples[0])
+    assert counted["trained_tokens"] == report.trained_tokens
+    assert counted["sum_squared_lengths"] == len(examples[0]) ** 2
