@@ -7,7 +7,6 @@ loss computed only at trained positions.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from contextlib import nullcontext
 
@@ -15,6 +14,7 @@ from tunesmith import runs
 from tunesmith.config import RunConfig
 from tunesmith.errors import UserError
 from tunesmith.formatting import IGNORE_INDEX, Example, collate
+from tunesmith.inference import cache_kwarg
 
 
 def load_for_training(cfg: RunConfig, device, bf16: bool, fsdp: bool = False):
@@ -117,8 +117,7 @@ def loss_at_trained_positions(model, input_ids, labels, position_ids, shared_pre
     k = shared_prefix_len
     if k > 0:
         prefix = backbone(input_ids=input_ids[:1, :k], position_ids=position_ids[:1, :k], use_cache=True)
-        # transformers 5 names the cache `cache`; 4.x `past_key_values`.
-        cache_kw = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+        cache_kw = cache_kwarg(backbone)  # transformers 5 names the cache `cache`; 4.x `past_key_values`
         cache = prefix[cache_kw]
         cache.batch_repeat_interleave(input_ids.shape[0])
         hidden = backbone(
