@@ -490,6 +490,9 @@ def test_resume_refuses_changed_plan_or_schedule_settings(tiny_model_dir, tmp_pa
         main(["train", str(path), "--resume", "--set", "train.seed=1"])
     assert exit_info.value.code == 2
     assert "train.seed (0 -> 1)" in capsys.readouterr().err
+    # The LoRA settings the saved weights were trained under (alpha rescales them silently).
+    with pytest.raises(UserError, match=r"train\.lora\.alpha \(32\.0 -> 8\.0\)"):
+        train.run(load_config(path, ["train.lora.alpha=8"]), resume=True)
     # Unchanged settings resume.
     assert train.run(load_config(path), resume=True)["steps"] == 4
 

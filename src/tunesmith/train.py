@@ -187,10 +187,15 @@ def shard_tensors(plan: DataPlan, examples: list[Example], global_batch: list[li
 
 
 def plan_settings(cfg: RunConfig, world: int) -> dict[str, Any]:
-    """The settings that decide the data plan and the LR schedule, by config key: a resumed
-    run must keep them (the global batch, not the process count, decides the plan)."""
+    """The settings that decide the data plan, the LR schedule and what the saved weights mean,
+    by config key: a resumed run must keep them (the global batch, not the process count,
+    decides the plan; a LoRA's alpha or dropout changed under its saved weights trains another
+    model, silently)."""
     t, d = cfg.train, cfg.data
+    lora = {f"train.lora.{key}": value for key, value in t.lora.model_dump(mode="json").items()} if t.method != "full" else {}
     return {
+        "train.method": t.method,
+        **lora,
         "train.batch_size x processes": t.batch_size * world,
         "train.grad_accum": t.grad_accum,
         "train.max_steps": t.max_steps,
