@@ -50,7 +50,7 @@ def read_splits(cfg: RunConfig) -> tuple[list[Conversation], list[Conversation],
     if files.eval is None or not files.eval.exists():
         raise UserError(
             f"no held-out split: {cfg.run_dir / artifacts.EVAL_SPLIT_FILE} does not exist and data.eval is not set",
-            "run `tunesmith train` first (it writes the split), or set data.eval to a held-out file",
+            "set data.eval to a held-out file, or let the pipeline write the split: tunesmith run CONFIG --until split",
         )
     if files.train is None or not files.train.exists():
         raise UserError(f"training split {files.train} not found", "run `tunesmith train` first, or fix data.train")
