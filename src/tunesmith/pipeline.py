@@ -68,7 +68,8 @@ def stage_inputs(stage: str, cfg: RunConfig, model_fingerprint: str) -> str:
     if stage == "split":
         return _hash(stage, data_files(), _section(cfg, "data"))
     if stage == "baseline":
-        return _hash(stage, splits(), _section(cfg, "eval"), model, model_fingerprint)
+        # data: max_length and truncate cut the prompts as training cut its examples.
+        return _hash(stage, splits(), _section(cfg, "eval"), _section(cfg, "data"), model, model_fingerprint)
     if stage == "train":
         return _hash(stage, splits(), _section(cfg, "train"), _section(cfg, "data"), model, model_fingerprint)
     if stage == "eval":
