@@ -182,8 +182,10 @@ def test_missing_trained_model_is_a_user_error(tmp_path, tiny_model_dir):
     (tmp_path / "eval.jsonl").write_text((tmp_path / "runs/r/data/eval.jsonl").read_text())
     (tmp_path / "train.jsonl").write_text((tmp_path / "runs/r/data/train.jsonl").read_text())
     (tmp_path / "runs/r/data/eval.jsonl").unlink()
-    with pytest.raises(UserError, match="no held-out split"):
+    with pytest.raises(UserError, match="no held-out split") as err:
         evaluate.run(load_config(config))
+    # train writes no split (the hint once said it did); the pipeline's split stage does.
+    assert "tunesmith run CONFIG --until split" in err.value.hint and "data.eval" in err.value.hint
     # Without a run split, the config's own files are the split.
     results = evaluate.run(load_config(config, ["data.train=train.jsonl", "data.eval=eval.jsonl", "eval.subjects=[base]"]))
     assert results["sources"]["eval"] == str(tmp_path / "eval.jsonl") and results["examples"] == 2

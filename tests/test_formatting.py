@@ -262,3 +262,17 @@ def test_preflight_without_a_chat_template_is_one_user_error(tokenizer):
     bare.chat_template = None
     with pytest.raises(UserError, match="no chat template"):
         preflight(bare, [conv(("user", "hi"), ("assistant", "ok"))], DataConfig(train="x"), "d")
+
+
+def test_estimate_counts_the_tokens_left_after_a_whole_exchange_is_dropped(tokenizer):
+    """Dropping an earlier exchange can leave an example well under max_length: the estimate's
+    fed tokens (and squared lengths) are what the truncated example holds, as training feeds it."""
+    from tunesmith.estimate import count_tokens
+
+    c = multi_turn("and more " * 30, "", line=5)
+    examples, report = tokenize_dataset(tokenizer, [c], max_length=60, truncate=True)
+    assert report.truncated_lines == [5] and len(examples[0]) < 60
+    counted = count_tokens([c], tokenizer, 60)
+    assert counted["fed_tokens"] == report.tokens == len(examples[0])
+    assert counted["trained_tokens"] == report.trained_tokens
+    assert counted["sum_squared_lengths"] == len(examples[0]) ** 2

@@ -152,3 +152,15 @@ def test_pipeline_replaces_its_own_training_but_not_one_run_by_hand(tiny_model_d
     # Its own training, with changed inputs, is redone without --force; unchanged, skipped.
     assert "skipped" not in pipeline.run(load_config(config, ["train.learning_rate=1e-2"]), until_stage="train")["train"]
     assert pipeline.run(load_config(config, ["train.learning_rate=1e-2"]), until_stage="train")["train"]["skipped"]
+
+
+def test_baseline_inputs_include_the_data_settings_that_cut_prompts(tiny_model_dir, tmp_path):
+    """Eval prompts are truncated like training examples (data.max_length, data.truncate): a
+    change there changes the baselines' prompts, so the baseline stage must not be skipped."""
+    from tunesmith.config import load_config
+
+    config = write_project(tmp_path, tiny_model_dir)
+    before = pipeline.stage_inputs("baseline", load_config(config), "fp")
+    for change in ("data.max_length=64", "data.truncate=true"):
+        assert pipeline.stage_inputs("baseline", load_config(config, [change]), "fp") != before, change
+    assert pipeline.stage_inputs("baseline", load_config(config), "fp") == before

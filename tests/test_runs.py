@@ -97,3 +97,39 @@ def test_a_foreign_train_record_is_a_user_error(tiny_run, tmp_path):
     (run_dir / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="train record is not one tunesmith train wrote"):
         runs.load_run_model(run_dir)
+
+
+def test_the_run_config_resolves_paths_as_training_did(tmp_path, tiny_model_dir, monkeypatch):
+    """The train record's config keeps the config's folder: read back from another working
+    directory, output_dir and the data files resolve as when training (without it, every
+    relative path resolved against the caller's current directory)."""
+    project = tmp_path / "project"
+    run_dir = train_tiny_run(project, tiny_model_dir, train={"max_steps": 1})
+    monkeypatch.chdir(tmp_path)
+    cfg = runs.read_run_config(run_dir)
+    assert cfg.run_dir.resolve() == run_dir.resolve()
+    assert cfg.resolve(cfg.data.train).resolve() == (project / "train.jsonl").resolve()
+    assert runs.run_summary(run_dir)["data"] == "train.jsonl"  # the registry shows the config as written
+
+
+def test_a_relative_model_folder_is_relative_to_the_config_in_every_stage(tmp_path, tiny_model_dir, monkeypatch):
+    """model.name `base` next to the config: train, eval's base model and the run loader all
+    take the config's folder (train and eval took the current directory, the loader the
+    config's: run from elsewhere, training failed or trained another model than was loaded)."""
+    import shutil
+
+    from tunesmith import train
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_model_dir, project / "base")
+    train_tiny_run(project, project / "base", train={"max_steps": 1})  # writes data and config.yaml
+    config = json.loads((project / "config.yaml").read_text())
+    config["model"]["name"] = "base"
+    (project / "config.yaml").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(project / "config.yaml", ["eval.subjects=[base,tuned]", "eval.max_examples=2"])
+    train.run(cfg, force=True)
+    assert runs.read_train_record(cfg.run_dir).base_model.fingerprint == fingerprint(project / "base")
+    assert runs.load_run_model(cfg.run_dir).base_path.resolve() == (project / "base").resolve()
+    results = evaluate.run(cfg)
+    assert results["subjects"]["base"]["fingerprint"] == fingerprint(project / "base")

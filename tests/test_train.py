@@ -490,6 +490,9 @@ def test_resume_refuses_changed_plan_or_schedule_settings(tiny_model_dir, tmp_pa
         main(["train", str(path), "--resume", "--set", "train.seed=1"])
     assert exit_info.value.code == 2
     assert "train.seed (0 -> 1)" in capsys.readouterr().err
+    # The LoRA settings the saved weights were trained under (alpha rescales them silently).
+    with pytest.raises(UserError, match=r"train\.lora\.alpha \(32\.0 -> 8\.0\)"):
+        train.run(load_config(path, ["train.lora.alpha=8"]), resume=True)
     # Unchanged settings resume.
     assert train.run(load_config(path), resume=True)["steps"] == 4
 
@@ -531,3 +534,19 @@ def test_training_again_over_a_finished_run_needs_force(tiny_model_dir, tmp_path
     assert train.run(cfg, resume=True)["steps"] == 2
     cfg.train.learning_rate = 1e-2
     assert train.run(cfg, force=True)["steps"] == 2 and weights.read_bytes() != before
+
+
+def test_retraining_with_another_method_leaves_no_stale_model(tiny_model_dir, tmp_path):
+    from tunesmith import runs
+
+    # A full run, then --force with LoRA: loaders take train/model over train/adapter, so a
+    # full model left behind would be what eval and serve load instead of the new adapter.
+    train.run(make_cfg(tmp_path, tiny_model_dir, method="full", max_steps=1))
+    cfg = make_cfg(tmp_path, tiny_model_dir, max_steps=1)
+    train.run(cfg, force=True)
+    assert not (cfg.run_dir / artifacts.FULL_MODEL_DIR).exists()
+    assert runs.load_run_model(cfg.run_dir).kind == "adapter"
+    # And back: a LoRA adapter left beside a new full model is gone too.
+    train.run(make_cfg(tmp_path, tiny_model_dir, method="full", max_steps=1), force=True)
+    assert not (cfg.run_dir / artifacts.ADAPTER_DIR).exists()
+    assert runs.load_run_model(cfg.run_dir).kind == "full"

@@ -769,6 +769,7 @@ def _finish(report: CheckReport, findings: _Findings, started: float) -> CheckRe
 def run(cfg) -> CheckReport:
     """The pipeline's data check: the config's train file (and eval file), report saved in the run."""
     from tunesmith.artifacts import CHECK_REPORT_FILE, write_json_atomic
+    from tunesmith.runs import base_model_ref
 
     report = check_file(
         cfg.resolve(cfg.data.train),
@@ -776,7 +777,7 @@ def run(cfg) -> CheckReport:
         input_col=cfg.data.input_col,
         output_col=cfg.data.output_col,
         system_prompt=cfg.data.system_prompt,
-        model=cfg.model.name,
+        model=base_model_ref(cfg),
         max_length=cfg.data.max_length,
         eval_path=cfg.resolve(cfg.data.eval),
     )

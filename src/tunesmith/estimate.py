@@ -280,7 +280,8 @@ def count_tokens(conversations, tokenizer, max_length: int) -> dict[str, Any]:
             cut, cut_kinds = truncate_example(example, max_length)
             for kind in cut_kinds:
                 problems.setdefault(kind, []).append(conv.source_line)
-            trained_kept = cut.trained_tokens
+            # Dropping whole earlier exchanges can leave fewer than max_length tokens.
+            kept, trained_kept = len(cut), cut.trained_tokens
             truncated += 1
             dropped += example.trained_tokens - trained_kept
         full += length

@@ -50,7 +50,7 @@ def read_splits(cfg: RunConfig) -> tuple[list[Conversation], list[Conversation],
     if files.eval is None or not files.eval.exists():
         raise UserError(
             f"no held-out split: {cfg.run_dir / artifacts.EVAL_SPLIT_FILE} does not exist and data.eval is not set",
-            "run `tunesmith train` first (it writes the split), or set data.eval to a held-out file",
+            "set data.eval to a held-out file, or let the pipeline write the split: tunesmith run CONFIG --until split",
         )
     if files.train is None or not files.train.exists():
         raise UserError(f"training split {files.train} not found", "run `tunesmith train` first, or fix data.train")
@@ -230,7 +230,7 @@ def run(
     device = "cuda" if torch.cuda.is_available() else None
     m = cfg.model
     base = load_model(
-        m.name, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
+        runs.base_model_ref(cfg), dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
         allow_pickle=m.allow_pickle, expected_fingerprint=m.expected_fingerprint,
     )
     stop_ids = stop_token_ids(base.model, base.tokenizer)

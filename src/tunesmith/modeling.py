@@ -7,13 +7,14 @@ loss computed only at trained positions.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from contextlib import nullcontext
 
+from tunesmith import runs
 from tunesmith.config import RunConfig
 from tunesmith.errors import UserError
 from tunesmith.formatting import IGNORE_INDEX, Example, collate
+from tunesmith.inference import cache_kwarg
 
 
 def load_for_training(cfg: RunConfig, device, bf16: bool, fsdp: bool = False):
@@ -27,10 +28,11 @@ def load_for_training(cfg: RunConfig, device, bf16: bool, fsdp: bool = False):
     from tunesmith.models import load_model
 
     t = cfg.train
+    name = runs.base_model_ref(cfg)  # a relative folder is relative to the config, as everywhere
     common = dict(trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle, expected_fingerprint=cfg.model.expected_fingerprint)
     if t.method == "full":
         # Full fine-tuning keeps fp32 master weights; bf16 is only the autocast compute.
-        loaded = load_model(cfg.model.name, dtype=torch.float32, device=device, **common)
+        loaded = load_model(name, dtype=torch.float32, device=device, **common)
         model = loaded.model
         model.requires_grad_(True)
     else:
@@ -42,12 +44,12 @@ def load_for_training(cfg: RunConfig, device, bf16: bool, fsdp: bool = False):
         if t.method == "qlora":
             quant = qlora_config(bf16)
             # Unquantized parts (embeddings, norms) stay fp32, so the residual stream does.
-            loaded = load_model(cfg.model.name, dtype=torch.float32, quantization_config=quant, device=device, **common)
+            loaded = load_model(name, dtype=torch.float32, quantization_config=quant, device=device, **common)
             if device.type == "cuda":  # load_model leaves quantized models where they loaded
                 loaded.model.to(device)
         else:
             store_bf16 = bf16 and not fsdp
-            loaded = load_model(cfg.model.name, dtype=torch.bfloat16 if store_bf16 else torch.float32, device=device, **common)
+            loaded = load_model(name, dtype=torch.bfloat16 if store_bf16 else torch.float32, device=device, **common)
             if store_bf16:
                 # The frozen projections are stored in bf16, the dtype autocast computes them in:
                 # no per-step weight casts, half their memory. Embeddings and norms go back to
@@ -115,8 +117,7 @@ def loss_at_trained_positions(model, input_ids, labels, position_ids, shared_pre
     k = shared_prefix_len
     if k > 0:
         prefix = backbone(input_ids=input_ids[:1, :k], position_ids=position_ids[:1, :k], use_cache=True)
-        # transformers 5 names the cache `cache`; 4.x `past_key_values`.
-        cache_kw = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+        cache_kw = cache_kwarg(backbone)  # transformers 5 names the cache `cache`; 4.x `past_key_values`
         cache = prefix[cache_kw]
         cache.batch_repeat_interleave(input_ids.shape[0])
         hidden = backbone(

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from rich.console import Console
 
 from tunesmith import artifacts, runs
-from tunesmith.artifacts import read_manifest_or_empty, sha256_file, update_manifest, write_text_atomic
+from tunesmith.artifacts import sha256_file, write_text_atomic
 from tunesmith.config import RunConfig, config_to_yaml
 from tunesmith.errors import UserError
 
@@ -68,7 +68,8 @@ def stage_inputs(stage: str, cfg: RunConfig, model_fingerprint: str) -> str:
     if stage == "split":
         return _hash(stage, data_files(), _section(cfg, "data"))
     if stage == "baseline":
-        return _hash(stage, splits(), _section(cfg, "eval"), model, model_fingerprint)
+        # data: max_length and truncate cut the prompts as training cut its examples.
+        return _hash(stage, splits(), _section(cfg, "eval"), _section(cfg, "data"), model, model_fingerprint)
     if stage == "train":
         return _hash(stage, splits(), _section(cfg, "train"), _section(cfg, "data"), model, model_fingerprint)
     if stage == "eval":
@@ -174,7 +175,7 @@ def run(
 
     # The model fingerprint is part of most stages' inputs; resolving it first also converts the
     # builtin model once, before any stage starts timing itself.
-    model_dir = resolve_model_dir(cfg.model.name, allow_pickle=cfg.model.allow_pickle)
+    model_dir = resolve_model_dir(runs.base_model_ref(cfg), allow_pickle=cfg.model.allow_pickle)
     model_fp = fingerprint(model_dir)
     if cfg.model.expected_fingerprint and cfg.model.expected_fingerprint != model_fp:
         raise UserError(
@@ -199,31 +200,28 @@ def run(
         if stage == "export" and not cfg.export.formats:
             continue
         inputs = stage_inputs(stage, cfg, model_fp)
-        record = read_manifest_or_empty(run_dir).get("pipeline", {}).get(stage, {})
-        if not force and record.get("status") == "done" and record.get("inputs") == inputs:
+        record = runs.read_stage_records(run_dir).get(stage)
+        current = record is not None and record.inputs == inputs
+        if not force and current and record.status == "done":
             console.print(f"[dim]{stage}: unchanged, skipped[/dim]")
-            summary[stage] = {"skipped": True, **record.get("result", {})}
+            summary[stage] = {"skipped": True, **record.result}
             continue
         # A training interrupted with the same inputs resumes from its last checkpoint.
-        resume_training = stage == "train" and not force and record.get("status") == "running" and record.get("inputs") == inputs
+        resume_training = stage == "train" and not force and current and record.status == "running"
         # The pipeline replaces a training it recorded itself (its inputs changed); one run by
         # hand with `tunesmith train` only with --force.
-        replace_training = force or bool(record)
+        replace_training = force or record is not None
         console.print(f"[bold]{stage}[/bold]{' (resuming)' if resume_training else ''}")
-        _record_stage(run_dir, stage, {"status": "running", "inputs": inputs, "started_at": time.time()})
+        runs.write_stage_record(run_dir, stage, runs.StageRecord(status="running", inputs=inputs, started_at=time.time()))
         start = time.perf_counter()
         result = stages[stage]()
         seconds = time.perf_counter() - start
         # The inputs hash was taken before the stage ran; it covers upstream artifacts only, so
         # the stage's own outputs do not change it.
-        _record_stage(run_dir, stage, {"status": "done", "inputs": inputs, "seconds": round(seconds, 2), "result": result, "finished_at": time.time()})
+        runs.write_stage_record(
+            run_dir, stage, runs.StageRecord(status="done", inputs=inputs, seconds=round(seconds, 2), result=result, finished_at=time.time())
+        )
         summary[stage] = result
     return summary
-
-
-def _record_stage(run_dir: Path, stage: str, record: dict[str, Any]) -> None:
-    pipeline = read_manifest_or_empty(run_dir).get("pipeline", {})
-    pipeline[stage] = record
-    update_manifest(run_dir, "pipeline", pipeline)
 
 

@@ -76,6 +76,20 @@ class ExportRecord(BaseModel):
     warning: str | None = None
 
 
+class StageRecord(BaseModel):
+    """One entry of manifest.json `pipeline` (keyed by stage): written by pipeline.py, read by it
+    (skip or resume) and by `tunesmith runs` (status, time)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str  # "running" or "done"
+    inputs: str  # pipeline.stage_inputs: the hash that decides whether the stage is current
+    started_at: float | None = None
+    finished_at: float | None = None
+    seconds: float = 0.0
+    result: dict[str, Any] = {}
+
+
 def write_train_record(run_dir: Path, record: TrainRecord) -> None:
     artifacts.update_manifest(run_dir, "train", record.model_dump(mode="json"))
 
@@ -106,6 +120,26 @@ def write_export_record(run_dir: Path, record: ExportRecord) -> None:
     exports = dict(artifacts.read_manifest_or_empty(run_dir).get("export") or {})
     exports[record.format] = record.model_dump(mode="json")
     artifacts.update_manifest(run_dir, "export", exports)
+
+
+def read_stage_records(run_dir: Path) -> dict[str, StageRecord]:
+    """The pipeline's stage records; one this version cannot read counts as never run."""
+    from pydantic import ValidationError
+
+    records = {}
+    for stage, section in (artifacts.read_manifest_or_empty(run_dir).get("pipeline") or {}).items():
+        try:
+            records[stage] = StageRecord.model_validate(section)
+        except ValidationError:
+            continue
+    return records
+
+
+def write_stage_record(run_dir: Path, stage: str, record: StageRecord) -> None:
+    """Add (or replace) one stage's entry in the manifest's `pipeline` section."""
+    pipeline = dict(artifacts.read_manifest_or_empty(run_dir).get("pipeline") or {})
+    pipeline[stage] = record.model_dump(mode="json")
+    artifacts.update_manifest(run_dir, "pipeline", pipeline)
 
 
 # --------------------------------------------------------------------------- the run's config and data
@@ -349,15 +383,14 @@ def _run_config_dict(folder: Path) -> dict[str, Any]:
 
 
 def run_summary(folder: Path) -> dict[str, Any]:
-    manifest = artifacts.read_manifest_or_empty(folder)
     config = _run_config_dict(folder)
-    pipeline = manifest.get("pipeline", {})
-    done = [s for s in PIPELINE_STAGES if pipeline.get(s, {}).get("status") == "done"]
-    running = [s for s in PIPELINE_STAGES if pipeline.get(s, {}).get("status") == "running"]
+    pipeline = read_stage_records(folder)
+    done = [s for s in PIPELINE_STAGES if s in pipeline and pipeline[s].status == "done"]
+    running = [s for s in PIPELINE_STAGES if s in pipeline and pipeline[s].status == "running"]
     status = f"running {running[0]}" if running else (f"done {done[-1]}" if done else "new")
     results = _read_json(folder / artifacts.EVAL_DIR / "results.json")
     primary = _primary_metric(results)
-    seconds = sum(pipeline.get(s, {}).get("seconds", 0) for s in PIPELINE_STAGES)
+    seconds = sum(pipeline[s].seconds for s in PIPELINE_STAGES if s in pipeline)
     return {
         "path": str(folder),
         "name": config.get("name", folder.name),

@@ -92,7 +92,7 @@ def show_mask(cfg: RunConfig, count: int, console) -> None:
     """Print `count` training examples with their trained tokens highlighted."""
     from tunesmith.models import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
+    tokenizer = load_tokenizer(runs.base_model_ref(cfg), trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
     train_path, _, files = data_paths(cfg)
     examples, report = preflight(tokenizer, files.read(train_path), cfg.data, str(train_path))
     for example in examples[:count]:
@@ -187,10 +187,15 @@ def shard_tensors(plan: DataPlan, examples: list[Example], global_batch: list[li
 
 
 def plan_settings(cfg: RunConfig, world: int) -> dict[str, Any]:
-    """The settings that decide the data plan and the LR schedule, by config key: a resumed
-    run must keep them (the global batch, not the process count, decides the plan)."""
+    """The settings that decide the data plan, the LR schedule and what the saved weights mean,
+    by config key: a resumed run must keep them (the global batch, not the process count,
+    decides the plan; a LoRA's alpha or dropout changed under its saved weights trains another
+    model, silently)."""
     t, d = cfg.train, cfg.data
+    lora = {f"train.lora.{key}": value for key, value in t.lora.model_dump(mode="json").items()} if t.method != "full" else {}
     return {
+        "train.method": t.method,
+        **lora,
         "train.batch_size x processes": t.batch_size * world,
         "train.grad_accum": t.grad_accum,
         "train.max_steps": t.max_steps,
@@ -428,7 +433,7 @@ def prepare(cfg: RunConfig, world: int, rank: int, device) -> TrainingSetup:
     # 1. Data first: the pre-flight mask check fails in seconds, before a model load.
     from tunesmith.models import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
+    tokenizer = load_tokenizer(runs.base_model_ref(cfg), trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
     train_examples, eval_examples, data_info = load_examples(cfg, tokenizer)
 
     # 2. Seeds before the model: LoRA init draws from the torch RNG.
@@ -647,6 +652,10 @@ def save_outputs(s: TrainingSetup, metrics: MetricsLog) -> Path | None:
     if not s.main_rank:
         return None
     run_dir = s.cfg.run_dir
+    # A run retrained (--force) with another method must not keep the other kind of output:
+    # loaders take model_full/ over adapter/, so a stale one would be evaluated and served.
+    stale = artifacts.ADAPTER_DIR if s.cfg.train.method == "full" else artifacts.FULL_MODEL_DIR
+    shutil.rmtree(run_dir / stale, ignore_errors=True)
     if s.cfg.train.method == "full":
         out = run_dir / artifacts.FULL_MODEL_DIR
         with artifacts.atomic_path(out) as tmp:
@@ -698,7 +707,9 @@ def write_manifest(s: TrainingSetup, summary: dict[str, Any], started: float, re
             **summary,
             base_model=runs.BaseModelRecord(reference=cfg.model.name, path=str(loaded.path), fingerprint=loaded.fingerprint),
             data=s.data_info,
-            config=cfg.model_dump(mode="json"),
+            # base_dir is excluded from dumps; the record keeps it so runs.read_run_config
+            # resolves the config's relative paths (output_dir, data, model) as training did.
+            config={**cfg.model_dump(mode="json"), "base_dir": cfg.base_dir},
             versions=versions,
             seed=t.seed,
             precision="bf16" if s.bf16 else "fp32",
