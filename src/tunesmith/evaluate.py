@@ -161,6 +161,8 @@ def load_tuned(run_dir: Path, dtype, device, allow_base_mismatch: bool) -> runs.
 
 
 @dataclass
+
+
 class EvalData:
     """The held-out examples with an answer, the training split, and the task they define."""
 
@@ -176,6 +178,8 @@ class EvalData:
 
 
 @dataclass
+
+
 class Decoding:
     """What every generating subject shares: tokenizer, end-of-turn ids, padding, dtype, device."""
 
@@ -490,6 +494,7 @@ def generate_finetunes(cfg, data, subjects, prompts, decoding: Decoding, against
         del trained
     return warnings
 
+
 def generate_subject(cfg: RunConfig, name: str, model, prompts: list[list[int]], decoding: Decoding) -> list[Generation]:
     """One subject's greedy answers, with a progress bar; decoding identical for every subject."""
     from rich.progress import Progress
@@ -647,10 +652,10 @@ def write_manifest_section(run_dir: Path, results: dict[str, Any]) -> None:
         prompt_truncation=results.get("prompt_truncation"),
     ))
 
+
 def generation_key(fingerprint: str, prompts: list[list[int]], ec, dtype, stop_ids: set[int]) -> str:
     """What a subject's greedy answers depend on: model, exact prompt tokens, decoding, batching
     (batch composition changes rounding in bf16)."""
-    import hashlib
 
     digest = hashlib.sha256(json.dumps([fingerprint, ec.max_new_tokens, ec.batch_size, str(dtype), sorted(stop_ids)]).encode())
     for p in prompts:
