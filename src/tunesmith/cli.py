@@ -94,7 +94,7 @@ def generate(
     stop_ids = inference.stop_token_ids(loaded.model, tokenizer)
     (answer,) = inference.generate_greedy(
         loaded.model, [ids], max_new_tokens=max_new_tokens, batch_size=1, stop_ids=stop_ids,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids),
+        pad_id=inference.pad_token_id(tokenizer, stop_ids),
         decode=lambda t: tokenizer.decode(t, skip_special_tokens=True),
     )
     console.print(answer.text, markup=False, highlight=False)

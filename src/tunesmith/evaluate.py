@@ -34,7 +34,7 @@ from tunesmith import metrics as M
 from tunesmith.config import RunConfig
 from tunesmith.errors import GateFailed, UserError
 from tunesmith.formatting import cut_before_tail, truncate_prompt
-from tunesmith.inference import Generation, cache_arg, generate_greedy, inference_dtype, render_ids, stop_token_ids
+from tunesmith.inference import Generation, cache_arg, generate_greedy, inference_dtype, pad_token_id, render_ids, stop_token_ids
 from tunesmith.schema import Conversation
 
 ALPHA = 0.05  # significance level of every paired test
@@ -238,7 +238,7 @@ def run(
         allow_pickle=m.allow_pickle, expected_fingerprint=m.expected_fingerprint,
     )
     stop_ids = stop_token_ids(base.model, base.tokenizer)
-    pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else min(stop_ids)
+    pad_id = pad_token_id(base.tokenizer, stop_ids)
     decoding = Decoding(base.tokenizer, stop_ids, pad_id, dtype, device)
 
     # 3. Prompts, 4. answers: the baselines from the base model, then each fine-tune in turn.

@@ -100,6 +100,12 @@ def inference_dtype(precision: str, device: Any = None):
 # --------------------------------------------------------------------------- prompts and cache
 
 
+def pad_token_id(tokenizer: Any, stop_ids: set[int]) -> int:
+    """The id that pads a left-padded generation batch: the tokenizer's pad, else a stop id
+    (padding is masked out, so any id the model knows will do)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+
+
 def render_ids(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool = True) -> list[int]:
     """Token ids of chat messages through the model's chat template (the one prompt renderer)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
