@@ -209,3 +209,15 @@ def copy_run(run_dir: Path, dest: Path) -> Path:
 
     shutil.copytree(run_dir, dest)
     return dest
+
+
+def copy_without_chat_template(model_dir: Path, dest: Path) -> Path:
+    """A copy of a model folder whose tokenizer has no chat template (a base model)."""
+    import shutil
+
+    shutil.copytree(model_dir, dest)
+    (dest / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((dest / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (dest / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return dest

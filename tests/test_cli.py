@@ -1,5 +1,7 @@
 import json
 
+from conftest import copy_without_chat_template
+
 
 def test_user_error_is_one_line_exit_2(cli, tmp_path):
     result = cli("config", "check", str(tmp_path / "missing.yaml"))
@@ -42,14 +44,7 @@ def test_generate_on_tiny_model(cli, tiny_model_dir):
 
 
 def test_generate_on_a_model_without_chat_template_is_one_line(cli, tiny_model_dir, tmp_path):
-    import shutil
-
-    base = tmp_path / "no-template"
-    shutil.copytree(tiny_model_dir, base)
-    (base / "chat_template.jinja").unlink(missing_ok=True)
-    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
-    tokenizer_config.pop("chat_template", None)
-    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    base = copy_without_chat_template(tiny_model_dir, tmp_path / "no-template")
     result = cli("generate", "hello", "--model", str(base), "--max-new-tokens", "2")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "no chat template" in result.stderr and "fix:" in result.stderr

@@ -14,7 +14,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import train_tiny_run
+from conftest import copy_without_chat_template, train_tiny_run
 
 from tunesmith import inference
 from tunesmith.errors import UserError
@@ -493,14 +493,7 @@ def test_damaged_adapter_config_is_refused_at_startup(tiny_model_dir, runs, tmp_
 
 
 def test_chat_on_a_model_without_chat_template_is_400_not_500(tiny_model_dir, tmp_path):
-    import shutil
-
-    base = tmp_path / "no-template"
-    shutil.copytree(tiny_model_dir, base)
-    (base / "chat_template.jinja").unlink(missing_ok=True)
-    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
-    tokenizer_config.pop("chat_template", None)
-    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    base = copy_without_chat_template(tiny_model_dir, tmp_path / "no-template")
     handle = run_in_thread(create_app(ServeSettings(models=[str(base)], port=0)))
     try:
         chat = httpx.post(f"{handle.url}/v1/chat/completions", json={"model": str(base), "messages": MESSAGES, "max_tokens": 2}, timeout=60)
