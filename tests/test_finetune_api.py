@@ -8,6 +8,7 @@ directly through peft, and a server killed mid-job is restarted on the same stat
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import openai
@@ -60,7 +61,7 @@ def test_seed_recipe_with_the_openai_client(client, server, training_file, tiny_
     base = client.models.list().data[0].id
     long_job = client.fine_tuning.jobs.create(model=base, training_file=uploaded.id, hyperparameters={"n_epochs": 50, "batch_size": 1})
     job = client.fine_tuning.jobs.create(
-        model=base, training_file=uploaded.id, suffix="tickets", seed=7,
+        model=base, training_file=uploaded.id, suffix="tickets.v1", seed=7,
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 2}}},
     )
     assert job.status == "queued" and job.fine_tuned_model is None
@@ -74,7 +75,7 @@ def test_seed_recipe_with_the_openai_client(client, server, training_file, tiny_
 
     job = wait_for_job(client, job.id)
     assert job.status == "succeeded", job.error
-    assert job.fine_tuned_model == f"ft:{tiny_model_dir.name}:tickets:{job.id.removeprefix('ftjob-')}"
+    assert job.fine_tuned_model == f"ft:{tiny_model_dir.name}:tickets.v1:{job.id.removeprefix('ftjob-')}"
     run_dir = server.state_dir / JOBS_DIR / job.id / JOB_RUN_DIR
     record = read_train_record(run_dir)
     assert job.trained_tokens == record.trained_tokens > 0
@@ -189,7 +190,26 @@ def test_a_job_survives_a_server_killed_mid_training(tiny_model_dir, tmp_path, t
         record = read_train_record(state_dir / JOBS_DIR / job.id / JOB_RUN_DIR)
         assert record.resumed and record.steps > killed_at
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
-        resumed = [m for m in messages if m.startswith("Fine-tuning job resumed from its checkpoint at step ")]
-        assert len(resumed) == 1 and int(resumed[0].split()[-4]) >= killed_at
+        resumed = [int(m.group(1)) for m in map(re.compile(r"^Fine-tuning job resumed from its checkpoint at step (\d+) ").match, messages) if m]
+        assert len(resumed) == 1 and resumed[0] >= killed_at
         reply = client.chat.completions.create(model=done.fine_tuned_model, messages=MESSAGES, max_tokens=4, temperature=0)
         assert reply.choices[0].message.content is not None
+
+
+def test_a_failing_job_carries_the_trainers_one_line_error(client, training_file):
+    """A row over data.max_length (256 tokens on this server) passes the upload check, which
+    counts no tokens, and stops the job's data check: the job fails with that line."""
+    rows = training_file.read_text().splitlines()
+    long_row = json.loads(rows[4])
+    long_row["messages"][-1]["content"] = "word " * 400
+    rows[4] = json.dumps(long_row)
+    too_long = training_file.parent / "too-long.jsonl"
+    too_long.write_text("\n".join(rows) + "\n")
+    uploaded = client.files.create(file=too_long.open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=uploaded.id, hyperparameters={"n_epochs": 1})
+    job = wait_for_job(client, job.id)
+    assert job.status == "failed" and job.fine_tuned_model is None
+    assert job.error.code == "training_failed"
+    assert "\n" not in job.error.message and "line 5" in job.error.message, job.error.message
+    last = client.fine_tuning.jobs.list_events(job.id).data[0]
+    assert (last.level, last.message) == ("error", f"Fine-tuning job failed: {job.error.message}")
