@@ -175,12 +175,12 @@ def test_a_job_survives_a_server_killed_mid_training(tiny_model_dir, tmp_path, t
     """SIGKILL the server while its job trains; a new server on the same state folder resumes
     the job from its checkpoint and serves the model."""
     state_dir = tmp_path / "state"
-    settings = dict(overrides=["train.save_every=1"])
+    settings = dict(overrides=["train.save_every=2"])
     with finetune_server(tiny_model_dir, state_dir, **settings) as first:
         client = openai.OpenAI(base_url=first.base_url, api_key=API_KEY, max_retries=0)
         uploaded = client.files.create(file=training_file.open("rb"), purpose="fine-tune")
         job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=uploaded.id, suffix="restart",
-                                             hyperparameters={"n_epochs": 6, "batch_size": 1})
+                                             hyperparameters={"n_epochs": 3, "batch_size": 2})
         killed_at = wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, what="a checkpoint")[0].step_number
         first.kill()
     with finetune_server(tiny_model_dir, state_dir, **settings) as second:
@@ -198,7 +198,7 @@ def test_a_job_survives_a_server_killed_mid_training(tiny_model_dir, tmp_path, t
 
 def test_a_failing_job_carries_the_trainers_one_line_error(client, training_file):
     """A row over data.max_length (256 tokens on this server) passes the upload check, which
-    counts no tokens, and stops the job's data check: the job fails with that line."""
+    counts no tokens, and stops the job's trainer: the job fails with the trainer's one line."""
     rows = training_file.read_text().splitlines()
     long_row = json.loads(rows[4])
     long_row["messages"][-1]["content"] = "word " * 400
@@ -210,6 +210,6 @@ def test_a_failing_job_carries_the_trainers_one_line_error(client, training_file
     job = wait_for_job(client, job.id)
     assert job.status == "failed" and job.fine_tuned_model is None
     assert job.error.code == "training_failed"
-    assert "\n" not in job.error.message and "line 5" in job.error.message, job.error.message
+    assert "\n" not in job.error.message and "data.max_length" in job.error.message, job.error.message
     last = client.fine_tuning.jobs.list_events(job.id).data[0]
     assert (last.level, last.message) == ("error", f"Fine-tuning job failed: {job.error.message}")
