@@ -211,5 +211,26 @@ def test_a_failing_job_carries_the_trainers_one_line_error(client, training_file
     assert job.status == "failed" and job.fine_tuned_model is None
     assert job.error.code == "training_failed"
     assert "\n" not in job.error.message and "data.max_length" in job.error.message, job.error.message
+    assert job.error.message.startswith("run/data/train.jsonl: ")  # the job folder's path, not the server's
     last = client.fine_tuning.jobs.list_events(job.id).data[0]
     assert (last.level, last.message) == ("error", f"Fine-tuning job failed: {job.error.message}")
+
+
+def test_hostile_uploads_are_clean_4xx(server, client):
+    url, auth = f"{server.base_url}/files", {"Authorization": f"Bearer {API_KEY}"}
+    cases = {
+        "json, not multipart": (dict(json={"file": "x"}), 415, None),
+        "no boundary": (dict(content=b"abc", headers={"content-type": "multipart/form-data"}), 400, "file"),
+        "no file field": (dict(files={"purpose": (None, "fine-tune")}), 400, "file"),
+        "no purpose": (dict(files={"file": ("a.jsonl", b"{}\n")}), 400, "purpose"),
+        "binary": (dict(files={"file": ("a.jsonl", bytes(range(256)) * 4)}, data={"purpose": "fine-tune"}), 400, "file"),
+        "empty": (dict(files={"file": ("a.jsonl", b"")}, data={"purpose": "fine-tune"}), 400, "file"),
+    }
+    before = len(client.files.list().data)
+    for name, (kwargs, status, param) in cases.items():
+        response = httpx.post(url, headers={**auth, **kwargs.pop("headers", {})}, timeout=60, **kwargs)
+        assert response.status_code == status, (name, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param, (name, error)
+        assert str(server.state_dir) not in error["message"], (name, error)  # no server paths
+    assert len(client.files.list().data) == before
