@@ -20,6 +20,7 @@ from tunesmith.runs import load_run_model, read_train_record
 from tunesmith.serve.jobs import JOB_RUN_DIR, JOBS_DIR
 from tunesmith.starter import support_tickets
 
+DATED_BASE = "gpt-4o-mini-2024-07-18"  # the tiny model served under a hosted snapshot's name
 MESSAGES = [{"role": "user", "content": "my package #12345 has not moved for 8 days"}]
 
 
@@ -173,17 +174,19 @@ def test_fine_tuning_routes_need_the_key(server, training_file):
 
 def test_a_job_survives_a_server_killed_mid_training(tiny_model_dir, tmp_path, training_file):
     """SIGKILL the server while its job trains; a new server on the same state folder resumes
-    the job from its checkpoint and serves the model."""
+    the job from its checkpoint and serves the model. The base is served under a dated
+    hosted name (NAME=PATH), as a client written for OpenAI would ask for it."""
     state_dir = tmp_path / "state"
     settings = dict(overrides=["train.save_every=2"])
-    with finetune_server(tiny_model_dir, state_dir, **settings) as first:
+    base = f"{DATED_BASE}={tiny_model_dir}"
+    with finetune_server(base, state_dir, **settings) as first:
         client = openai.OpenAI(base_url=first.base_url, api_key=API_KEY, max_retries=0)
         uploaded = client.files.create(file=training_file.open("rb"), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=uploaded.id, suffix="restart",
+        job = client.fine_tuning.jobs.create(model=DATED_BASE, training_file=uploaded.id, suffix="restart",
                                              hyperparameters={"n_epochs": 3, "batch_size": 2})
         killed_at = wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, what="a checkpoint")[0].step_number
         first.kill()
-    with finetune_server(tiny_model_dir, state_dir, **settings) as second:
+    with finetune_server(base, state_dir, **settings) as second:
         client = openai.OpenAI(base_url=second.base_url, api_key=API_KEY, max_retries=0)
         done = wait_for_job(client, job.id)
         assert done.status == "succeeded", done.error
@@ -192,6 +195,7 @@ def test_a_job_survives_a_server_killed_mid_training(tiny_model_dir, tmp_path, t
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
         resumed = [int(m.group(1)) for m in map(re.compile(r"^Fine-tuning job resumed from its checkpoint at step (\d+) ").match, messages) if m]
         assert len(resumed) == 1 and resumed[0] >= killed_at
+        assert done.fine_tuned_model == f"ft:{DATED_BASE}:restart:{job.id.removeprefix('ftjob-')}"
         reply = client.chat.completions.create(model=done.fine_tuned_model, messages=MESSAGES, max_tokens=4, temperature=0)
         assert reply.choices[0].message.content is not None
 
