@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tunesmith import artifacts, runs
+from tunesmith import artifacts, runs, tracking
 from tunesmith import metrics as M
 from tunesmith.config import RunConfig
 from tunesmith.errors import GateFailed, UserError
@@ -276,6 +276,7 @@ def run(
     if junit is not None:
         report.write_junit(Path(junit), results)
     write_manifest_section(run_dir, results)
+    tracking.log_evaluation(cfg, results, out_dir)
     failed = [g for g in gate_results if not g["passed"]]
     if failed:
         raise GateFailed("; ".join(_gate_line(g) for g in failed))

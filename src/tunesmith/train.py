@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunesmith import artifacts, runs
+from tunesmith import artifacts, runs, tracking
 from tunesmith.checkpoints import (
     full_model_state,
     full_tensor,
@@ -766,6 +766,7 @@ def run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console=No
 
     started = time.time()
     refuse_replacing_finished_run(cfg, resume=resume, force=force)
+    tracking.check_installed(cfg.report_to)  # a missing tracker library fails before the model loads
     world, rank, _, device = init_distributed()
     console = console or Console(stderr=True)
     if rank != 0:
@@ -774,11 +775,18 @@ def run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console=No
     setup = prepare(cfg, world, rank, device)  # 1-3: data, model, wrappers, optimizer
     state, metrics, resumed = start_or_resume(setup, resume, console)  # 4
     announce(setup, console)
-    train_loop(setup, state, metrics, console)  # 5
-    out = save_outputs(setup, metrics)  # 6
-    summary = summarize(setup, state, metrics, out)
+    trackers = tracking.open_for_training(cfg, setup.loaded.fingerprint, resumed=resumed) if setup.main_rank else None
+    try:
+        train_loop(setup, state, metrics, console, trackers)  # 5
+        out = save_outputs(setup, metrics)  # 6
+        summary = summarize(setup, state, metrics, out)
+    except BaseException:
+        if trackers is not None:
+            trackers.close()
+        raise
     if setup.main_rank:
         write_manifest(setup, summary, started, resumed)
+        tracking.log_training_end(trackers, summary, cfg.run_dir / artifacts.LOSS_PLOT_FILE, out)
         console.print(
             f"done: {state.step} steps, loss {summary['final_loss'] or float('nan'):.4f}"
             + (f", eval loss {state.last_eval_loss:.4f}" if state.last_eval_loss is not None else "")
