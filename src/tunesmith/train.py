@@ -237,22 +237,20 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
 
 
 def write_loss_plot(metrics: list[dict], path: Path) -> None:
+    """train/loss.png: report.plot_loss on the metrics rows (the best eval step marked)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tunesmith.report import plot_loss
+
+    series = {
+        "train loss": [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None],
+        "eval loss": [(m["step"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None],
+    }
     fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
-    evals = [(m["step"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None]
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (trained tokens)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    plot_loss(ax, {name: points for name, points in series.items() if points})
     fig.tight_layout()
     with artifacts.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
