@@ -64,3 +64,28 @@ def test_status_text_rate_and_eta():
     text = progress.status_text("generate base", 30, 120, "examples", 60.0, 30, {})
     assert text == "generate base: 30/120 examples (25%), 0.50 examples/s, 1m00s elapsed, ETA 3m00s"
     assert progress.human_duration(7322) == "2h02m"
+
+
+def test_a_terminal_gets_a_bar_and_a_pipe_gets_lines(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0")
+    outputs = {}
+    for name, terminal in (("terminal", True), ("pipe", False)):
+        monkeypatch.setattr("sys.stdout.isatty", lambda terminal=terminal: terminal)
+        stream = io.StringIO()
+        console = Console(file=stream, force_terminal=terminal, width=200)
+        with progress.Progress("train", 3, "step", console=console, run_dir=tmp_path) as bar:
+            for step in (1, 2, 3):
+                bar.update(step, loss=f"{1 / step:.4f}")
+            assert progress.read_record(tmp_path)["done"] == 3 and not progress.read_record(tmp_path)["finished"]
+        outputs[name] = stream.getvalue()
+    # Piped: one plain line per update (interval 0), no control codes.
+    assert "train: step 2/3 (67%), loss 0.5000, " in outputs["pipe"] and "\x1b" not in outputs["pipe"]
+    # A terminal: the bar draws itself (escape codes), without the plain lines.
+    assert "\x1b[" in outputs["terminal"] and "train: step 2/3" not in outputs["terminal"]
+    for output in outputs.values():
+        assert "train: 3/3 steps in " in output  # the end line with the wall time, in both
+    assert progress.read_record(tmp_path)["finished"]
