@@ -245,8 +245,10 @@ def log_training_end(trackers: Trackers | None, summary: dict[str, Any], loss_pl
 
 def log_evaluation(cfg, results: dict[str, Any], eval_dir: Path) -> None:
     """Every subject's final metrics (with intervals), the verdict and the report, to the
-    tracker run training opened (a new one when there is none)."""
-    if not cfg.report_to:
+    tracker run training opened (a new one when there is none). Only an evaluation of the
+    fine-tune: the pipeline's baseline stage runs before training opens the tracker run, and
+    the evaluation after it logs the baselines' answers again (reused, not regenerated)."""
+    if not cfg.report_to or "tuned" not in results["subjects"]:
         return
     trackers = Trackers(cfg, new_run=False)
     try:
