@@ -72,6 +72,7 @@ def test_few_shot_choice_is_stratified_and_stated(tmp_path, tiny_model_dir):
     results = evaluate.run(cfg)
     html = (cfg.run_dir / "eval/report.html").read_text()
     assert "Training loss" in html and '<img alt="loss"' in html and '<img alt="confusion"' in html
+    assert "Best eval loss 2.2000 at step 2 (the star); the last, at step 2: 2.2000." in (cfg.run_dir / "eval/report.md").read_text()
     shots = results["few_shot"]
     assert shots["k"] == 4 and sorted(shots["labels"]) == ["account", "billing", "shipping", "technical"]
     train = [json.loads(x) for x in (cfg.run_dir / "data/train.jsonl").read_text().splitlines()]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import pytest
 from tunesmith import artifacts, pipeline, train
 from tunesmith.artifacts import read_manifest_or_empty
 from tunesmith.checkpoints import list_checkpoints
+from tunesmith.runs import run_summary
 from tunesmith.starter import support_tickets
 
 
@@ -81,15 +83,21 @@ def test_sigkill_during_training_then_rerun_reuses_stages_and_checkpoint(tiny_mo
     config = write_project(tmp_path, tiny_model_dir, max_steps=80, save_every=5, batch_size=2)
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "tunesmith", "run", str(config)]
-    proc = subprocess.Popen(command, env=single_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A progress record at every step, so that `tunesmith runs` shows the live step.
+    env = {**single_thread_env(), "TUNESMITH_PROGRESS_INTERVAL_S": "0"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoints = run_dir / artifacts.CHECKPOINTS_DIR
     while proc.poll() is None and not list_checkpoints(checkpoints):
         time.sleep(0.002)
+    live = run_summary(run_dir)["status"]
     proc.kill()  # SIGKILL mid-training: nothing gets to clean up
     proc.wait()
     assert proc.returncode == -9, proc.stderr.read().decode()
+    assert re.fullmatch(r"running train: step \d+/80 \(\d+%\), loss [\d.]+, \d+ tokens/s.*, ETA .+", live), live
     states = stage_states(run_dir)
     assert states["train"] == "running" and states["baseline"] == "done"
+    # Killed, it could record nothing; its process is gone, so it failed.
+    assert run_summary(run_dir)["status"].startswith(f"failed at train: the process (pid {proc.pid}) ended without finishing it")
     assert not (run_dir / artifacts.ADAPTER_DIR).exists()
     killed_at = int(list_checkpoints(checkpoints)[-1].name.split("-")[1])
 
@@ -113,6 +121,10 @@ def test_data_errors_stop_the_run_before_training(tiny_model_dir, tmp_path, cli)
     assert "Traceback" not in result.stderr
     assert "training was not started" in result.stderr and "line 61" in result.stderr
     assert not (tmp_path / "run" / artifacts.TRAIN_DIR).exists()
+    # `tunesmith runs` says where and why it stopped (it used to say "running check" for good).
+    listed = cli("runs", "--json")
+    status = json.loads(listed.stdout)[0]["status"]
+    assert status.startswith("failed at check: the data check found 1 error(s)") and "line 61" in status
 
 
 def test_unknown_stage_is_a_user_error(tiny_model_dir, tmp_path, cli):
@@ -135,8 +147,9 @@ def test_gates_judge_the_fine_tune_not_the_baselines(tiny_model_dir, tmp_path, c
     assert result.returncode == 3, result.stderr  # the random tiny model cannot pass it
     assert "gate failed" in result.stderr and "tuned" in result.stderr
     states = stage_states(tmp_path / "run")
-    assert states["baseline"] == "done" and states["train"] == "done" and states["eval"] == "running"
+    assert states["baseline"] == "done" and states["train"] == "done" and states["eval"] == "failed"
     assert "export" not in states
+    assert run_summary(tmp_path / "run")["status"].startswith("failed at eval: gate failed: exact_match>=0.99")
     assert (tmp_path / "run" / "eval" / "report.md").exists()
 
 

@@ -206,6 +206,37 @@ def test_early_stopping(tiny_model_dir, tmp_path):
     assert (cfg.run_dir / artifacts.ADAPTER_DIR / "adapter_model.safetensors").exists()
 
 
+def test_eval_loss_defaults_give_a_curve_and_early_stopping(tiny_model_dir, tmp_path):
+    # No eval_every: about 10 evals per run (here every 3rd of 30 steps), so patience alone stops
+    # a diverging run; the eval loss runs on the capped, seeded sample (3 of the 8 held out).
+    cfg = make_cfg(tmp_path, tiny_model_dir, max_steps=30, early_stopping_patience=2, learning_rate=3.0, warmup_ratio=0,
+                   eval_loss_examples=3, initial_eval=False)
+    summary = train.run(cfg)
+    rows = train.read_metrics(cfg.run_dir / artifacts.METRICS_FILE)
+    eval_steps = [m["step"] for m in rows if "eval_loss" in m]
+    assert eval_steps[:2] == [3, 6] and rows[0]["step"] == 1  # no step-0 eval: initial_eval off
+    assert summary["stopped_early"] and summary["steps"] == eval_steps[-1] < 30
+    assert summary["eval_loss_examples"] == 3 and summary["initial_eval_loss"] is None
+    # The same seeded sample at every eval: its loss at the end is the loss of those 3 examples.
+    sample = train.eval_loss_sample(list(range(8)), 3, seed=0)
+    assert sample == sorted(sample) and len(set(sample)) == 3 and sample == train.eval_loss_sample(list(range(8)), 3, seed=0)
+
+
+def test_the_loss_plot_marks_the_best_eval_step():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tunesmith.report import plot_loss
+
+    fig, ax = plt.subplots()
+    plot_loss(ax, {"train loss": [(1, 3.0), (2, 2.0), (3, 1.0)], "eval loss": [(0, 3.5), (2, 2.5), (3, 2.7)]})
+    labels = ax.get_legend_handles_labels()[1]
+    plt.close(fig)
+    assert labels == ["train loss", "eval loss", "best eval loss 2.5000 (step 2)"]
+
+
 def _single_thread_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

@@ -45,6 +45,11 @@ CHECKPOINTS_DIR = "train/checkpoints"
 METRICS_FILE = "train/metrics.jsonl"
 LOSS_PLOT_FILE = "train/loss.png"
 EVAL_DIR = "eval"
+PROGRESS_FILE = "progress.json"  # the running task's progress, for `tunesmith runs`
+TRACKING_FILE = "tracking.json"  # the experiment trackers' run ids, so eval logs to the run train opened
+TENSORBOARD_DIR = "tracking/tensorboard"
+MLFLOW_DIR = "tracking/mlruns"
+WANDB_DIR = "tracking"  # wandb adds its own wandb/ folder below
 EXPORT_DIR = "export"
 # Beside every export (RUN/export/FORMAT/): the base fingerprint it was trained on, which
 # `tunesmith serve` reads to drift-guard an exported adapter folder.

@@ -133,7 +133,19 @@ class TrainConfig(_Closed):
         True, description="Compute a prompt prefix shared by a whole batch once per batch."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
-    eval_every: int | None = Field(None, ge=1, le=MAX_COUNT, description="Eval loss every N steps (and always at the end).")
+    eval_every: int | None = Field(
+        None, ge=1, le=MAX_COUNT,
+        description="Eval loss every N steps (and always at the end); null: about 10 evals per run, so the eval loss is a "
+        "curve and early stopping has points to judge.",
+    )
+    eval_loss_examples: int | None = Field(
+        256, ge=1, le=MAX_COUNT,
+        description="The in-training eval loss runs on a seeded sample of at most this many held-out examples "
+        "(the same sample at every eval); null: all of them. The held-out set is still evaluated whole by `tunesmith eval`.",
+    )
+    initial_eval: bool = Field(
+        True, description="Compute the base model's eval loss before step 1, the curve's starting point (one eval pass)."
+    )
     save_every: int | None = Field(None, ge=1, le=MAX_COUNT, description="Checkpoint every N steps (and always at the end).")
     early_stopping_patience: int | None = Field(
         None, ge=1, le=MAX_COUNT, description="Stop after this many evals without a better eval loss."
@@ -228,6 +240,12 @@ class RunConfig(_Closed):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation against baselines.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that get the config, the per-step metrics, the eval results and the artifacts "
+        "(each an optional install: pip install 'tunesmith[tracking]'). MLflow writes to RUN/tracking/mlruns unless "
+        "MLFLOW_TRACKING_URI is set; W&B runs offline (RUN/tracking/wandb) unless WANDB_MODE or an API key says otherwise.",
+    )
 
 
     def resolve(self, relative: str | None) -> Path | None:

@@ -29,12 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from tunesmith import artifacts, runs
+from tunesmith import artifacts, runs, tracking
 from tunesmith import metrics as M
 from tunesmith.config import RunConfig
 from tunesmith.errors import GateFailed, UserError
 from tunesmith.formatting import cut_before_tail, truncate_prompt
 from tunesmith.inference import Generation, cache_arg, generate_greedy, inference_dtype, pad_token_id, render_ids, stop_token_ids
+from tunesmith.progress import Progress
 from tunesmith.schema import Conversation
 
 ALPHA = 0.05  # significance level of every paired test
@@ -275,6 +276,7 @@ def run(
     if junit is not None:
         report.write_junit(Path(junit), results)
     write_manifest_section(run_dir, results)
+    tracking.log_evaluation(cfg, results, out_dir)
     failed = [g for g in gate_results if not g["passed"]]
     if failed:
         raise GateFailed("; ".join(_gate_line(g) for g in failed))
@@ -472,7 +474,9 @@ def generate_baselines(
             generations[name] = previous
             subject_info[name]["reused_from_previous_report"] = True
         elif grammar is not None:
-            generations[name] = generate_constrained(base.model, prompts[name], grammar, data.task, cfg.eval.max_new_tokens, decoding)
+            with generation_progress(cfg, name, len(prompts[name])) as progress:
+                generations[name] = generate_constrained(base.model, prompts[name], grammar, data.task, cfg.eval.max_new_tokens, decoding,
+                                                         on_example=progress.advance)
         else:
             generations[name] = generate_subject(cfg, name, base.model, prompts[name], decoding)
     return generations, subject_info
@@ -495,16 +499,18 @@ def generate_finetunes(cfg, data, subjects, prompts, decoding: Decoding, against
     return warnings
 
 
-def generate_subject(cfg: RunConfig, name: str, model, prompts: list[list[int]], decoding: Decoding) -> list[Generation]:
-    """One subject's greedy answers, with a progress bar; decoding identical for every subject."""
-    from rich.progress import Progress
+def generation_progress(cfg: RunConfig, name: str, count: int) -> Progress:
+    """The progress of one subject's answers (a bar, or plain lines when not in a terminal)."""
+    return Progress(f"generate {name}", count, "examples", console=_stderr(), run_dir=cfg.run_dir, transient=True)
 
+
+def generate_subject(cfg: RunConfig, name: str, model, prompts: list[list[int]], decoding: Decoding) -> list[Generation]:
+    """One subject's greedy answers, with progress; decoding identical for every subject."""
     ec = cfg.eval
-    with Progress(transient=True, console=_stderr()) as bar:
-        task_id = bar.add_task(f"eval {name}", total=len(prompts))
+    with generation_progress(cfg, name, len(prompts)) as progress:
         return generate_greedy(
             model, prompts, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size, stop_ids=decoding.stop_ids,
-            pad_id=decoding.pad_id, decode=decoding.decode, on_batch=lambda n: bar.advance(task_id, n),
+            pad_id=decoding.pad_id, decode=decoding.decode, on_batch=progress.advance,
         )
 
 
@@ -517,7 +523,8 @@ def answer_grammar(data: EvalData) -> str:
     return json.dumps(data.schema or {}, ensure_ascii=False)
 
 
-def generate_constrained(model, prompts: list[list[int]], grammar: str, task: str, max_new_tokens: int, decoding: Decoding) -> list[Generation]:
+def generate_constrained(model, prompts: list[list[int]], grammar: str, task: str, max_new_tokens: int, decoding: Decoding,
+                         on_example=None) -> list[Generation]:
     """Greedy answers held to `grammar` (xgrammar, as the server's response_format does): at
     each step the tokens the grammar forbids are masked out before the argmax.
 
@@ -558,6 +565,8 @@ def generate_constrained(model, prompts: list[list[int]], grammar: str, task: st
             elapsed_s = time.perf_counter() - start
             answer = tokens[:-1] if tokens and tokens[-1] in decoding.stop_ids else tokens
             out.append(Generation(decoding.decode(answer).strip(), tokens, elapsed_s, elapsed_s, stopped))
+            if on_example:
+                on_example()
     return out
 
 

@@ -20,6 +20,7 @@ from tunesmith import artifacts, runs
 from tunesmith.artifacts import sha256_file, write_text_atomic
 from tunesmith.config import RunConfig, config_to_yaml
 from tunesmith.errors import UserError
+from tunesmith.progress import human_duration
 
 STAGES = runs.PIPELINE_STAGES  # check, split, baseline, train, eval, export
 console = Console(stderr=True)
@@ -207,21 +208,41 @@ def run(
             summary[stage] = {"skipped": True, **record.result}
             continue
         # A training interrupted with the same inputs resumes from its last checkpoint.
-        resume_training = stage == "train" and not force and current and record.status == "running"
+        # (A failed one too: an interrupt or a crash mid-training leaves checkpoints worth resuming.)
+        resume_training = stage == "train" and not force and current and record.status in ("running", "failed")
         # The pipeline replaces a training it recorded itself (its inputs changed); one run by
         # hand with `tunesmith train` only with --force.
         replace_training = force or record is not None
         console.print(f"[bold]{stage}[/bold]{' (resuming)' if resume_training else ''}")
-        runs.write_stage_record(run_dir, stage, runs.StageRecord(status="running", inputs=inputs, started_at=time.time()))
-        start = time.perf_counter()
-        result = stages[stage]()
-        seconds = time.perf_counter() - start
-        # The inputs hash was taken before the stage ran; it covers upstream artifacts only, so
-        # the stage's own outputs do not change it.
-        runs.write_stage_record(
-            run_dir, stage, runs.StageRecord(status="done", inputs=inputs, seconds=round(seconds, 2), result=result, finished_at=time.time())
-        )
-        summary[stage] = result
+        summary[stage] = run_stage(run_dir, stage, inputs, stages[stage])
     return summary
+
+
+def run_stage(run_dir: Path, stage: str, inputs: str, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one stage between its records: `running` (with this process's id, so `tunesmith runs`
+    can tell a killed run), then `done` with its wall time, or `failed` with the error's line.
+
+    The error is recorded and raised again: the CLI still prints it and exits as before.
+    """
+    started_at = time.time()
+    runs.write_stage_record(run_dir, stage, runs.StageRecord(status="running", inputs=inputs, started_at=started_at, **runs.this_process()))
+    start = time.perf_counter()
+    try:
+        result = body()
+    except BaseException as e:
+        seconds = time.perf_counter() - start
+        runs.write_stage_record(run_dir, stage, runs.StageRecord(
+            status="failed", inputs=inputs, started_at=started_at, finished_at=time.time(), seconds=round(seconds, 2), error=runs.error_line(e),
+        ))
+        console.print(f"{stage}: failed after {human_duration(seconds)}", markup=False, highlight=False)
+        raise
+    seconds = time.perf_counter() - start
+    # The inputs hash was taken before the stage ran; it covers upstream artifacts only, so
+    # the stage's own outputs do not change it.
+    runs.write_stage_record(
+        run_dir, stage, runs.StageRecord(status="done", inputs=inputs, seconds=round(seconds, 2), result=result, started_at=started_at, finished_at=time.time())
+    )
+    console.print(f"{stage}: done in {human_duration(seconds)}", markup=False, highlight=False)
+    return result
 
 

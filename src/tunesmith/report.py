@@ -57,6 +57,30 @@ def read_loss_curve(path: Path) -> dict[str, list[tuple[float, float]]]:
     return series
 
 
+def best_eval_point(series: dict[str, list[tuple[float, float]]]) -> tuple[float, float] | None:
+    """(step, eval loss) of the lowest eval loss, the first when tied; None without evals."""
+    points = series.get("eval loss") or []
+    return min(points, key=lambda p: p[1]) if points else None
+
+
+def plot_loss(ax, series: dict[str, list[tuple[float, float]]]) -> None:
+    """Train and eval loss against the step, the best eval step marked: where early stopping
+    would keep the model, and how far the last step is from it. (The one loss plot: train's
+    loss.png and the report's draw it here.)"""
+    for name, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=name,
+                marker="o" if name == "eval loss" else ("." if len(points) < 30 else None), linewidth=1)
+    best = best_eval_point(series)
+    if best is not None:
+        ax.axvline(best[0], color="green", linestyle=":", linewidth=1)
+        ax.plot([best[0]], [best[1]], marker="*", markersize=14, color="green", linestyle="none",
+                label=f"best eval loss {best[1]:.4f} (step {int(best[0])})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (trained tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -150,6 +174,10 @@ def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], los
         blocks += [("h2", "Gates"), ("table", ["gate", "subject", "value", "result"], rows)]
     if loss:
         blocks += [("h2", "Training loss"), ("plot", "loss")]
+        best, evals = best_eval_point(loss), loss.get("eval loss") or []
+        if best is not None:
+            blocks.append(("p", f"Best eval loss {best[1]:.4f} at step {int(best[0])} (the star); the last, at step "
+                                f"{int(evals[-1][0])}: {evals[-1][1]:.4f}."))
     if results["task"] == "classification":
         blocks += per_class_blocks(results)
     blocks += disagreement_blocks(results, predictions)
@@ -317,11 +345,7 @@ def with_plots(blocks: list[tuple], results: dict[str, Any], loss: dict) -> dict
         plots["metrics"] = _png(fig)
     if "loss" in wanted and loss:
         fig, ax = plt.subplots(figsize=(6, 3))
-        for name, points in loss.items():
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=name, marker="." if len(points) < 30 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.legend()
+        plot_loss(ax, loss)
         ax.set_title("Training loss")
         plots["loss"] = _png(fig)
     if "per_class" in wanted:

@@ -82,12 +82,39 @@ class StageRecord(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    status: str  # "running" or "done"
+    status: str  # "running", "done" or "failed"
     inputs: str  # pipeline.stage_inputs: the hash that decides whether the stage is current
     started_at: float | None = None
     finished_at: float | None = None
     seconds: float = 0.0
     result: dict[str, Any] = {}
+    error: str | None = None  # a failed stage's error, one line
+    pid: int | None = None  # the process running the stage: when it is gone, the run was killed
+    host: str | None = None
+
+
+def this_process() -> dict[str, Any]:
+    """The StageRecord fields that name the running process (pid, host)."""
+    import os
+    import socket
+
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def error_line(error: BaseException) -> str:
+    """A stage's error as one line: a user error with its fix, else the exception's type and text."""
+    from tunesmith.errors import GateFailed
+
+    if isinstance(error, UserError):
+        text = error.one_line()
+    elif isinstance(error, GateFailed):
+        text = f"gate failed: {error}"
+    elif isinstance(error, KeyboardInterrupt):
+        text = "interrupted"
+    else:
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def write_train_record(run_dir: Path, record: TrainRecord) -> None:
@@ -382,12 +409,35 @@ def _run_config_dict(folder: Path) -> dict[str, Any]:
     return {k: v for k, v in record.config.items() if k != "base_dir"} if record is not None else {}
 
 
+def run_status(folder: Path, pipeline: dict[str, StageRecord]) -> str:
+    """`running train: step 12/100 ..., ETA 3m05s`, `failed at eval: <error>`, `done export` or `new`.
+
+    A stage recorded as running whose process is gone was killed (SIGKILL, out of memory, a
+    node lost): it failed, though nothing could record it.
+    """
+    from tunesmith.progress import process_alive, read_record
+
+    for stage in PIPELINE_STAGES:
+        record = pipeline.get(stage)
+        if record is None:
+            continue
+        if record.status == "failed":
+            return f"failed at {stage}: {record.error or 'unknown error'}"
+        if record.status == "running":
+            if process_alive(record.pid, record.host) is False:
+                return f"failed at {stage}: the process (pid {record.pid}) ended without finishing it (killed?); `tunesmith run` resumes"
+            live = read_record(folder)
+            if live and not live.get("finished") and live.get("pid") == record.pid and (live.get("updated_at") or 0) >= (record.started_at or 0):
+                return f"running {stage}: {live['text'].removeprefix(stage + ': ')}"
+            return f"running {stage}"
+    done = [s for s in PIPELINE_STAGES if s in pipeline and pipeline[s].status == "done"]
+    return f"done {done[-1]}" if done else "new"
+
+
 def run_summary(folder: Path) -> dict[str, Any]:
     config = _run_config_dict(folder)
     pipeline = read_stage_records(folder)
-    done = [s for s in PIPELINE_STAGES if s in pipeline and pipeline[s].status == "done"]
-    running = [s for s in PIPELINE_STAGES if s in pipeline and pipeline[s].status == "running"]
-    status = f"running {running[0]}" if running else (f"done {done[-1]}" if done else "new")
+    status = run_status(folder, pipeline)
     results = _read_json(folder / artifacts.EVAL_DIR / "results.json")
     primary = _primary_metric(results)
     seconds = sum(pipeline[s].seconds for s in PIPELINE_STAGES if s in pipeline)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunesmith import artifacts, runs
+from tunesmith import artifacts, runs, tracking
 from tunesmith.checkpoints import (
     full_model_state,
     full_tensor,
@@ -50,6 +50,7 @@ from tunesmith.formatting import (
 )
 from tunesmith.inference import use_bf16
 from tunesmith.modeling import autocast, causal_lm, check_loss_matches_model, load_for_training, make_loss_module
+from tunesmith.progress import Progress, human_duration
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -236,22 +237,20 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
 
 
 def write_loss_plot(metrics: list[dict], path: Path) -> None:
+    """train/loss.png: report.plot_loss on the metrics rows (the best eval step marked)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tunesmith.report import plot_loss
+
+    series = {
+        "train loss": [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None],
+        "eval loss": [(m["step"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None],
+    }
     fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
-    evals = [(m["step"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None]
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (trained tokens)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    plot_loss(ax, {name: points for name, points in series.items() if points})
     fig.tight_layout()
     with artifacts.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -268,11 +267,14 @@ def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
 # --- loss on the eval split, precision, compile ------------------------------------------------
 
 
-def evaluate_loss(loss_module, examples: list[Example], cfg: RunConfig, pad_id: int, device, bf16: bool, world: int, rank: int, lockstep: bool = False) -> float | None:
+def evaluate_loss(loss_module, examples: list[Example], cfg: RunConfig, pad_id: int, device, bf16: bool, world: int, rank: int,
+                  lockstep: bool = False, shared_prefix: bool = False) -> float | None:
     """Token-mean cross-entropy on the eval split (trained positions only), sharded over ranks.
 
     `lockstep` (FSDP, whose forward gathers weights from every rank): each rank runs the same
     number of batches; a rank out of batches runs one more whose loss it does not count.
+    `shared_prefix`: a prompt prefix every row of a batch shares runs once per batch, as in
+    training (a long system prompt is most of an eval batch's compute otherwise).
     """
     import torch
 
@@ -292,7 +294,8 @@ def evaluate_loss(loss_module, examples: list[Example], cfg: RunConfig, pad_id: 
             tensors = collate(examples, batch, pad_id)
             with autocast(device, bf16):
                 loss = loss_module(
-                    tensors["input_ids"].to(device), tensors["labels"].to(device), tensors["position_ids"].to(device)
+                    tensors["input_ids"].to(device), tensors["labels"].to(device), tensors["position_ids"].to(device),
+                    tensors["shared_prefix_len"] if shared_prefix else 0,
                 )
             if j < len(mine):
                 total += float(loss)
@@ -304,6 +307,21 @@ def evaluate_loss(loss_module, examples: list[Example], cfg: RunConfig, pad_id: 
     loss_module.train(was_training)
     total, tokens = all_sum([total, tokens], world, device)
     return total / max(tokens, 1)
+
+
+def eval_loss_sample(examples: list[Example], cap: int | None, seed: int) -> list[Example]:
+    """The held-out examples the in-training eval loss runs on: a seeded sample of at most `cap`
+    (the same one at every eval, so the curve compares like with like), in file order. A
+    1,000-row held-out set would otherwise cost minutes at every eval."""
+    if cap is None or len(examples) <= cap:
+        return examples
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), cap))
+    return [examples[i] for i in chosen]
+
+
+def eval_every_steps(cfg: RunConfig, total_steps: int) -> int:
+    """Steps between eval losses: `train.eval_every`, else about 10 evals per run."""
+    return cfg.train.eval_every or max(1, math.ceil(total_steps / 10))
 
 
 def refuse_non_finite(step: int, loss: float, grad_norm: float) -> None:
@@ -354,6 +372,7 @@ class TrainingState:
     initial_eval_loss: float | None = None
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
+    eval_time_s: float = 0.0  # spent on eval losses (in this and earlier sessions of the run)
     last_eval_loss: float | None = None
     stopped_early: bool = False
 
@@ -402,7 +421,8 @@ class TrainingSetup:
         return self.tokenizer.pad_token_id
 
     def eval_loss(self) -> float | None:
-        return evaluate_loss(self.loss_module, self.eval_examples, self.cfg, self.pad_id, self.device, self.bf16, self.world, self.rank, self.fsdp)
+        return evaluate_loss(self.loss_module, self.eval_examples, self.cfg, self.pad_id, self.device, self.bf16, self.world, self.rank,
+                             self.fsdp, self.shared_prefix)
 
 
 @dataclass
@@ -435,6 +455,8 @@ def prepare(cfg: RunConfig, world: int, rank: int, device) -> TrainingSetup:
 
     tokenizer = load_tokenizer(runs.base_model_ref(cfg), trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
     train_examples, eval_examples, data_info = load_examples(cfg, tokenizer)
+    eval_examples = eval_loss_sample(eval_examples, t.eval_loss_examples, t.seed)
+    data_info["eval_loss_examples"] = len(eval_examples)
 
     # 2. Seeds before the model: LoRA init draws from the torch RNG.
     random.seed(t.seed + rank)
@@ -596,51 +618,58 @@ def train_step(s: TrainingSetup, state: TrainingState) -> dict[str, Any]:
     }
 
 
-def evaluate_and_track(s: TrainingSetup, state: TrainingState, console) -> float | None:
+def timed_eval_loss(s: TrainingSetup, state: TrainingState, progress, when: str) -> float | None:
+    """The eval loss now, its cost added to `state.eval_time_s` and shown: on a large held-out
+    set the evals are a visible share of a run, and the user should see what they cost."""
+    start = time.perf_counter()
+    loss = s.eval_loss()
+    seconds = time.perf_counter() - start
+    state.eval_time_s += seconds
+    progress.note(f"eval loss {loss:.4f} {when} ({len(s.eval_examples)} held-out examples, {human_duration(seconds)})")
+    return loss
+
+
+def evaluate_and_track(s: TrainingSetup, state: TrainingState, progress) -> float | None:
     """The eval loss now; keeps the best one and stops early after `early_stopping_patience` worse ones."""
     patience = s.cfg.train.early_stopping_patience
-    state.last_eval_loss = loss = s.eval_loss()
+    state.last_eval_loss = loss = timed_eval_loss(s, state, progress, f"at step {state.step}")
     if state.best_eval_loss is None or loss < state.best_eval_loss:
         state.best_eval_loss, state.evals_without_improvement = loss, 0
     else:
         state.evals_without_improvement += 1
         if patience and state.evals_without_improvement >= patience:
             state.stopped_early = True
-            console.print(f"early stop at step {state.step}: no better eval loss in {patience} evals")
+            progress.note(f"early stop at step {state.step}: no better eval loss in {patience} evals")
     return loss
 
 
-def train_loop(s: TrainingSetup, state: TrainingState, metrics: MetricsLog, console) -> None:
+def train_loop(s: TrainingSetup, state: TrainingState, metrics: MetricsLog, console, trackers=None) -> None:
     """Step 5: optimizer steps until the plan ends or early stopping, with evals and checkpoints when due."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     t = s.cfg.train
-    progress = Progress(
-        TextColumn("step {task.completed}/{task.total}"),
-        BarColumn(),
-        TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not s.main_rank,
-    )
-    if s.eval_examples and state.step == 0:
-        # Step 0: the base model's eval loss, so the curve shows what training changed.
-        state.initial_eval_loss = state.best_eval_loss = s.eval_loss()
-        metrics.log({"step": 0, "eval_loss": state.initial_eval_loss})
-    with progress:
-        task = progress.add_task("train", total=s.plan.total_steps, completed=state.step, loss="-", tps="-")
+    eval_every = eval_every_steps(s.cfg, s.plan.total_steps)
+    with Progress("train", s.plan.total_steps, "step", console=console, run_dir=s.cfg.run_dir if s.main_rank else None,
+                  done=state.step, enabled=s.main_rank) as progress:
+        if s.eval_examples and state.step == 0 and t.initial_eval:
+            # Step 0: the base model's eval loss, so the curve shows what training changed.
+            state.initial_eval_loss = state.best_eval_loss = timed_eval_loss(s, state, progress, "of the base model")
+            metrics.log({"step": 0, "eval_loss": state.initial_eval_loss})
+            if trackers:
+                trackers.log_metrics({"eval/loss": state.initial_eval_loss}, step=0)
         while state.step < s.plan.total_steps and not state.stopped_early:
             row = train_step(s, state)
             done = state.step == s.plan.total_steps
-            if s.eval_examples and (done or (t.eval_every and state.step % t.eval_every == 0)):
-                row["eval_loss"] = evaluate_and_track(s, state, console)
+            if s.eval_examples and (done or state.step % eval_every == 0):
+                row["eval_loss"] = evaluate_and_track(s, state, progress)
             metrics.log(row)
-            progress.update(task, completed=state.step, loss=f"{row['loss']:.4f}", tps=f"{row['tokens_per_s']:.0f}")
+            if trackers:
+                trackers.log_step(row)
+            progress.update(state.step, loss=f"{row['loss']:.4f}", **{"tokens/s": f"{row['tokens_per_s']:.0f}"},
+                            **({"eval loss": f"{state.last_eval_loss:.4f}"} if state.last_eval_loss is not None else {}))
             if done or state.stopped_early or (t.save_every and state.step % t.save_every == 0):
                 save_training_checkpoint(s, state)
+        if s.eval_examples and state.last_eval_loss is None:
+            state.last_eval_loss = timed_eval_loss(s, state, progress, f"at step {state.step}")
     metrics.close()
-    if s.eval_examples and state.last_eval_loss is None:
-        state.last_eval_loss = s.eval_loss()
 
 
 def save_outputs(s: TrainingSetup, metrics: MetricsLog) -> Path | None:
@@ -685,6 +714,8 @@ def summarize(s: TrainingSetup, state: TrainingState, metrics: MetricsLog, out: 
         "trained_tokens": state.trained_tokens,
         "tokens_fed": state.tokens_fed,  # what the model ran: a shared prefix counts once per batch
         "train_time_s": state.train_time_s,
+        "eval_loss_time_s": state.eval_time_s,
+        "eval_loss_examples": len(s.eval_examples),
         "tokens_per_s": state.tokens / max(state.train_time_s, 1e-9),
         "trainable_parameters": s.trainable_count,
     }
@@ -733,6 +764,7 @@ def run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console=No
 
     started = time.time()
     refuse_replacing_finished_run(cfg, resume=resume, force=force)
+    tracking.check_installed(cfg.report_to)  # a missing tracker library fails before the model loads
     world, rank, _, device = init_distributed()
     console = console or Console(stderr=True)
     if rank != 0:
@@ -741,15 +773,24 @@ def run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console=No
     setup = prepare(cfg, world, rank, device)  # 1-3: data, model, wrappers, optimizer
     state, metrics, resumed = start_or_resume(setup, resume, console)  # 4
     announce(setup, console)
-    train_loop(setup, state, metrics, console)  # 5
-    out = save_outputs(setup, metrics)  # 6
-    summary = summarize(setup, state, metrics, out)
+    trackers = tracking.open_for_training(cfg, setup.loaded.fingerprint, resumed=resumed) if setup.main_rank else None
+    try:
+        train_loop(setup, state, metrics, console, trackers)  # 5
+        out = save_outputs(setup, metrics)  # 6
+        summary = summarize(setup, state, metrics, out)
+    except BaseException:
+        if trackers is not None:
+            trackers.close()
+        raise
     if setup.main_rank:
         write_manifest(setup, summary, started, resumed)
+        tracking.log_training_end(trackers, summary, cfg.run_dir / artifacts.LOSS_PLOT_FILE, out)
         console.print(
             f"done: {state.step} steps, loss {summary['final_loss'] or float('nan'):.4f}"
             + (f", eval loss {state.last_eval_loss:.4f}" if state.last_eval_loss is not None else "")
-            + f", {summary['tokens_per_s']:.0f} tokens/s -> {out}"
+            + f", {summary['tokens_per_s']:.0f} tokens/s, {human_duration(time.time() - started)} wall time"
+            + (f" ({human_duration(state.eval_time_s)} of it eval loss)" if state.eval_time_s else "")
+            + f" -> {out}"
         )
     if world > 1:
         dist.barrier()
