@@ -97,13 +97,17 @@ def check_uploads(cfg: RunConfig, uploads: list[runs.UploadedFile], base_url: st
     from tunesmith.check import check_file
 
     found = []
+    validation = next((f.path for f in uploads if f.purpose == "validation"), None)
     for f in uploads:
-        report = check_file(f.path, format="openai")
+        # The training file with the validation file as held-out (leakage); the validation file
+        # alone, where only the size rule is the training set's and not its own.
+        report = check_file(f.path, format="openai", eval_path=validation if f.purpose == "training" else None)
         artifacts.write_json_atomic(Path(f.path).with_suffix(".check.json"), report.to_dict())
-        if report.errors:
-            first = report.errors[0]
+        errors = [e for e in report.errors if f.purpose == "training" or e.code != "too_few_examples"]
+        if errors:
+            first = errors[0]
             raise UserError(
-                f"the data check found {report.error_count} error(s) in the {f.purpose} file {f.path} "
+                f"the data check found {len(errors)} error(s) in the {f.purpose} file {f.path} "
                 f"(first: {'line %d: ' % first.line if first.line else ''}{first.message}); nothing was uploaded",
                 first.fix or "fix the data and run again",
             )
