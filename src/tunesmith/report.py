@@ -200,6 +200,11 @@ def metric_blocks(results: dict[str, Any]) -> list[tuple]:
     ]
 
 
+def usd(amount: float) -> str:
+    """Dollars with the digits that matter: an eval's hosted cost is often a fraction of a cent."""
+    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.3g}"
+
+
 def usage_blocks(results: dict[str, Any]) -> list[tuple]:
     """Tokens and money per subject, when any subject answered through an API: hosted subjects
     are billed per token, local ones cost this machine's compute (their time is under Metrics)."""
@@ -216,7 +221,7 @@ def usage_blocks(results: dict[str, Any]) -> list[tuple]:
         cost = e.get("cost_usd")
         rows.append([name, f"{e['model']} at {e['base_url']}", f"{u['requests_sent']} sent, {u['cached']} cached, {u['retries']} retried",
                      f"{u['prompt_tokens']:,}", f"{u['completion_tokens']:,}", f"{u['prompt_tokens'] + u['completion_tokens']:,}",
-                     f"${cost:.4f}" if cost is not None else "no price known"])
+                     usd(cost) if cost is not None else "no price known"])
     return [
         ("h2", "Tokens and cost"),
         ("p", "Hosted subjects: tokens as the endpoint counted them, priced at eval.endpoints' or prices.json's dated "
