@@ -5,6 +5,7 @@ endpoint that answers 429/5xx before it succeeds. Served by uvicorn on 127.0.0.1
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from email.parser import BytesParser
@@ -121,9 +122,10 @@ class FakeFineTuning:
 class FlakyChat:
     """A chat endpoint answering `failures` (status, headers) first, then a fixed answer with usage."""
 
-    def __init__(self, failures: list[tuple[int, dict[str, str]]], answer: str = "billing"):
-        self.failures, self.answer = list(failures), answer
+    def __init__(self, failures: list[tuple[int, dict[str, str]]], answer: str = "billing", delay_s: float = 0.0):
+        self.failures, self.answer, self.delay_s = list(failures), answer, delay_s
         self.requests: list[dict[str, Any]] = []
+        self.in_flight = self.max_in_flight = 0
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -132,6 +134,10 @@ class FlakyChat:
         async def chat(request: Request):
             body = await request.json()
             self.requests.append(body)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            await asyncio.sleep(self.delay_s)  # requests overlap only when the client sends them together
+            self.in_flight -= 1
             if self.failures:
                 status, headers = self.failures.pop(0)
                 return JSONResponse({"error": {"message": f"test failure {status}", "type": "server_error", "param": None, "code": None}}, status, headers=headers)

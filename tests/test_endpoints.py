@@ -57,6 +57,14 @@ def test_a_429_is_retried_after_its_retry_after_and_then_succeeds(flaky):
     assert info["cost_usd"] == pytest.approx((11 * 1.0 + 2 * 2.0) / 1e6)
 
 
+def test_concurrency_is_bounded(flaky):
+    state, url = flaky([])
+    state.delay_s = 0.05
+    many = [[{"role": "user", "content": f"ticket {i}"}] for i in range(15)]
+    endpoints.generate_endpoint(subject(url), many, EvalConfig(max_concurrency=3))
+    assert len(state.requests) == 15 and state.max_in_flight == 3
+
+
 def test_retries_give_up_after_max_retries_in_one_line(flaky):
     state, url = flaky([(429, {"Retry-After": "0"})] * 3)
     with pytest.raises(UserError) as e:
