@@ -502,3 +502,15 @@ def test_chat_on_a_model_without_chat_template_is_400_not_500(tiny_model_dir, tm
         handle.stop()
     assert chat.status_code == 400 and chat.json()["error"]["code"] == "no_chat_template", chat.text
     assert completion.status_code == 200, completion.text
+
+
+def test_model_ids_with_dots_are_served(tiny_model_dir, runs, direct):
+    """A model id holding '.' (`ft:base:v1.2:id`, a run renamed v1.2) once failed every request:
+    torch refuses '.' in the module names peft builds from the adapter name."""
+    handle = run_in_thread(create_app(ServeSettings(models=[str(tiny_model_dir), f"alpha.v2={runs['alpha']}"], port=0)))
+    try:
+        client = openai.OpenAI(base_url=f"{handle.url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="alpha.v2", messages=MESSAGES, max_tokens=12, temperature=0)
+    finally:
+        handle.stop()
+    assert reply.choices[0].message.content == direct["alpha"]

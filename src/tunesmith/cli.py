@@ -253,8 +253,11 @@ def serve_command(
     max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens", min=1, help="Longest prompt in tokens."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1024, help="Largest request body."),
     allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Serve adapters trained on a base with another fingerprint."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Folder of the fine-tuning API's files and jobs (default: one per base model under TUNESMITH_HOME/serve)."),
+    max_upload_bytes: int = typer.Option(100 << 20, "--max-upload-bytes", min=1024, help="Largest file uploaded to /v1/files."),
+    finetune_set: list[str] = typer.Option([], "--finetune-set", help="Run-config override for every fine-tuning job, e.g. train.lora.r=8 (repeatable)."),
 ) -> None:
-    """OpenAI-compatible API (chat, completions, models, health, metrics) over one base and its adapters."""
+    """OpenAI-compatible API (chat, completions, models, fine-tuning, health, metrics) over one base and its adapters."""
     from tunesmith.serve import ServeSettings, serve
 
     if api_key is None:  # click reads an empty TUNESMITH_API_KEY as unset: pass it on to be refused
@@ -272,6 +275,9 @@ def serve_command(
         max_prompt_tokens=max_prompt_tokens,
         max_body_bytes=max_body_bytes,
         allow_base_mismatch=allow_base_mismatch,
+        state_dir=str(state_dir) if state_dir else None,
+        max_upload_bytes=max_upload_bytes,
+        finetune_overrides=finetune_set,
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err_console.print(f"warning: serving on {host} without --api-key: anyone who reaches this port can use the model")

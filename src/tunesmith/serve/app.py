@@ -47,6 +47,9 @@ class ServeSettings(BaseModel):
     max_prompt_tokens: int | None = Field(None, ge=1, description="Longest prompt in tokens (default: the model's context minus max_tokens).")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body.")
     allow_base_mismatch: bool = Field(False, description="Serve adapters whose recorded base fingerprint differs.")
+    state_dir: str | None = Field(None, description="Folder of the fine-tuning API's files, jobs and SQLite store (default: one per base model under TUNESMITH_HOME/serve).")
+    max_upload_bytes: int = Field(100 << 20, ge=1024, description="Largest file uploaded to /v1/files.")
+    finetune_overrides: list[str] = Field(default_factory=list, description="Run-config overrides (`train.lora.r=8`) applied to every fine-tuning job before its hyperparameters.")
 
 
 @dataclass
@@ -214,10 +217,14 @@ def create_app(settings: ServeSettings, *, loaded: Any = None) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Any):
         engine.start()
+        app.state.finetuning.runner.start()
         try:
             yield
         finally:
+            app.state.finetuning.runner.stop()
             engine.stop()
+            app.state.finetuning.store.close()
+            app.state.finetuning.lock.close()
 
     app = FastAPI(title="tunesmith", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
@@ -227,7 +234,14 @@ def create_app(settings: ServeSettings, *, loaded: Any = None) -> Any:
     app.state.metrics = Metrics()
     app.state.warnings = warnings
     app.state.started = time.time()
-    app.include_router(router)
+    # The fine-tuning API: its state folder is locked now, so a second server on it fails to start.
+    from tunesmith.serve.finetune import default_state_dir, open_finetuning, router as finetune_router
+
+    state_dir = Path(settings.state_dir).expanduser() if settings.state_dir else default_state_dir(served.base_ref)
+    app.state.finetuning = open_finetuning(app.state, state_dir)
+    app.state.routers = [router, finetune_router]
+    for included in app.state.routers:
+        app.include_router(included)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.middleware("http")(_guard)
@@ -248,7 +262,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 def _route_label(request: Request) -> str:
     """The route template a request matched, or "unmatched": metric labels never carry the raw
     path, which a client controls (label injection, one new series per distinct path)."""
-    for route in router.routes:
+    routes = [route for included in request.app.state.routers for route in included.routes]
+    for route in routes:
         match, _ = route.matches(request.scope)
         if match != Match.NONE:
             return route.path
@@ -270,8 +285,8 @@ async def _guard(request: Request, call_next: Any) -> Any:
         request.state.authorized = not state.settings.api_key or _key_ok(request, state.settings.api_key)
         if not request.state.authorized and request.url.path != "/health":
             response = JSONResponse(protocol.error_body("invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"), status_code=401)
-        elif _declared_length(request) > state.settings.max_body_bytes:
-            response = JSONResponse(protocol.error_body(f"request body over {state.settings.max_body_bytes} bytes", code="body_too_large"), status_code=400)
+        elif _declared_length(request) > _body_limit(request):
+            response = JSONResponse(protocol.error_body(f"request body over {_body_limit(request)} bytes", code="body_too_large"), status_code=400)
         else:
             response = await call_next(request)
     except Exception:  # noqa: BLE001 - internals stay in the log, the client gets a generic 500
@@ -280,6 +295,12 @@ async def _guard(request: Request, call_next: Any) -> Any:
     status = response.status_code
     state.metrics.observe(_route_label(request), status, time.perf_counter() - started)
     return response
+
+
+def _body_limit(request: Request) -> int:
+    """File uploads have their own limit: a training file is larger than any API request."""
+    settings = request.app.state.settings
+    return settings.max_upload_bytes if request.url.path == "/v1/files" else settings.max_body_bytes
 
 
 def _declared_length(request: Request) -> int:
@@ -535,6 +556,7 @@ def serve(settings: ServeSettings) -> None:
     app = create_app(settings)
     for warning in app.state.warnings:
         print(f"warning: {warning}")
+    print(f"fine-tuning API: state folder {app.state.finetuning.folder}")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)
 
 

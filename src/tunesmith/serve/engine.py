@@ -34,6 +34,14 @@ BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
+def peft_name(model_id: str) -> str:
+    """The adapter's name inside peft: model ids may hold '.' (`ft:base:v1.2:id`, a run named
+    v1.2), which torch refuses in module names, so peft gets a name derived from the id."""
+    import hashlib
+
+    return "adapter_" + hashlib.sha256(model_id.encode()).hexdigest()[:16]
+
+
 @dataclass
 class ServedModel:
     """One `model` id of the API: the base itself, or a LoRA adapter over it."""
@@ -202,10 +210,10 @@ class Engine:
         from peft import PeftModel
 
         if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, str(served.adapter_path), adapter_name=name)
+            self.peft = PeftModel.from_pretrained(self.model, str(served.adapter_path), adapter_name=peft_name(name))
             self.peft.eval()
         else:
-            self.peft.load_adapter(str(served.adapter_path), adapter_name=name)
+            self.peft.load_adapter(str(served.adapter_path), adapter_name=peft_name(name))
         self.adapters[name] = served.adapter_path
         self.stats["adapter_loads"] += 1
         # Load first, evict after: peft refuses to delete the only adapter it has.
@@ -214,7 +222,7 @@ class Engine:
             if len(self.adapters) <= self.max_adapters:
                 break
             if old != name and old not in in_use:
-                self.peft.delete_adapter(old)
+                self.peft.delete_adapter(peft_name(old))
                 del self.adapters[old]
                 self.stats["adapter_evictions"] += 1
 
@@ -229,7 +237,7 @@ class Engine:
         return out.logits[:, -1].float(), new_cache if new_cache is not None else out.past_key_values
 
     def _adapter_name(self, seq: Sequence) -> str:
-        return seq.model.id if seq.model.adapter_path is not None else BASE_ADAPTER
+        return peft_name(seq.model.id) if seq.model.adapter_path is not None else BASE_ADAPTER
 
     # --- prefill and decode ---------------------------------------------------------------
 

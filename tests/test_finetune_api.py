@@ -1,0 +1,215 @@
+"""The OpenAI fine-tuning API of `tunesmith serve`, driven by the official `openai` client.
+
+The server is the real command (`python -m tunesmith serve`) on a free port, training jobs on
+the tiny model in subprocesses; the served fine-tune is compared with the job's adapter run
+directly through peft, and a server killed mid-job is restarted on the same state folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import openai
+import pytest
+from finetune_server import API_KEY, finetune_server, wait_for, wait_for_job
+
+from tunesmith import inference
+from tunesmith.runs import load_run_model, read_train_record
+from tunesmith.serve.jobs import JOB_RUN_DIR, JOBS_DIR
+from tunesmith.starter import support_tickets
+
+MESSAGES = [{"role": "user", "content": "my package #12345 has not moved for 8 days"}]
+
+
+@pytest.fixture(scope="module")
+def training_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ft-data") / "tickets.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in support_tickets(30, seed=3)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    with finetune_server(tiny_model_dir, tmp_path_factory.mktemp("ft-server") / "state") as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
+
+
+def direct_reply(run_dir, max_new_tokens: int = 12) -> str:
+    """The greedy answer of a job's adapter run through peft directly, for MESSAGES."""
+    trained = load_run_model(run_dir)
+    ids = [inference.render_ids(trained.tokenizer, MESSAGES)]
+    tokens = inference.greedy_tokens(trained.model, ids, inference.stop_token_ids(trained.model, trained.tokenizer), max_new_tokens=max_new_tokens)[0]
+    return trained.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_seed_recipe_with_the_openai_client(client, server, training_file, tiny_model_dir):
+    """files.create -> fine_tuning.jobs.create -> poll retrieve -> chat with the ft: model;
+    a long job ahead of it in the queue is cancelled while it runs (one job at a time)."""
+    uploaded = client.files.create(file=training_file.open("rb"), purpose="fine-tune")
+    assert (uploaded.object, uploaded.purpose, uploaded.status, uploaded.filename) == ("file", "fine-tune", "processed", "tickets.jsonl")
+    assert uploaded.bytes == training_file.stat().st_size
+    assert client.files.content(uploaded.id).read() == training_file.read_bytes()
+    assert uploaded.id in [f.id for f in client.files.list()]
+
+    base = client.models.list().data[0].id
+    long_job = client.fine_tuning.jobs.create(model=base, training_file=uploaded.id, hyperparameters={"n_epochs": 50, "batch_size": 1})
+    job = client.fine_tuning.jobs.create(
+        model=base, training_file=uploaded.id, suffix="tickets.v1", seed=7,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 2}}},
+    )
+    assert job.status == "queued" and job.fine_tuned_model is None
+    assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size, job.hyperparameters.learning_rate_multiplier) == (1, 4, 2)
+
+    # One at a time: the second job waits while the first trains; a cancel frees the worker.
+    wait_for_job(client, long_job.id, until=("running",))
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "queued"
+    cancelled = client.fine_tuning.jobs.cancel(long_job.id)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+
+    job = wait_for_job(client, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:{tiny_model_dir.name}:tickets.v1:{job.id.removeprefix('ftjob-')}"
+    run_dir = server.state_dir / JOBS_DIR / job.id / JOB_RUN_DIR
+    record = read_train_record(run_dir)
+    assert job.trained_tokens == record.trained_tokens > 0
+    assert record.config["train"]["learning_rate"] == pytest.approx(2 * 1e-2)  # the multiplier times the server's rate
+
+    # Served at once, beside the base: the answer is the job's adapter's, run directly.
+    assert job.fine_tuned_model in [m.id for m in client.models.list().data]
+    reply = client.chat.completions.create(model=job.fine_tuned_model, messages=MESSAGES, max_tokens=12, temperature=0)
+    assert reply.choices[0].message.content == direct_reply(run_dir)
+    base_reply = client.chat.completions.create(model=base, messages=MESSAGES, max_tokens=12, temperature=0)
+    assert base_reply.choices[0].message.content != reply.choices[0].message.content
+
+    # The cancelled job stayed cancelled, and its trainer left no model behind.
+    assert client.fine_tuning.jobs.retrieve(long_job.id).status == "cancelled"
+    assert not (server.state_dir / JOBS_DIR / long_job.id / JOB_RUN_DIR / "train" / "adapter").exists()
+    assert "Fine-tuning job cancelled" in [e.message for e in client.fine_tuning.jobs.list_events(long_job.id)]
+
+    # Events (newest first) and checkpoints, as OpenAI lists them.
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert messages[0] == "The job has successfully completed"
+    assert messages[-1] == f"Created fine-tuning job: {job.id}"
+    steps = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"]
+    assert sorted(e.data["step"] for e in steps) == list(range(1, record.steps + 1))
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and checkpoints[0].step_number == record.steps
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-{record.steps}"
+    assert checkpoints[0].metrics.train_loss == pytest.approx(record.final_loss)
+
+    # Cursor pagination: newest first, `after` continues.
+    first = client.fine_tuning.jobs.list(limit=1)
+    assert [j.id for j in first.data] == [job.id] and first.has_more
+    second = client.fine_tuning.jobs.list(limit=1, after=job.id)
+    assert [j.id for j in second.data] == [long_job.id] and not second.has_more
+    assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id, long_job.id]
+
+    # A finished job's cancel is refused; its files may go once no job needs them.
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job.id)
+    assert client.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+
+
+def test_upload_errors_in_openai_shape_with_the_row(client, server, training_file):
+    rows = training_file.read_text().splitlines()
+    rows[2] = '{"messages": [{"role": "user", "content": "no answer"}'  # line 3: broken JSON
+    broken = training_file.parent / "broken.jsonl"
+    broken.write_text("\n".join(rows) + "\n")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=broken.open("rb"), purpose="fine-tune")
+    error = caught.value.body
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"].startswith("broken.jsonl line 3: ")
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "file", "invalid_file_format")
+    # Nothing of the refused file was kept.
+    assert "broken.jsonl" not in [f.filename for f in client.files.list()]
+    assert len(list((server.state_dir / "files").iterdir())) == len(client.files.list().data)
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=training_file.open("rb"), purpose="batch")
+    assert caught.value.body["param"] == "purpose"
+
+
+def test_job_requests_are_checked(client):
+    base = client.models.list().data[0].id
+    cases = [
+        (dict(model="gpt-4o-mini-2024-07-18", training_file="file-x"), "model"),
+        (dict(model=base, training_file="file-missing"), "training_file"),
+        (dict(model=base, training_file="file-x", hyperparameters={"n_epochs": 0}), "hyperparameters.n_epochs"),
+        (dict(model=base, training_file="file-x", suffix="no spaces please"), "suffix"),
+    ]
+    for kwargs, param in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.fine_tuning.jobs.create(**kwargs)
+        assert caught.value.body["param"] == param, kwargs
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.fine_tuning.jobs.retrieve("ftjob-unknown")
+    assert caught.value.body["code"] == "fine_tuning_job_not_found"
+
+
+def test_fine_tuning_routes_need_the_key(server, training_file):
+    no_key = openai.OpenAI(base_url=server.base_url, api_key="sk-wrong", max_retries=0)
+    for call in (
+        lambda: no_key.files.create(file=training_file.open("rb"), purpose="fine-tune"),
+        lambda: no_key.files.list(),
+        lambda: no_key.fine_tuning.jobs.list(),
+        lambda: no_key.fine_tuning.jobs.create(model="x", training_file="file-x"),
+        lambda: no_key.fine_tuning.jobs.list_events("ftjob-x"),
+        lambda: no_key.fine_tuning.jobs.checkpoints.list("ftjob-x"),
+    ):
+        with pytest.raises(openai.AuthenticationError):
+            call()
+    assert httpx.get(f"{server.base_url}/files").status_code == 401
+
+
+def test_a_job_survives_a_server_killed_mid_training(tiny_model_dir, tmp_path, training_file):
+    """SIGKILL the server while its job trains; a new server on the same state folder resumes
+    the job from its checkpoint and serves the model."""
+    state_dir = tmp_path / "state"
+    settings = dict(overrides=["train.save_every=1"])
+    with finetune_server(tiny_model_dir, state_dir, **settings) as first:
+        client = openai.OpenAI(base_url=first.base_url, api_key=API_KEY, max_retries=0)
+        uploaded = client.files.create(file=training_file.open("rb"), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=uploaded.id, suffix="restart",
+                                             hyperparameters={"n_epochs": 6, "batch_size": 1})
+        killed_at = wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, what="a checkpoint")[0].step_number
+        first.kill()
+    with finetune_server(tiny_model_dir, state_dir, **settings) as second:
+        client = openai.OpenAI(base_url=second.base_url, api_key=API_KEY, max_retries=0)
+        done = wait_for_job(client, job.id)
+        assert done.status == "succeeded", done.error
+        record = read_train_record(state_dir / JOBS_DIR / job.id / JOB_RUN_DIR)
+        assert record.resumed and record.steps > killed_at
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+        resumed = [int(m.group(1)) for m in map(re.compile(r"^Fine-tuning job resumed from its checkpoint at step (\d+) ").match, messages) if m]
+        assert len(resumed) == 1 and resumed[0] >= killed_at
+        reply = client.chat.completions.create(model=done.fine_tuned_model, messages=MESSAGES, max_tokens=4, temperature=0)
+        assert reply.choices[0].message.content is not None
+
+
+def test_a_failing_job_carries_the_trainers_one_line_error(client, training_file):
+    """A row over data.max_length (256 tokens on this server) passes the upload check, which
+    counts no tokens, and stops the job's data check: the job fails with that line."""
+    rows = training_file.read_text().splitlines()
+    long_row = json.loads(rows[4])
+    long_row["messages"][-1]["content"] = "word " * 400
+    rows[4] = json.dumps(long_row)
+    too_long = training_file.parent / "too-long.jsonl"
+    too_long.write_text("\n".join(rows) + "\n")
+    uploaded = client.files.create(file=too_long.open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=uploaded.id, hyperparameters={"n_epochs": 1})
+    job = wait_for_job(client, job.id)
+    assert job.status == "failed" and job.fine_tuned_model is None
+    assert job.error.code == "training_failed"
+    assert "\n" not in job.error.message and "line 5" in job.error.message, job.error.message
+    last = client.fine_tuning.jobs.list_events(job.id).data[0]
+    assert (last.level, last.message) == ("error", f"Fine-tuning job failed: {job.error.message}")
