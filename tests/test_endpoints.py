@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import openai
 import pytest
 from conftest import train_tiny_run
 from fake_provider import FakeFineTuning, FlakyChat
 
-from tunesmith import endpoints, evaluate
+from tunesmith import endpoints, evaluate, runs
 from tunesmith.config import EvalConfig, load_config
 from tunesmith.errors import UserError
 from tunesmith.report import usd
@@ -111,9 +112,14 @@ def test_inference_prices_of_a_snapshot_and_of_its_fine_tunes():
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model_dir):
-    """`tunesmith serve` on the tiny model, its base named like a dated snapshot."""
-    handle = run_in_thread(create_app(ServeSettings(models=[f"{SERVED}={tiny_model_dir}"], port=0)))
+def served(tiny_model_dir, tmp_path_factory):
+    """`tunesmith serve` on the tiny model, its base named like a dated snapshot; its
+    fine-tuning jobs train as the fine-tuning API's own tests train them (seconds each)."""
+    from finetune_server import TINY_JOB_OVERRIDES
+
+    settings = ServeSettings(models=[f"{SERVED}={tiny_model_dir}"], port=0, state_dir=str(tmp_path_factory.mktemp("served") / "state"),
+                             finetune_overrides=TINY_JOB_OVERRIDES)
+    handle = run_in_thread(create_app(settings))
     yield f"{handle.url}/v1"
     handle.stop()
 
@@ -187,9 +193,9 @@ def test_tunesmith_run_with_the_openai_backend_against_tunesmith_serve(served, t
         pytest.skip("this `tunesmith serve` does not implement /v1/fine_tuning/jobs (404): the fine-tuning API is not merged yet")
     from tunesmith.starter import support_tickets
 
-    records = support_tickets(24, seed=3)
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:18]))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[18:]))
+    records = support_tickets(30, seed=3)  # 10 held out: the server checks a validation file as a training file
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:20]))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[20:]))
     config = {
         "name": "hosted", "output_dir": "run", "model": {"name": str(tiny_model_dir)},
         "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 256},
@@ -206,6 +212,22 @@ def test_tunesmith_run_with_the_openai_backend_against_tunesmith_serve(served, t
     assert tuned["kind"] == "hosted fine-tune" and tuned["model"].startswith(f"openai:ft:{SERVED}")
     assert set(results["subjects"]) == {"base", "tuned", f"openai:{SERVED}"}
     assert "tokens and cost" in (tmp_path / "run" / "eval" / "report.md").read_text().lower()
+    # The hosted base is the local base behind HTTP; the hosted fine-tune answers otherwise.
+    rows = [json.loads(x) for x in (tmp_path / "run" / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["outputs"][f"openai:{SERVED}"]["text"] for r in rows] == [r["outputs"]["base"]["text"] for r in rows]
+    assert any(r["outputs"]["tuned"]["text"] != r["outputs"]["base"]["text"] for r in rows)
+    client = openai.OpenAI(base_url=served, api_key="unused", max_retries=0)
+    record = runs.read_provider_record(tmp_path / "run")
+    job = client.fine_tuning.jobs.retrieve(record.job_id)
+    assert (job.status, job.fine_tuned_model, job.trained_tokens) == ("succeeded", record.fine_tuned_model, record.trained_tokens)
+    assert tuned["model"] == f"openai:{record.fine_tuned_model}"
+
+    # A rerun finds every stage current: no second job, no request sent.
+    jobs_before = [j.id for j in client.fine_tuning.jobs.list(limit=100).data]
+    again = run_cli("run", str(tmp_path / "config.yaml"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train: unchanged, skipped" in again.stderr and "eval: unchanged, skipped" in again.stderr
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=100).data] == jobs_before
 
 
 def test_the_fake_fine_tuning_server_is_detected_as_implementing_the_api():
