@@ -34,8 +34,9 @@ class FakeFineTuning:
     leave a job: created, recorded, still running.
     """
 
-    def __init__(self, *, fail_message: str | None = None, steps: int = 3, refuse_retrieves: int = 0):
+    def __init__(self, *, fail_message: str | None = None, steps: int = 3, refuse_retrieves: int = 0, lose_create_answers: int = 0):
         self.fail_message, self.steps, self.refuse_retrieves = fail_message, steps, refuse_retrieves
+        self.lose_create_answers = lose_create_answers  # creates that make the job, then answer 502
         self.files: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self.events: dict[str, list[dict[str, Any]]] = {}
@@ -91,6 +92,10 @@ class FakeFineTuning:
                    "training_file": body["training_file"], "validation_file": body.get("validation_file"), "suffix": body.get("suffix"), "_ticks": 0}
             self.jobs[job_id], self.events[job_id] = job, []
             self.event(job_id, f"Created fine-tuning job: {job_id}")
+            if self.lose_create_answers > 0:
+                self.lose_create_answers -= 1
+                return JSONResponse({"error": {"message": "bad gateway (test)", "type": "server_error", "param": None, "code": None}}, 502,
+                                    headers={"Retry-After": "0"})
             return self.public(job)
 
         @app.get("/v1/fine_tuning/jobs")

@@ -169,6 +169,17 @@ def test_resume_reattaches_to_the_same_job(fake, tiny_model_dir, tmp_path):
     assert result["job_id"] == record.job_id and runs.read_provider_record(cfg.run_dir).status == "succeeded"
 
 
+def test_a_create_whose_answer_is_lost_is_found_not_repeated(fake, tiny_model_dir, tmp_path):
+    """The provider made the job but answered 502: the retry finds that job on our training
+    file instead of paying for a second one."""
+    state, url = fake
+    state.lose_create_answers = 1
+    cfg = load_config(write_project(tmp_path, tiny_model_dir, url))
+    result = provider.run(cfg)
+    assert len(state.created) == 1 and list(state.jobs) == [result["job_id"]]
+    assert runs.read_provider_record(cfg.run_dir).status == "succeeded"
+
+
 def test_an_interrupted_pipeline_reattaches_to_its_job(fake, tiny_model_dir, tmp_path):
     """`tunesmith run` stopped while following the job: the rerun resumes the train stage,
     which re-attaches to the recorded job."""

@@ -31,7 +31,7 @@ from rich.console import Console
 from tunesmith import artifacts, runs
 from tunesmith.config import RunConfig
 from tunesmith.data import read_conversations
-from tunesmith.endpoints import api_error_line, make_client, resolve_base_url, with_retries
+from tunesmith.endpoints import api_error_line, make_client, resolve_base_url, retry_delay_s, with_retries
 from tunesmith.errors import UserError
 
 PROVIDER_DIR = "provider"
@@ -158,23 +158,33 @@ def find_job(client, record: runs.ProviderRecord) -> str | None:
 
 
 def create_job(client, record: runs.ProviderRecord, run_dir: Path) -> None:
-    """Create the job (or find the one already created on these files); its id goes in the manifest at once."""
+    """Create the job (or find the one already created on these files); its id goes in the manifest at once.
+
+    A create answered 5xx, or whose answer was lost, may still have made the job: before each
+    new try the provider's job list is searched for it, so no failure pays for two jobs.
+    """
     import openai
 
     ids = {f.purpose: f.file_id for f in record.files}
-    job_id = find_job(client, record)
-    if job_id is None:
-        key = "tunesmith-" + hashlib.sha256("|".join([record.model, *sorted(f"{k}={v}" for k, v in ids.items())]).encode()).hexdigest()[:32]
-        options: dict[str, Any] = {"suffix": record.suffix, "seed": record.seed}
-        if ids.get("validation"):
-            options["validation_file"] = ids["validation"]
+    key = "tunesmith-" + hashlib.sha256("|".join([record.model, *sorted(f"{k}={v}" for k, v in ids.items())]).encode()).hexdigest()[:32]
+    options: dict[str, Any] = {"suffix": record.suffix, "seed": record.seed}
+    if ids.get("validation"):
+        options["validation_file"] = ids["validation"]
+    job_id = None
+    for attempt in range(JOB_RETRIES + 1):
+        job_id = find_job(client, record)
+        if job_id is not None:
+            break
         try:
-            job = with_retries(lambda: client.fine_tuning.jobs.create(
-                model=record.model, training_file=ids["training"], hyperparameters=record.hyperparameters,
-                extra_headers={"Idempotency-Key": key}, **options), max_retries=JOB_RETRIES)
+            job_id = client.fine_tuning.jobs.create(model=record.model, training_file=ids["training"], hyperparameters=record.hyperparameters,
+                                                    extra_headers={"Idempotency-Key": key}, **options).id
+            break
+        except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
+            if attempt == JOB_RETRIES:
+                raise
+            time.sleep(retry_delay_s(e, attempt))
         except openai.APIStatusError as e:
             raise api_error_line(e, record.base_url, "creating the fine-tuning job") from None
-        job_id = job.id
     record.job_id, record.status, record.created_at = job_id, "validating_files", time.time()
     runs.write_provider_record(run_dir, record)
 
