@@ -87,8 +87,8 @@ def test_a_job_is_followed_to_success_and_recorded(fake, tiny_model_dir, tmp_pat
     assert record.price_usd_per_1m_tokens == 3.0
     assert record.billed_cost_usd == pytest.approx(36000 * 3.0 / 1e6)
     assert record.estimated_tokens > 0 and record.estimated_cost_usd == pytest.approx(record.estimated_tokens * 3.0 / 1e6)
-    manifest = (cfg.run_dir / "manifest.json").read_text()
-    assert "OPENAI_API_KEY" not in manifest.replace('"api_key_env": "OPENAI_API_KEY"', "")
+    (row,) = runs.list_runs()
+    assert row["method"] == "openai:gpt-4o-mini-2024-07-18" and Path(row["path"]) == cfg.run_dir.resolve()
 
 
 def test_the_api_key_never_reaches_a_file(fake, tiny_model_dir, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ from typing import Any
 from rich.console import Console
 
 from tunesmith import artifacts, runs
-from tunesmith.config import RunConfig
+from tunesmith.config import RunConfig, config_to_yaml
 from tunesmith.data import read_conversations
 from tunesmith.endpoints import api_error_line, make_client, resolve_base_url, retry_delay_s, with_retries
 from tunesmith.errors import UserError
@@ -268,6 +268,9 @@ def run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console: C
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     check_pinned(o.model, o.allow_floating_model)
+    # As the pipeline does: `tunesmith eval RUN` and `tunesmith runs` read the run's own config.
+    artifacts.write_text_atomic(run_dir / artifacts.CONFIG_FILE, config_to_yaml(cfg))
+    runs.register_run(run_dir)
     base_url = resolve_base_url(o.base_url)
     record = runs.read_provider_record(run_dir)
     if record is not None and not resume and not force:

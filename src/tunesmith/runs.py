@@ -457,7 +457,8 @@ def run_summary(folder: Path) -> dict[str, Any]:
         "path": str(folder),
         "name": config.get("name", folder.name),
         "model": config.get("model", {}).get("name"),
-        "method": config.get("train", {}).get("method"),
+        "method": (f"openai:{(config['train'].get('openai') or {}).get('model')}" if config.get("train", {}).get("backend") == "openai"
+                   else config.get("train", {}).get("method")),
         "data": config.get("data", {}).get("train"),
         "status": status,
         "primary_metric": primary,
