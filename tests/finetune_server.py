@@ -72,9 +72,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server_process(model_dir: Path, state_dir: Path, *, api_key: str = API_KEY, overrides: list[str] | None = None,
+def start_server_process(model_dir: Path | str, state_dir: Path, *, api_key: str = API_KEY, overrides: list[str] | None = None,
                          extra_args: list[str] | None = None, log_path: Path | None = None) -> ServerProcess:
-    """`python -m tunesmith serve MODEL --state-dir STATE` on a free port; returns once /health answers."""
+    """`python -m tunesmith serve MODEL --state-dir STATE` on a free port; returns once /health answers.
+
+    `model_dir` may be NAME=PATH: the base is then served, and fine-tuned, under NAME (e.g. a
+    dated hosted snapshot's name, for a client that refuses undated ones)."""
     port = free_port()
     log_path = log_path or state_dir.parent / f"{state_dir.name}-server-{port}.log"
     args = [sys.executable, "-m", "tunesmith", "serve", str(model_dir), "--port", str(port), "--api-key", api_key, "--state-dir", str(state_dir)]
@@ -101,7 +104,7 @@ def start_server_process(model_dir: Path, state_dir: Path, *, api_key: str = API
 
 
 @contextlib.contextmanager
-def finetune_server(model_dir: Path, state_dir: Path, **kwargs) -> Iterator[ServerProcess]:
+def finetune_server(model_dir: Path | str, state_dir: Path, **kwargs) -> Iterator[ServerProcess]:
     """A `tunesmith serve` process for the block; stopped (jobs left to resume) at the end."""
     server = start_server_process(model_dir, state_dir, **kwargs)
     try:

@@ -20,6 +20,7 @@ from tunesmith.runs import load_run_model, read_train_record
 from tunesmith.serve.jobs import JOB_RUN_DIR, JOBS_DIR
 from tunesmith.starter import support_tickets
 
+DATED_BASE = "gpt-4o-mini-2024-07-18"  # the tiny model served under a hosted snapshot's name
 MESSAGES = [{"role": "user", "content": "my package #12345 has not moved for 8 days"}]
 
 
@@ -173,17 +174,19 @@ def test_fine_tuning_routes_need_the_key(server, training_file):
 
 def test_a_job_survives_a_server_killed_mid_training(tiny_model_dir, tmp_path, training_file):
     """SIGKILL the server while its job trains; a new server on the same state folder resumes
-    the job from its checkpoint and serves the model."""
+    the job from its checkpoint and serves the model. The base is served under a dated
+    hosted name (NAME=PATH), as a client written for OpenAI would ask for it."""
     state_dir = tmp_path / "state"
-    settings = dict(overrides=["train.save_every=1"])
-    with finetune_server(tiny_model_dir, state_dir, **settings) as first:
+    settings = dict(overrides=["train.save_every=2"])
+    base = f"{DATED_BASE}={tiny_model_dir}"
+    with finetune_server(base, state_dir, **settings) as first:
         client = openai.OpenAI(base_url=first.base_url, api_key=API_KEY, max_retries=0)
         uploaded = client.files.create(file=training_file.open("rb"), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=uploaded.id, suffix="restart",
-                                             hyperparameters={"n_epochs": 6, "batch_size": 1})
+        job = client.fine_tuning.jobs.create(model=DATED_BASE, training_file=uploaded.id, suffix="restart",
+                                             hyperparameters={"n_epochs": 3, "batch_size": 2})
         killed_at = wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, what="a checkpoint")[0].step_number
         first.kill()
-    with finetune_server(tiny_model_dir, state_dir, **settings) as second:
+    with finetune_server(base, state_dir, **settings) as second:
         client = openai.OpenAI(base_url=second.base_url, api_key=API_KEY, max_retries=0)
         done = wait_for_job(client, job.id)
         assert done.status == "succeeded", done.error
@@ -192,13 +195,14 @@ def test_a_job_survives_a_server_killed_mid_training(tiny_model_dir, tmp_path, t
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
         resumed = [int(m.group(1)) for m in map(re.compile(r"^Fine-tuning job resumed from its checkpoint at step (\d+) ").match, messages) if m]
         assert len(resumed) == 1 and resumed[0] >= killed_at
+        assert done.fine_tuned_model == f"ft:{DATED_BASE}:restart:{job.id.removeprefix('ftjob-')}"
         reply = client.chat.completions.create(model=done.fine_tuned_model, messages=MESSAGES, max_tokens=4, temperature=0)
         assert reply.choices[0].message.content is not None
 
 
 def test_a_failing_job_carries_the_trainers_one_line_error(client, training_file):
     """A row over data.max_length (256 tokens on this server) passes the upload check, which
-    counts no tokens, and stops the job's data check: the job fails with that line."""
+    counts no tokens, and stops the job's trainer: the job fails with the trainer's one line."""
     rows = training_file.read_text().splitlines()
     long_row = json.loads(rows[4])
     long_row["messages"][-1]["content"] = "word " * 400
@@ -210,6 +214,27 @@ def test_a_failing_job_carries_the_trainers_one_line_error(client, training_file
     job = wait_for_job(client, job.id)
     assert job.status == "failed" and job.fine_tuned_model is None
     assert job.error.code == "training_failed"
-    assert "\n" not in job.error.message and "line 5" in job.error.message, job.error.message
+    assert "\n" not in job.error.message and "data.max_length" in job.error.message, job.error.message
+    assert job.error.message.startswith("run/data/train.jsonl: ")  # the job folder's path, not the server's
     last = client.fine_tuning.jobs.list_events(job.id).data[0]
     assert (last.level, last.message) == ("error", f"Fine-tuning job failed: {job.error.message}")
+
+
+def test_hostile_uploads_are_clean_4xx(server, client):
+    url, auth = f"{server.base_url}/files", {"Authorization": f"Bearer {API_KEY}"}
+    cases = {
+        "json, not multipart": (dict(json={"file": "x"}), 415, None),
+        "no boundary": (dict(content=b"abc", headers={"content-type": "multipart/form-data"}), 400, "file"),
+        "no file field": (dict(files={"purpose": (None, "fine-tune")}), 400, "file"),
+        "no purpose": (dict(files={"file": ("a.jsonl", b"{}\n")}), 400, "purpose"),
+        "binary": (dict(files={"file": ("a.jsonl", bytes(range(256)) * 4)}, data={"purpose": "fine-tune"}), 400, "file"),
+        "empty": (dict(files={"file": ("a.jsonl", b"")}, data={"purpose": "fine-tune"}), 400, "file"),
+    }
+    before = len(client.files.list().data)
+    for name, (kwargs, status, param) in cases.items():
+        response = httpx.post(url, headers={**auth, **kwargs.pop("headers", {})}, timeout=60, **kwargs)
+        assert response.status_code == status, (name, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param, (name, error)
+        assert str(server.state_dir) not in error["message"], (name, error)  # no server paths
+    assert len(client.files.list().data) == before

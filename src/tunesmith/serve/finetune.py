@@ -269,10 +269,12 @@ def check_upload(path: Path, filename: str) -> int:
     report = check_file(path)
     if report.errors:
         first = report.errors[0]
-        where = f"line {first.line}: " if first.line else ""
+        # The client knows its file by the name it uploaded, not by the server's path.
+        where = f"{filename} line {first.line}: " if first.line else ("" if str(path) in first.message else f"{filename}: ")
+        message = first.message.replace(str(path), filename)
         more = f" ({report.error_count} errors in all; `tunesmith data check` lists them)" if report.error_count > 1 else ""
         fix = f" (fix: {first.fix})" if first.fix else ""
-        raise APIError(400, f"{filename} {where}{first.message}{fix}{more}", param="file", code="invalid_file_format")
+        raise APIError(400, f"{where}{message}{fix}{more}", param="file", code="invalid_file_format")
     return report.examples
 
 

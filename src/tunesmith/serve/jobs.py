@@ -25,7 +25,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -244,7 +243,9 @@ class JobRunner:
         if returncode == 0:
             self._succeed(job, run_dir)
         else:
-            self._fail(job_id, _last_error_line(job_dir / JOB_LOG_FILE) or f"the trainer exited with code {returncode}; see {job_dir / JOB_LOG_FILE}")
+            # Paths inside the job folder are told relative to it: the client has no use for the server's.
+            message = _last_error_line(job_dir / JOB_LOG_FILE) or f"the trainer exited with code {returncode}; see {JOB_LOG_FILE}"
+            self._fail(job_id, message.replace(f"{job_dir}{os.sep}", ""))
 
     def _record_progress(self, job: dict[str, Any], run_dir: Path) -> None:
         """New metrics rows become metrics events; new checkpoint folders, checkpoint records."""
