@@ -38,6 +38,16 @@ _USAGE_ERRORS = tuple({click.exceptions.ClickException, getattr(typer.exceptions
 _ABORTS = tuple({click.exceptions.Abort, typer.Abort, KeyboardInterrupt})
 
 SetOption = typer.Option([], "--set", help="Override a config key: --set train.lora.r=8 (repeatable).")
+AllowPiiOption = typer.Option(False, "--allow-pii", help="train.backend openai: upload data in which the check found personal data.")
+AllowFloatingOption = typer.Option(False, "--allow-floating-model", help="train.backend openai: accept an undated model alias.")
+
+
+def provider_overrides(overrides: list[str], backend: str | None, allow_pii: bool, allow_floating_model: bool) -> list[str]:
+    """The provider flags as the config overrides they are (so the manifest records them)."""
+    extra = [f"train.backend={backend}"] if backend is not None else []
+    extra += ["train.openai.allow_pii=true"] if allow_pii else []
+    extra += ["train.openai.allow_floating_model=true"] if allow_floating_model else []
+    return [*overrides, *extra]
 
 
 @app.command()
@@ -108,13 +118,21 @@ def train(
     show_mask: int = typer.Option(0, "--show-mask", min=0, help="Print N examples with trained tokens highlighted, then stop."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun; DDP, or FSDP with train.parallel fsdp)."),
     force: bool = typer.Option(False, "--force", help="Train again from step 0 over a finished run (replaces its adapter or model and checkpoints)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="local or openai (a job through the OpenAI fine-tuning API); default: train.backend."),
+    allow_pii: bool = AllowPiiOption,
+    allow_floating_model: bool = AllowFloatingOption,
 ) -> None:
     """Fine-tune (LoRA, QLoRA or full) per the config; writes the adapter or model to the run folder."""
     from tunesmith import train as train_stage
     from tunesmith.checkpoints import check_resumable
     from tunesmith.config import load_config
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, provider_overrides(overrides, backend, allow_pii, allow_floating_model))
+    if cfg.train.backend == "openai":
+        from tunesmith import provider
+
+        provider.run(cfg, resume=resume, force=force, console=err_console)
+        return
     if show_mask:
         train_stage.show_mask(cfg, show_mask, console)
         return
@@ -177,12 +195,14 @@ def run_pipeline(
     from_stage: Optional[str] = typer.Option(None, "--from", help="First stage: check, split, baseline, train, eval, export."),
     until_stage: Optional[str] = typer.Option(None, "--until", help="Last stage."),
     force: bool = typer.Option(False, help="Redo stages even when their inputs are unchanged."),
+    allow_pii: bool = AllowPiiOption,
+    allow_floating_model: bool = AllowFloatingOption,
 ) -> None:
     """The whole pipeline: check, split, baseline, train, eval, export; unchanged stages are skipped."""
     from tunesmith import pipeline
     from tunesmith.config import load_config
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, provider_overrides(overrides, None, allow_pii, allow_floating_model))
     summary = pipeline.run(cfg, from_stage=from_stage, until_stage=until_stage, force=force)
     verdict = (summary.get("eval") or {}).get("verdict")
     if verdict:

@@ -110,7 +110,49 @@ class LoraConfig(_Closed):
         return value
 
 
+class OpenAIConfig(_Closed):
+    model: str = Field(
+        "gpt-4o-mini-2024-07-18",
+        min_length=1,
+        description="The provider's model to fine-tune: a dated snapshot (e.g. gpt-4o-mini-2024-07-18), so a "
+        "provider update cannot change what was trained; an undated alias is refused unless `allow_floating_model`.",
+    )
+    base_url: str | None = Field(
+        None,
+        description="OpenAI-compatible API root (e.g. http://127.0.0.1:8000/v1 for `tunesmith serve`); null: the "
+        "OPENAI_BASE_URL environment variable, else https://api.openai.com/v1.",
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        min_length=1,
+        description="Environment variable holding the API key. The key itself is never put in a config, a manifest "
+        "or any file tunesmith writes.",
+    )
+    learning_rate_multiplier: float | None = Field(
+        None, gt=0, le=100, description="The provider's learning-rate multiplier; null: the provider chooses."
+    )
+    suffix: str | None = Field(
+        None, min_length=1, max_length=64, description="Suffix of the fine-tuned model's name; null: the run name."
+    )
+    allow_floating_model: bool = Field(
+        False, description="Accept an undated model alias (its weights may change under the same name)."
+    )
+    allow_pii: bool = Field(
+        False, description="Upload data in which the data check found personal data or secrets (otherwise refused)."
+    )
+    redact: bool = Field(
+        False, description="Upload a copy with personal data replaced by placeholders ([EMAIL], [PHONE], ...)."
+    )
+    poll_interval_s: float = Field(10.0, gt=0, le=3600, description="Seconds between two looks at a running job.")
+
+
 class TrainConfig(_Closed):
+    backend: Literal["local", "openai"] = Field(
+        "local",
+        description="Where training runs: `local` (this machine, tunesmith's trainer) or `openai` (a fine-tuning job "
+        "through the OpenAI fine-tuning API, on OpenAI or any server speaking it, e.g. `tunesmith serve`).",
+    )
+    openai: OpenAIConfig = Field(default_factory=OpenAIConfig, description="The openai backend (train.backend: openai).")
     method: Literal["lora", "qlora", "full"] = Field("lora", description="Fine-tuning method.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (lora and qlora).")
     epochs: float = Field(3.0, gt=0, le=10_000, description="Passes over the training data (ignored when `max_steps` is set).")
@@ -162,7 +204,32 @@ class TrainConfig(_Closed):
     def _fsdp_method(self) -> "TrainConfig":
         if self.parallel == "fsdp" and self.method == "qlora":
             raise ValueError("parallel fsdp does not shard 4-bit (qlora) weights: use method lora or full, or parallel ddp")
+        if self.backend == "openai" and self.max_steps is not None:
+            raise ValueError("the openai backend trains whole epochs: unset max_steps and set epochs")
+        if self.backend == "openai" and self.epochs != int(self.epochs):
+            raise ValueError(f"the openai backend trains whole epochs: epochs {self.epochs} is not a whole number")
         return self
+
+
+class EndpointConfig(_Closed):
+    model: str = Field(..., min_length=1, description="Model name the endpoint serves (e.g. gpt-4o-mini-2024-07-18, ft:..., a vLLM or Ollama model).")
+    name: str | None = Field(
+        None, min_length=1, max_length=200,
+        description="Subject name in the report; null: `openai:MODEL`. Few-shot and prompted add `+fewshot` and `+prompted`.",
+    )
+    base_url: str | None = Field(
+        None, description="API root of any OpenAI-compatible server (vLLM, Ollama, tunesmith serve); null: "
+        "train.openai.base_url, else OPENAI_BASE_URL, else https://api.openai.com/v1.",
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", min_length=1, description="Environment variable holding the key (a local server without auth needs none)."
+    )
+    prompts: list[Literal["zero-shot", "few-shot", "prompted"]] = Field(
+        default_factory=lambda: ["zero-shot", "few-shot", "prompted"], min_length=1,
+        description="Prompt engineering to evaluate, exactly the messages of base, base-fewshot and base-prompted.",
+    )
+    usd_per_1m_input_tokens: float | None = Field(None, ge=0, description="Price of prompt tokens; null: prices.json, else no cost shown.")
+    usd_per_1m_output_tokens: float | None = Field(None, ge=0, description="Price of completion tokens; null: prices.json, else no cost shown.")
 
 
 class EvalConfig(_Closed):
@@ -201,6 +268,14 @@ class EvalConfig(_Closed):
     )
     bootstrap_samples: int = Field(1000, ge=10, le=1_000_000, description="Bootstrap resamples for intervals and paired tests.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the few-shot choice and of the bootstrap.")
+    endpoints: list[EndpointConfig] = Field(
+        default_factory=list,
+        description="Models behind OpenAI-compatible APIs to evaluate beside the local subjects (the provider's base "
+        "model, a hosted fine-tune, a vLLM/Ollama/tunesmith server). A run trained with train.backend openai "
+        "evaluates its hosted fine-tune as `tuned` without being listed here.",
+    )
+    max_concurrency: int = Field(4, ge=1, le=256, description="Requests in flight at once to an endpoint.")
+    max_retries: int = Field(6, ge=0, le=100, description="Retries of a request answered 429 or 5xx (backoff, Retry-After honoured).")
 
     @field_validator("gates")
     @classmethod
@@ -480,6 +555,9 @@ def config_reference_markdown() -> str:
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 subs.append((name, annotation, field.description))
                 continue
+            item = (getattr(annotation, "__args__", None) or [None])[0]
+            if getattr(annotation, "__origin__", None) is list and isinstance(item, type) and issubclass(item, BaseModel):
+                subs.append((f"{name}[]", item, field.description))  # a list of records: each item's keys
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             type_name = str(annotation).replace("typing.", "") + _bounds_text(field)
             rows.append(f"| `{prefix}{name}` | `{type_name}` | `{default}` | {field.description or ''} |")

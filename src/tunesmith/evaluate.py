@@ -10,7 +10,10 @@ decoding:
   majority       no model: the most frequent training label, always (classification);
   tuned          the fine-tune: runs.load_run_model (drift guard; an adapter unmerged and computed
                  in fp32, so small updates are not rounded away; a full model in the eval dtype);
-  against        optionally another run (`--against RUN_DIR`), e.g. the one in production.
+  against        optionally another run (`--against RUN_DIR`), e.g. the one in production;
+  openai:MODEL   models behind OpenAI-compatible APIs (eval.endpoints), sent the messages of base,
+                 base-fewshot, base-prompted (endpoints.py); a run trained through a provider has
+                 its hosted fine-tune answer as `tuned`.
 
 Stop ids, dtype, prompt rendering and batched greedy decoding are inference.py's; scores and
 statistics metrics.py's; the report files report.py's. This module reads top to bottom as the stage.
@@ -29,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from tunesmith import artifacts, runs, tracking
+from tunesmith import artifacts, endpoints, runs, tracking
 from tunesmith import metrics as M
 from tunesmith.config import RunConfig
 from tunesmith.errors import GateFailed, UserError
@@ -229,6 +232,10 @@ def run(
     #    and the task which baselines apply.
     data = read_eval_data(cfg)
     subjects, skipped_subjects = applicable_subjects(subjects, data)
+    # Models behind APIs (endpoints.py): eval.endpoints, and the hosted fine-tune as `tuned` when
+    # the run trained through a provider; listed now, so a missing fine-tune fails before minutes of generation.
+    remote = endpoints.endpoint_subjects(cfg, data.task, *endpoints.hosted_finetune(cfg, subjects))
+    local_subjects = [s for s in subjects if s not in {r.name for r in remote}]
 
     # 2. The base model first: the baselines share it, and the fine-tune is loaded after.
     dtype = inference_dtype(ec.precision)
@@ -244,12 +251,17 @@ def run(
 
     # 3. Prompts, 4. answers: the baselines from the base model, then each fine-tune in turn.
     context_tokens = int(getattr(base.model.config, "max_position_embeddings", 0) or 2048)
-    prompts, prompt_info, few_shot_info, truncation = build_prompts(cfg, data, subjects, base.tokenizer, context_tokens)
-    generations, subject_info = generate_baselines(cfg, data, subjects, prompts, base, decoding, out_dir)
+    wanted = list(dict.fromkeys(subjects + [r.prompts_of for r in remote]))
+    prompts, prompt_info, few_shot_info, truncation, messages = build_prompts(cfg, data, wanted, base.tokenizer, context_tokens)
+    generations, subject_info = generate_baselines(cfg, data, local_subjects, prompts, base, decoding, out_dir)
     del base
     if "majority" in subjects:
         generations["majority"], subject_info["majority"], prompt_info["majority"] = majority_answers(data)
-    warnings = generate_finetunes(cfg, data, subjects, prompts, decoding, against, generations, subject_info, allow_base_mismatch)
+    warnings = generate_finetunes(cfg, data, local_subjects, prompts, decoding, against, generations, subject_info, allow_base_mismatch)
+    for r in remote:
+        generations[r.name], subject_info[r.name] = endpoints.generate_endpoint(r, messages[r.prompts_of], cfg.eval)
+        prompt_info[r.name] = prompt_info[r.prompts_of]
+    subjects = list(dict.fromkeys(subjects + [r.name for r in remote]))
 
     # 5. Scores, intervals, paired tests, verdict; 6. gates.
     primary = M.PRIMARY_METRIC[data.task]
@@ -356,8 +368,10 @@ def read_eval_data(cfg: RunConfig) -> EvalData:
 
 def build_prompts(
     cfg: RunConfig, data: EvalData, subjects: list[str], tokenizer, context_tokens: int
-) -> tuple[dict[str, list[list[int]]], dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    """(prompt ids per subject, what prompt each subject saw, the few-shot choice, the prompt truncation).
+) -> tuple[dict[str, list[list[int]]], dict[str, dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, list]]:
+    """(prompt ids per subject, what prompt each subject saw, the few-shot choice, the prompt
+    truncation, the chat messages of base/base-prompted/base-fewshot for endpoint subjects: whole,
+    as a remote tokenizer cannot be cut like ours).
 
     Zero-shot prompts are what training saw (cut as training cut them, with data.truncate; every
     other subject's prompt loses the same tokens before its tail); base-prompted adds the answer format to the
@@ -375,11 +389,13 @@ def build_prompts(
     prompts = {"base": zero_shot, "tuned": zero_shot, "against": zero_shot}
     info = {name: prompt_record(systems) for name in ("base", "tuned", "against")}
     few_shot_info: dict[str, Any] = {}
+    messages = {"base": [prompt_messages(c, s) for c, s in zip(data.examples, systems)]}  # what an endpoint is sent
     if "base-prompted" in subjects or "base-constrained" in subjects:
         instruction = answer_format_instruction(data)
         engineered = [f"{s}\n\n{instruction}" if s else instruction for s in systems]
+        messages["base-prompted"] = [prompt_messages(c, s) for c, s in zip(data.examples, engineered)]
         prompts["base-prompted"] = prompts["base-constrained"] = cut_like_zero_shot(
-            [render_ids(tokenizer, prompt_messages(c, s)) for c, s in zip(data.examples, engineered)]
+            [render_ids(tokenizer, m) for m in messages["base-prompted"]]
         )
         info["base-prompted"] = prompt_record(engineered)
         info["base-constrained"] = {**prompt_record(engineered), "constrained_to": "the label set" if data.task == "classification" else "the JSON Schema"}
@@ -389,9 +405,10 @@ def build_prompts(
         common_system = systems[0] if len(set(systems)) == 1 else cfg.data.system_prompt
         chosen, few_shot_info = select_shots(tokenizer, data, common_system, ec, budget)
         shots = [data.train[i] for i in chosen]
-        prompts["base-fewshot"] = cut_like_zero_shot([render_ids(tokenizer, prompt_messages(c, s, shots)) for c, s in zip(data.examples, systems)])
+        messages["base-fewshot"] = [prompt_messages(c, s, shots) for c, s in zip(data.examples, systems)]
+        prompts["base-fewshot"] = cut_like_zero_shot([render_ids(tokenizer, m) for m in messages["base-fewshot"]])
         info["base-fewshot"] = prompt_record(systems, few_shot_info["train_lines"])
-    return prompts, info, few_shot_info, truncation
+    return prompts, info, few_shot_info, truncation, messages
 
 
 def prompt_record(systems: list[str | None], shot_lines: list[int] = ()) -> dict[str, Any]:
@@ -655,7 +672,7 @@ def write_manifest_section(run_dir: Path, results: dict[str, Any]) -> None:
         primary={s: e["metrics"][primary]["value"] for s, e in results["subjects"].items()},
         verdict=results["verdict"]["text"],
         gates_passed=results["passed"],
-        subjects={s: {k: v for k, v in e.items() if k in ("kind", "path", "fingerprint", "base_fingerprint", "trained_on_base_fingerprint", "model", "run", "warning")}
+        subjects={s: {k: v for k, v in e.items() if k in ("kind", "path", "fingerprint", "base_fingerprint", "trained_on_base_fingerprint", "model", "run", "warning", "base_url", "usage", "cost_usd")}
                   for s, e in results["subjects"].items()},
         report=str(run_dir / artifacts.EVAL_DIR / "report.html"),
         prompt_truncation=results.get("prompt_truncation"),

@@ -61,7 +61,17 @@ def stage_inputs(stage: str, cfg: RunConfig, model_fingerprint: str) -> str:
         return (_hash_path(run / artifacts.TRAIN_SPLIT_FILE), _hash_path(run / artifacts.EVAL_SPLIT_FILE))
 
     def trained():
-        return _hash_path(run / artifacts.ADAPTER_DIR) or _hash_path(run / artifacts.FULL_MODEL_DIR)
+        provider = runs.read_provider_record(run) if cfg.train.backend == "openai" else None
+        hosted = provider.fine_tuned_model if provider is not None else None
+        return _hash_path(run / artifacts.ADAPTER_DIR) or _hash_path(run / artifacts.FULL_MODEL_DIR) or hosted
+
+    def train_section():
+        # Permissions and polling do not change what is trained: a rerun that adds --allow-pii
+        # must resume the job it started, not pay for a second one.
+        section = _section(cfg, "train")
+        for key in ("allow_pii", "allow_floating_model", "poll_interval_s"):
+            section["openai"].pop(key, None)
+        return section
 
     model = _section(cfg, "model")
     if stage == "check":
@@ -72,7 +82,7 @@ def stage_inputs(stage: str, cfg: RunConfig, model_fingerprint: str) -> str:
         # data: max_length and truncate cut the prompts as training cut its examples.
         return _hash(stage, splits(), _section(cfg, "eval"), _section(cfg, "data"), model, model_fingerprint)
     if stage == "train":
-        return _hash(stage, splits(), _section(cfg, "train"), _section(cfg, "data"), model, model_fingerprint)
+        return _hash(stage, splits(), train_section(), _section(cfg, "data"), model, model_fingerprint)
     if stage == "eval":
         return _hash(stage, splits(), trained(), _section(cfg, "eval"), model_fingerprint)
     if stage == "export":
@@ -126,8 +136,10 @@ def _stage_baseline(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
 
 
 def _stage_train(cfg: RunConfig, fingerprint: str, resume: bool, replace: bool) -> dict[str, Any]:
-    from tunesmith import train
+    from tunesmith import provider, train
 
+    if cfg.train.backend == "openai":
+        return provider.run(cfg, resume=resume, force=replace, console=console)
     result = train.run(cfg, resume=resume, force=replace)
     return result if isinstance(result, dict) else {}
 
@@ -199,6 +211,9 @@ def run(
         if stage in ("baseline",) and not [s for s in cfg.eval.subjects if s != "tuned"]:
             continue
         if stage == "export" and not cfg.export.formats:
+            continue
+        if stage == "export" and cfg.train.backend == "openai":
+            console.print("[dim]export: skipped, the fine-tune lives at the provider (train.backend openai)[/dim]")
             continue
         inputs = stage_inputs(stage, cfg, model_fp)
         record = runs.read_stage_records(run_dir).get(stage)

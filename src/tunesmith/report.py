@@ -131,6 +131,7 @@ def setup_blocks(results: dict[str, Any]) -> list[tuple]:
                          f"({entry['train_share']:.1%} of the training answers).")
         else:
             where = entry.get("path") or entry.get("model")
+            where += f" at {entry['base_url']}" if entry.get("base_url") else ""
             setup.append(f"`{name}`: {entry.get('kind', 'base model')} {where}" + (f", computed in {entry['dtype']}" if entry.get("dtype") else "") + ".")
     for name, why in (results.get("skipped_subjects") or {}).items():
         setup.append(f"`{name}` not evaluated: {why}.")
@@ -168,7 +169,7 @@ def build_blocks(results: dict[str, Any], predictions: list[dict[str, Any]], los
     """The report, top to bottom: verdict, setup, prompts, metrics, paired tests, gates, loss,
     per class, disagreements, how to read it."""
     blocks: list[tuple] = [("h1", "Evaluation report"), ("verdict", results["verdict"]["text"])]
-    blocks += setup_blocks(results) + prompt_blocks(results) + metric_blocks(results) + comparison_blocks(results)
+    blocks += setup_blocks(results) + prompt_blocks(results) + metric_blocks(results) + usage_blocks(results) + comparison_blocks(results)
     if results["gates"]:
         rows = [[g["gate"], g["subject"], _fmt(g["value"], 4), "pass" if g["passed"] else "FAIL"] for g in results["gates"]]
         blocks += [("h2", "Gates"), ("table", ["gate", "subject", "value", "result"], rows)]
@@ -224,6 +225,36 @@ def metric_blocks(results: dict[str, Any]) -> list[tuple]:
         ("p", f"Value [95% bootstrap interval, {results['bootstrap_samples']} resamples, seed {results['seed']}]."),
         ("table", ["metric", *subjects], rows),
         ("plot", "metrics"),
+    ]
+
+
+def usd(amount: float) -> str:
+    """Dollars with the digits that matter: an eval's hosted cost is often a fraction of a cent."""
+    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.3g}"
+
+
+def usage_blocks(results: dict[str, Any]) -> list[tuple]:
+    """Tokens and money per subject, when any subject answered through an API: hosted subjects
+    are billed per token, local ones cost this machine's compute (their time is under Metrics)."""
+    entries = results["subjects"]
+    if not any(e.get("usage") for e in entries.values()):
+        return []
+    rows = []
+    for name, e in entries.items():
+        u = e.get("usage")
+        if not u:
+            where = "no model" if e.get("kind") == "majority class" else "this machine"
+            rows.append([name, where, "-", "-", "-", "-", "local compute"])
+            continue
+        cost = e.get("cost_usd")
+        rows.append([name, f"{e['model']} at {e['base_url']}", f"{u['requests_sent']} sent, {u['cached']} cached, {u['retries']} retried",
+                     f"{u['prompt_tokens']:,}", f"{u['completion_tokens']:,}", f"{u['prompt_tokens'] + u['completion_tokens']:,}",
+                     usd(cost) if cost is not None else "no price known"])
+    return [
+        ("h2", "Tokens and cost"),
+        ("p", "Hosted subjects: tokens as the endpoint counted them, priced at eval.endpoints' or prices.json's dated "
+              "per-token prices (cached answers count at their price, though this run did not pay for them again)."),
+        ("table", ["subject", "where", "requests", "prompt tokens", "completion tokens", "total tokens", "cost"], rows),
     ]
 
 

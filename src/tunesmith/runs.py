@@ -66,6 +66,48 @@ class EvalRecord(BaseModel):
     prompt_truncation: dict[str, Any] | None = None
 
 
+class UploadedFile(BaseModel):
+    """One file sent to a provider: what left the machine, and the provider's id for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    purpose: str  # "training" or "validation"
+    path: str
+    rows: int
+    bytes: int
+    sha256: str
+    redacted: bool = False
+    file_id: str | None = None  # set once the upload succeeded
+
+
+class ProviderRecord(BaseModel):
+    """manifest.json `provider`: a fine-tune run through a provider's fine-tuning API
+    (train.backend openai). Written at every step (files uploaded, job created, job finished),
+    so an interrupted run re-attaches to its job instead of paying for a second one. Never
+    holds the API key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str
+    base_url: str
+    model: str
+    files: list[UploadedFile] = []
+    hyperparameters: dict[str, Any] = {}
+    suffix: str | None = None
+    seed: int | None = None
+    job_id: str | None = None
+    status: str = "uploading"  # uploading, then the job's status (validating_files, queued, running, succeeded, failed, cancelled)
+    created_at: float | None = None
+    finished_at: float | None = None
+    fine_tuned_model: str | None = None
+    trained_tokens: int | None = None
+    estimated_tokens: int | None = None  # counted here with the local tokenizer, times epochs
+    estimated_cost_usd: float | None = None
+    billed_cost_usd: float | None = None  # trained_tokens (the provider's count) at the dated price
+    price_usd_per_1m_tokens: float | None = None
+    error: str | None = None
+
+
 class ExportRecord(BaseModel):
     """One entry of manifest.json `export` (keyed by format): the export's report."""
 
@@ -140,6 +182,26 @@ def read_train_record(run_dir: Path) -> TrainRecord | None:
 
 def write_eval_record(run_dir: Path, record: EvalRecord) -> None:
     artifacts.update_manifest(run_dir, "eval", record.model_dump(mode="json"))
+
+
+def write_provider_record(run_dir: Path, record: ProviderRecord) -> None:
+    artifacts.update_manifest(run_dir, "provider", record.model_dump(mode="json"))
+
+
+def read_provider_record(run_dir: Path) -> ProviderRecord | None:
+    """The run's provider record, or None when it was not trained through a provider."""
+    from pydantic import ValidationError
+
+    section = artifacts.read_manifest_or_empty(run_dir).get("provider")
+    if not section:
+        return None
+    try:
+        return ProviderRecord.model_validate(section)
+    except ValidationError:
+        raise UserError(
+            f"{Path(run_dir) / artifacts.MANIFEST_FILE}: the provider record is not one tunesmith wrote",
+            "train the run again with this version of tunesmith (tunesmith train CONFIG --force)",
+        ) from None
 
 
 def write_export_record(run_dir: Path, record: ExportRecord) -> None:
@@ -445,7 +507,8 @@ def run_summary(folder: Path) -> dict[str, Any]:
         "path": str(folder),
         "name": config.get("name", folder.name),
         "model": config.get("model", {}).get("name"),
-        "method": config.get("train", {}).get("method"),
+        "method": (f"openai:{(config['train'].get('openai') or {}).get('model')}" if config.get("train", {}).get("backend") == "openai"
+                   else config.get("train", {}).get("method")),
         "data": config.get("data", {}).get("train"),
         "status": status,
         "primary_metric": primary,
