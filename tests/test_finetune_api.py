@@ -157,6 +157,19 @@ def test_job_requests_are_checked(client):
     assert caught.value.body["code"] == "fine_tuning_job_not_found"
 
 
+def test_a_small_file_uploads_as_validation_but_cannot_train(client, training_file):
+    """OpenAI's 10-example minimum binds the training file; a small held-out file is a valid upload."""
+    small = training_file.parent / "small.jsonl"
+    small.write_text("\n".join(training_file.read_text().splitlines()[:3]) + "\n")
+    uploaded = client.files.create(file=small.open("rb"), purpose="fine-tune")
+    base = client.models.list().data[0].id
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.fine_tuning.jobs.create(model=base, training_file=uploaded.id)
+    assert caught.value.body["param"] == "training_file"
+    assert "at least 10" in caught.value.body["message"]
+    client.files.delete(uploaded.id)
+
+
 def test_fine_tuning_routes_need_the_key(server, training_file):
     no_key = openai.OpenAI(base_url=server.base_url, api_key="sk-wrong", max_retries=0)
     for call in (
