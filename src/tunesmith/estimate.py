@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import UserError
+from tunesmith.humanize import plural
 
 METHODS = ("lora", "qlora", "full")
 CALIBRATION_FILE = "calibration.json"
@@ -442,7 +443,7 @@ def render_estimate(result: dict[str, Any], console) -> None:
     summary.add_row("tokens / epoch", f"{per_epoch['fed_tokens']:,} fed, {per_epoch['trained_tokens']:,} trained (assistant, weight 1)")
     summary.add_row(f"tokens x {result['epochs']:g} epochs", f"{total['fed_tokens']:,} fed, {total['trained_tokens']:,} trained")
     if per_epoch["truncated_examples"]:
-        summary.add_row("max length", f"{per_epoch['truncated_examples']} example(s) over {result['max_length']}: truncation drops "
+        summary.add_row("max length", f"{plural(per_epoch['truncated_examples'], 'example')} over {result['max_length']}: truncation drops "
                         f"{per_epoch['dropped_trained_tokens']:,} trained tokens per epoch")
     summary.add_row("FLOPs", f"{human_flops(flops['per_epoch'])} per epoch, {human_flops(flops['total'])} in total")
     summary.add_row("formula", flops["formula"])
@@ -451,11 +452,11 @@ def render_estimate(result: dict[str, Any], console) -> None:
         cal = here["calibration"]
         summary.add_row("this machine", f"{human_seconds(here['seconds'])} ({human_seconds(here['seconds_per_epoch'])} per epoch)")
         summary.add_row("calibration", f"{cal['tokens_per_s']:,.0f} tokens/s, {cal['flops_per_s'] / 1e12:.3g} TFLOP/s measured "
-                        f"({cal['batch']}x{cal['seq_len']} tokens, {cal['precision']}, {cal['torch_threads']} thread(s), {cal['hardware']}"
+                        f"({cal['batch']}x{cal['seq_len']} tokens, {cal['precision']}, {plural(cal['torch_threads'], 'thread')}, {cal['hardware']}"
                         f"{', cached' if cal['cached'] else ''})")
     console.print(summary, highlight=False)
     for problem, lines in per_epoch["problems"].items():
-        console.print(f"[yellow]warning:[/] {problem} on line(s) {', '.join(str(x) for x in lines)}")
+        console.print(f"[yellow]warning:[/] {problem} on {'line' if len(lines) == 1 else 'lines'} {', '.join(str(x) for x in lines)}")
 
     gpus = result["gpus"]
     table = Table("GPU", "peak bf16", f"time at {gpus['utilisation']:.0%}", title="time on common GPUs (peak x utilisation)")

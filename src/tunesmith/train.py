@@ -95,9 +95,12 @@ def show_mask(cfg: RunConfig, count: int, console) -> None:
     tokenizer = load_tokenizer(runs.base_model_ref(cfg), trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
     train_path, _, files = data_paths(cfg)
     examples, report = preflight(tokenizer, files.read(train_path), cfg.data, str(train_path))
+    brackets = not console.is_terminal  # no colour in a file or pipe: mark trained tokens [[ ]]
+    if brackets:
+        console.print("trained tokens are between [[ and ]]", markup=False, highlight=False)
     for example in examples[:count]:
         console.rule(f"line {example.source_line}: {len(example)} tokens, {example.trained_tokens} trained")
-        console.print(mask_text(tokenizer, example))
+        console.print(mask_text(tokenizer, example, brackets=brackets), markup=False, highlight=False, soft_wrap=True)
     console.rule()
     console.print(
         f"{report.examples} examples, {report.tokens} tokens, {report.trained_tokens} trained "
