@@ -225,7 +225,7 @@ def run_pipeline(
 @app.command("export")
 def export_command(
     run_dir: Path = typer.Argument(..., help="Run folder (the config's output_dir)."),
-    fmt: str = typer.Option(..., "--format", help="merged, adapter, gguf or ollama."),
+    fmt: str = typer.Option(..., "--format", help="merged, adapter, gguf, ollama, or hub (a folder for the Hugging Face Hub: adapter or merged model, GGUF files if exported, card)."),
     gguf_type: list[str] = typer.Option([], "--gguf-type", help="GGUF tensor type: f16, q8_0, bf16, f32 (repeatable; default from the config)."),
     allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Load the adapter on a base whose fingerprint differs from the run's."),
     force: bool = typer.Option(False, "--force", help="Replace RUN/export/FORMAT even when it holds files tunesmith did not write."),
@@ -246,6 +246,19 @@ def export_command(
         console.print("parity: exported artifact matches the trained model on every probe prompt")
     if report.get("ollama_create"):
         console.print(f"next: {report['ollama_create']}", markup=False, highlight=False)
+
+
+@app.command("push")
+def push_command(
+    run_dir: Path = typer.Argument(..., help="Run folder with an export from `tunesmith export RUN --format hub`."),
+    repo: str = typer.Argument(..., help="Hub repository, OWNER/NAME (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+) -> None:
+    """Upload RUN/export/hub/ (model, GGUF, card) to the Hugging Face Hub; needs a token and network."""
+    from tunesmith.hub import push
+
+    url = push(run_dir, repo, private=private)
+    console.print(f"pushed {run_dir}/export/hub to {repo}: {url}", markup=False, highlight=False)
 
 
 @app.command("serve")

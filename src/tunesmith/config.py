@@ -228,6 +228,14 @@ class ExportConfig(_Closed):
     gguf_types: list[Literal["f16", "q8_0", "f32", "bf16"]] = Field(
         default_factory=lambda: ["q8_0"], description="GGUF tensor types to write."
     )
+    license: str | None = Field(
+        None,
+        description="Licence in the model card of every export (a Hub licence id, e.g. apache-2.0); "
+        "null: the base model's when known, else `other`.",
+    )
+    intended_use: str | None = Field(
+        None, description="What the model is for, in the model card; null: a sentence from the task and the data."
+    )
 
 
 class RunConfig(_Closed):
