@@ -438,6 +438,7 @@ def data_estimate(
     max_length: int = typer.Option(1024, "--max-length", min=8, help="Longest example in tokens; longer ones are counted truncated."),
     method: str = typer.Option("lora", help="lora, qlora or full."),
     utilisation: float = typer.Option(0.35, min=0.01, max=1.0, help="Share of a GPU's peak FLOP/s assumed in the GPU table."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples per step, for the memory table (train.batch_size)."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Measure this machine (a few training steps, cached)."),
     recalibrate: bool = typer.Option(False, "--recalibrate", help="Measure again even when a calibration is cached."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -446,12 +447,12 @@ def data_estimate(
     output_col: Optional[str] = OutputColOption,
     system: Optional[str] = SystemOption,
 ) -> None:
-    """Trained tokens, FLOPs, time here and on common GPUs, and the OpenAI bill of a fine-tune."""
+    """Trained tokens, FLOPs, memory per method (fits / doesn't), time here and on common GPUs, and the OpenAI bill of a fine-tune."""
     from tunesmith.estimate import estimate_file, render_estimate
 
     result = estimate_file(
         file, model, epochs, max_length=max_length, method=method, format=format, input_col=input_col, output_col=output_col,
-        system_prompt=system, calibrate_here=calibrate, recalibrate=recalibrate, utilisation=utilisation,
+        system_prompt=system, calibrate_here=calibrate, recalibrate=recalibrate, utilisation=utilisation, batch_size=batch_size,
     )
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
