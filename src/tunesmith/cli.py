@@ -134,7 +134,7 @@ def train(
     config: Path = typer.Argument(..., help="Run config YAML."),
     overrides: list[str] = SetOption,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the run folder."),
-    show_mask: int = typer.Option(0, "--show-mask", min=0, help="Print N examples with trained tokens highlighted, then stop."),
+    show_mask: int = typer.Option(0, "--show-mask", min=0, help="Print N examples with trained tokens highlighted (between [[ and ]] in a file or pipe), then stop."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun; DDP, or FSDP with train.parallel fsdp)."),
     force: bool = typer.Option(False, "--force", help="Train again from step 0 over a finished run (replaces its adapter or model and checkpoints)."),
 ) -> None:
