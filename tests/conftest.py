@@ -37,11 +37,9 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _training_corpus() -> list[str]:
-    from tunesmith.starter import support_tickets
-
-    texts = []
-    for record in support_tickets(200, seed=1):
-        texts.extend(m["content"] for m in record["messages"])
+    # Support-ticket texts, frozen in a file: the tiny tokenizer (and so every number pinned on
+    # the tiny model) must not change when the starter generator does.
+    texts = json.loads((Path(__file__).parent / "data" / "tiny_tokenizer_corpus.json").read_text(encoding="utf-8"))
     texts += [
         "What is the capital of France? Paris is the capital of France.",
         "system user assistant You are a helpful AI assistant named SmolLM, trained by Hugging Face",

@@ -48,7 +48,7 @@ def test_bad_config_lists_every_error_with_key_path(tmp_path):
     message = info.value.message
     for key in ("model.nme", "data.train", "data.eval_fraction", "train.method", "train.lora.r", "train.batch_size", "surprise"):
         assert f"  {key}:" in message, key
-    assert "7 error(s)" in message
+    assert "7 errors in the config" in message
 
 
 def test_overrides_are_typed_and_checked(tmp_path):

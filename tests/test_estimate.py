@@ -167,3 +167,67 @@ def test_cli(data_file, tiny_model_dir, write_jsonl, capsys):
     assert code == 2 and "line 15" in err and "Traceback" not in err
     code, _, err = run_cli(capsys, *args, "--method", "dora")
     assert code == 2 and "unknown method" in err
+
+
+# --- memory per method --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_memory_of_weights_and_optimizer_is_what_training_allocates(tiny_model_dir, method):
+    """The estimate's weights + gradients + AdamW state against the real model after one step,
+    set up by training's own loader (fp32 here: a bf16-less CPU)."""
+    from tunesmith.config import RunConfig
+    from tunesmith.estimate import training_memory_bytes
+    from tunesmith.modeling import load_for_training
+
+    cfg = RunConfig.model_validate({"model": {"name": str(tiny_model_dir)}, "data": {"train": "-"}, "train": {"method": method}})
+    model, _ = load_for_training(cfg, torch.device("cpu"), bf16=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-6)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    allocated = sum(p.numel() * p.element_size() for p in model.parameters())
+    allocated += sum(p.grad.numel() * p.grad.element_size() for p in trainable)
+    allocated += sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if t.dim() > 0)
+
+    shape = model_shape(tiny_model_dir, method, cfg.train.lora.r, cfg.train.lora.target_modules)
+    estimate = training_memory_bytes(shape, method, batch_size=2, seq_len=16, trained_fraction=1.0, bf16=False)
+    assert estimate["weights_and_optimizer"] == allocated
+
+
+def test_memory_table_says_what_fits_where():
+    from tunesmith.estimate import memory_table
+
+    # The shape of a 7B Llama: full fine-tuning (16 bytes a parameter) fits no single GPU here;
+    # QLoRA fits a 24 GB one.
+    shape = {"total_params": 6_738_415_616, "body_params": 6_476_005_376, "head_params": 131_072_000, "adapter_params": 0,
+             "layers": 32, "hidden_size": 4096, "attention_width": 4096, "max_positions": 4096, "vocab_size": 32000}
+    table = memory_table(shape, batch_size=4, seq_len=512, trained_fraction=0.2, cpu_bf16=False, lora_r=16,
+                         adapter_shapes={"lora": 40_000_000, "qlora": 40_000_000, "full": 0})
+    rows = {row["method"]: row for row in table["rows"]}
+    assert rows["full"]["fits_gpu_gb"] == {"24": False, "40": False, "80": False}
+    assert rows["qlora"]["fits_gpu_gb"]["24"] and rows["lora"]["fits_gpu_gb"]["40"]
+    assert rows["qlora"]["gpu_bytes"] < rows["lora"]["gpu_bytes"] < rows["full"]["gpu_bytes"]
+    assert rows["lora"]["here_bytes"] > rows["lora"]["gpu_bytes"]  # fp32 frozen weights on this CPU
+
+
+def test_cli_shows_memory_and_human_durations(data_file, tiny_model_dir, capsys):
+    args = ["data", "estimate", str(data_file), "--model", str(tiny_model_dir), "--epochs", "2", "--max-length", str(MAX_LENGTH), "--no-calibrate"]
+    code, out, _ = run_cli(capsys, *args, "--json")
+    memory = json.loads(out)["memory"]
+    assert [row["method"] for row in memory["rows"]] == ["lora", "qlora", "full"] and memory["batch_size"] == 8
+    code, out, _ = run_cli(capsys, *args, "--batch-size", "2")
+    assert code == 0 and "training memory, batch 2 x" in out
+    table = out[out.index("training memory"):out.index("memory: weights")]
+    for header in ("24 GB", "40 GB", "80 GB", "here needs", "RAM "):
+        assert header in table
+    assert [line.split()[1] for line in table.splitlines() if line.split()[1:2] in (["lora"], ["qlora"], ["full"])] == ["lora", "qlora", "full"]
+    flat = " ".join(out.split())  # titles wrap at the console's width
+    assert "fits" in table and "no model load, no evaluation" in flat and "training steps only" in flat
+
+
+def test_durations_in_human_units():
+    from tunesmith.estimate import human_seconds
+
+    assert [human_seconds(s) for s in (0.25, 200, 3900)] == ["250 ms", "3 min 20 s", "1 h 05 min"]

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from tunesmith import progress
+from tunesmith.humanize import duration_text
 from tunesmith.starter import support_tickets
 
 
@@ -60,10 +61,10 @@ def test_piped_run_prints_periodic_progress_with_an_eta(tiny_model_dir, tmp_path
 def test_status_text_rate_and_eta():
     # A resumed task: 40 of 100 steps done before, 10 more in 20 s -> 2 s/step, 50 left.
     text = progress.status_text("train", 50, 100, "step", 20.0, 10, {"loss": "1.2345", "tokens/s": "880"})
-    assert text == "train: step 50/100 (50%), loss 1.2345, 880 tokens/s, 20s elapsed, ETA 1m40s"
+    assert text == "train: step 50/100 (50%), loss 1.2345, 880 tokens/s, 20 s elapsed, ETA 1 min 40 s"
     text = progress.status_text("generate base", 30, 120, "examples", 60.0, 30, {})
-    assert text == "generate base: 30/120 examples (25%), 0.50 examples/s, 1m00s elapsed, ETA 3m00s"
-    assert progress.human_duration(7322) == "2h02m"
+    assert text == "generate base: 30/120 examples (25%), 0.50 examples/s, 1 min elapsed, ETA 3 min"
+    assert duration_text(7322) == "2 h 02 min"
 
 
 def test_a_terminal_gets_a_bar_and_a_pipe_gets_lines(tmp_path, monkeypatch):

@@ -25,7 +25,9 @@ SMS_SPAM = REPO.parent / "shared" / "data" / "sms_spam" / "SMSSpamCollection"
 
 # First three step losses of the fp32 LoRA run below on the tiny model (computed once by the
 # real code, then pinned: a change here means the maths of the loop changed).
-PINNED_FIRST_LOSSES = [6.2819659893329325, 6.090329096867488, 5.91299555851863]
+# Re-pinned when the starter tickets became learnable (new cue phrases): the data changed, not the
+# loop (the tiny tokenizer did not: its corpus is frozen in tests/data).
+PINNED_FIRST_LOSSES = [6.275059039776142, 6.082714374248798, 5.900731013371394]
 
 
 def write_data(folder: Path, train_count: int = 32, eval_count: int = 8) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from tunesmith.check import FEW_EXAMPLES, IMBALANCE_RATIO, CheckReport, check_file
 from tunesmith.errors import UserError
+from tunesmith.humanize import plural
 
 RAG_WORDS = ("document", "docs", "knowledge base", "manual", "faq", "wiki", "pdf", "policy", "policies", "retriev", "search our")
 
@@ -94,7 +95,7 @@ def advise_report(report: CheckReport, task: str | None = None) -> Advice:
 
     if report.errors:
         recommendation = "fix the data first"
-        reasons.insert(0, f"the data check found {report.error_count} error(s): `tunesmith data check` lists them")
+        reasons.insert(0, f"the data check found {plural(report.error_count, 'error')}: `tunesmith data check` lists them")
     elif kind == "document QA":
         recommendation = "RAG"
         reasons.append(

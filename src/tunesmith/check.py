@@ -34,6 +34,7 @@ from tunesmith.data import (
     open_source,
 )
 from tunesmith.errors import UserError
+from tunesmith.humanize import plural
 from tunesmith.minhash import (
     MINHASH_BATCH,
     MINHASH_PERMUTATIONS,
@@ -196,14 +197,14 @@ def _json_answer(text: str) -> tuple[bool, Any]:
 
 def size_advice(examples: int) -> str:
     if examples < MIN_EXAMPLES:
-        return f"{examples} examples: too few to fine-tune (OpenAI requires {MIN_EXAMPLES}); use prompt engineering"
+        return f"{plural(examples, 'example')}: too few to fine-tune (OpenAI requires {MIN_EXAMPLES}); use prompt engineering"
     if examples < FEW_EXAMPLES:
-        return f"{examples} examples: fewer than a few hundred; try prompt engineering (few-shot) first"
+        return f"{plural(examples, 'example')}: fewer than a few hundred; try prompt engineering (few-shot) first"
     if examples < SWEET_SPOT[0]:
-        return f"{examples} examples: enough to try LoRA; {SWEET_SPOT[0]:,}-{SWEET_SPOT[1]:,} reviewed examples is the sweet spot"
+        return f"{plural(examples, 'example')}: enough to try LoRA; {SWEET_SPOT[0]:,}-{SWEET_SPOT[1]:,} reviewed examples is the sweet spot"
     if examples <= SWEET_SPOT[1]:
-        return f"{examples} examples: the sweet spot ({SWEET_SPOT[0]:,}-{SWEET_SPOT[1]:,} reviewed examples)"
-    return f"{examples} examples: more than the sweet spot; quality beats quantity, review a sample"
+        return f"{plural(examples, 'example')}: the sweet spot ({SWEET_SPOT[0]:,}-{SWEET_SPOT[1]:,} reviewed examples)"
+    return f"{plural(examples, 'example')}: more than the sweet spot; quality beats quantity, review a sample"
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,7 +472,7 @@ def _read_rows(report, findings, stats, counter, rows, redact_path, inputs, forc
 def _size_findings(report: CheckReport, findings: _Findings, n: int) -> None:
     report.stats["size_advice"] = size_advice(n)
     if n < MIN_EXAMPLES:
-        findings.add("too_few_examples", "error", f"only {n} valid examples (at least {MIN_EXAMPLES} needed)", FIXES["too_few_examples"])
+        findings.add("too_few_examples", "error", f"only {plural(n, 'valid example')} (at least {MIN_EXAMPLES} needed)", FIXES["too_few_examples"])
     elif n < FEW_EXAMPLES:
         findings.add("small_dataset", "warning", f"{n} examples: fewer than a few hundred", FIXES["small_dataset"])
 
@@ -554,7 +555,7 @@ def _label_findings(report: CheckReport, findings: _Findings, stats: _RowStats, 
             )
         for label, count in counts.items():
             if count < 5 and n >= 100:
-                findings.add("rare_label", "warning", f"label {label!r} has only {count} example(s)", FIXES["rare_label"])
+                findings.add("rare_label", "warning", f"label {label!r} has only {plural(count, 'example')}", FIXES["rare_label"])
     else:
         report.stats["labels"] = None
 
@@ -635,7 +636,7 @@ def _eval_leakage_findings(report, findings, stats: _RowStats, line_arr, eval_pa
         findings.add("eval_unreadable", "error", f"eval file: {e.message}", e.hint or FIXES["eval_unreadable"])
         return
     if eval_bad:
-        findings.add("eval_unreadable", "warning", f"eval file: {eval_bad} row(s) with problems were skipped", FIXES["eval_unreadable"])
+        findings.add("eval_unreadable", "warning", f"eval file: {plural(eval_bad, 'row')} with problems skipped", FIXES["eval_unreadable"])
     report.stats["leakage"] = _leakage(
         findings, np.frombuffer(stats.input_hash, dtype=np.uint64), line_arr, stats.input_signatures(),
         eval_hash, eval_lines, eval_sig, threshold, str(eval_path),
@@ -824,7 +825,7 @@ def render_report(report: CheckReport, console, per_code: int = 10) -> None:
             p = tokens[part]
             summary.add_row(f"{part} tokens", f"min {p['min']}  p10 {p['p10']:.0f}  median {p['median']:.0f}  p90 {p['p90']:.0f}  max {p['max']}")
         if "max_length" in tokens:
-            summary.add_row("max length", f"{tokens['over_max_length']} example(s) over {tokens['max_length']}; "
+            summary.add_row("max length", f"{plural(tokens['over_max_length'], 'example')} over {tokens['max_length']}; "
                             f"cutting the end would drop {tokens['dropped_assistant_tokens']} answer tokens; "
                             f"data.truncate keeps the whole answer of {tokens.get('answer_kept_by_prompt_truncation', 0)} of them")
     elif tokens:
@@ -833,7 +834,7 @@ def render_report(report: CheckReport, console, per_code: int = 10) -> None:
         lk = stats["leakage"]
         summary.add_row("eval leakage", f"{lk['exact']} exact, {lk['near']} near of {lk['eval_examples']} eval examples")
     if stats.get("redacted"):
-        summary.add_row("redacted copy", f"{stats['redacted']['path']} ({stats['redacted']['examples']} examples)")
+        summary.add_row("redacted copy", f"{stats['redacted']['path']} ({plural(stats['redacted']['examples'], 'example')})")
     summary.add_row("time", f"{stats.get('seconds')} s ({stats.get('rows_per_s')} rows/s)")
     console.print(summary)
 
@@ -844,7 +845,7 @@ def render_report(report: CheckReport, console, per_code: int = 10) -> None:
         for f in items:
             by_code.setdefault(f.code, []).append(f)
         total = sum(report.counts[c] for c in by_code)
-        console.print(f"\n[bold {style}]{total} {title}[/]")
+        console.print(f"\n[bold {style}]{plural(total, title[:-1])}[/]")
         for code, group in by_code.items():
             console.print(f"[{style}]{code}[/] ({report.counts[code]}): fix: {group[0].fix}", highlight=False)
             for f in group[:per_code]:

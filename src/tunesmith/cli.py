@@ -16,8 +16,10 @@ import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tunesmith.errors import GateFailed, UserError
+from tunesmith.humanize import number_text
 
 app = typer.Typer(
     name="tunesmith",
@@ -36,6 +38,21 @@ err_console = Console(stderr=True)
 # Typer >= 0.16 vendors click under typer._click; accept both, so usage errors exit 2 either way.
 _USAGE_ERRORS = tuple({click.exceptions.ClickException, getattr(typer.exceptions, "TyperException", click.exceptions.ClickException)})
 _ABORTS = tuple({click.exceptions.Abort, typer.Abort, KeyboardInterrupt})
+
+def _print_version(value: bool) -> None:
+    if value:
+        from tunesmith import __version__
+
+        console.print(f"tunesmith {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+) -> None:
+    """Local-first LLM fine-tuning: check data, train, evaluate against baselines, export, serve."""
+
 
 SetOption = typer.Option([], "--set", help="Override a config key: --set train.lora.r=8 (repeatable).")
 AllowPiiOption = typer.Option(False, "--allow-pii", help="train.backend openai: upload data in which the check found personal data.")
@@ -66,6 +83,11 @@ def init(
     console.print(f"next: tunesmith data check {folder / 'data' / 'tickets.jsonl'}")
 
 
+def short_fingerprint(value: str | None) -> str:
+    """The table's shortened form; the ellipsis says it is not the whole (pinnable) value."""
+    return f"{value[:16]}…" if value else "-"
+
+
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List builtin and cached models with fingerprint and size."""
@@ -78,8 +100,15 @@ def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     table = Table("name", "kind", "status", "fingerprint", "size")
     for row in rows:
         size = f"{row['size_bytes'] / 1e6:.0f} MB" if row["size_bytes"] else "-"
-        table.add_row(row["name"], row["kind"], row["status"], (row["fingerprint"] or "-")[:16], size)
+        table.add_row(row["name"], row["kind"], row["status"], short_fingerprint(row["fingerprint"]), size)
     console.print(table)
+    # The pin needs all 64 characters: print them whole, one line per model, never wrapped,
+    # in the form a config takes (the table above would cut or fold them).
+    pinned = [row for row in rows if row["fingerprint"]]
+    if pinned:
+        console.print("\nto pin a base model, copy its line into the config's model section:", markup=False, highlight=False)
+    for row in pinned:
+        console.print(f"  expected_fingerprint: {row['fingerprint']}  # {row['name']}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -115,7 +144,7 @@ def train(
     config: Path = typer.Argument(..., help="Run config YAML."),
     overrides: list[str] = SetOption,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the run folder."),
-    show_mask: int = typer.Option(0, "--show-mask", min=0, help="Print N examples with trained tokens highlighted, then stop."),
+    show_mask: int = typer.Option(0, "--show-mask", min=0, help="Print N examples with trained tokens highlighted (between [[ and ]] in a file or pipe), then stop."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun; DDP, or FSDP with train.parallel fsdp)."),
     force: bool = typer.Option(False, "--force", help="Train again from step 0 over a finished run (replaces its adapter or model and checkpoints)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="local or openai (a job through the OpenAI fine-tuning API); default: train.backend."),
@@ -216,7 +245,7 @@ def run_pipeline(
 @app.command("export")
 def export_command(
     run_dir: Path = typer.Argument(..., help="Run folder (the config's output_dir)."),
-    fmt: str = typer.Option(..., "--format", help="merged, adapter, gguf or ollama."),
+    fmt: str = typer.Option(..., "--format", help="merged, adapter, gguf, ollama, or hub (a folder for the Hugging Face Hub: adapter or merged model, GGUF files if exported, card)."),
     gguf_type: list[str] = typer.Option([], "--gguf-type", help="GGUF tensor type: f16, q8_0, bf16, f32 (repeatable; default from the config)."),
     allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Load the adapter on a base whose fingerprint differs from the run's."),
     force: bool = typer.Option(False, "--force", help="Replace RUN/export/FORMAT even when it holds files tunesmith did not write."),
@@ -237,6 +266,19 @@ def export_command(
         console.print("parity: exported artifact matches the trained model on every probe prompt")
     if report.get("ollama_create"):
         console.print(f"next: {report['ollama_create']}", markup=False, highlight=False)
+
+
+@app.command("push")
+def push_command(
+    run_dir: Path = typer.Argument(..., help="Run folder with an export from `tunesmith export RUN --format hub`."),
+    repo: str = typer.Argument(..., help="Hub repository, OWNER/NAME (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+) -> None:
+    """Upload RUN/export/hub/ (model, GGUF, card) to the Hugging Face Hub; needs a token and network."""
+    from tunesmith.hub import push
+
+    url = push(run_dir, repo, private=private)
+    console.print(f"pushed {run_dir}/export/hub to {repo}: {url}", markup=False, highlight=False)
 
 
 @app.command("serve")
@@ -319,13 +361,23 @@ def runs_compare(a: Path = typer.Argument(..., help="Run folder A."), b: Path = 
     diff = compare_runs(a, b)
     table = Table("config key", str(a), str(b))
     for key, (left, right) in diff["config"].items():
-        table.add_row(key, repr(left), repr(right))
+        table.add_row(key, _config_value_text(left), _config_value_text(right))
     console.print(table)
     table = Table("metric", str(a), str(b), "delta")
     for key, (left, right) in diff["metrics"].items():
-        delta = f"{right - left:+.4f}" if isinstance(left, (int, float)) and isinstance(right, (int, float)) else ""
-        table.add_row(key, str(left), str(right), delta)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (left, right))
+        delta = number_text(float(right - left)) if numbers else ""
+        table.add_row(key, number_text(left), number_text(right), ("+" if numbers and right - left > 0 else "") + delta)
     console.print(table)
+
+
+def _config_value_text(value: object) -> str:
+    """A config value as YAML would show it: strings bare, None as null, floats as written."""
+    if value is None:
+        return "null"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
 
 
 data_app = typer.Typer(help="Read, check, convert and split training data.", no_args_is_help=True)
@@ -412,6 +464,7 @@ def data_estimate(
     max_length: int = typer.Option(1024, "--max-length", min=8, help="Longest example in tokens; longer ones are counted truncated."),
     method: str = typer.Option("lora", help="lora, qlora or full."),
     utilisation: float = typer.Option(0.35, min=0.01, max=1.0, help="Share of a GPU's peak FLOP/s assumed in the GPU table."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples per step, for the memory table (train.batch_size)."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Measure this machine (a few training steps, cached)."),
     recalibrate: bool = typer.Option(False, "--recalibrate", help="Measure again even when a calibration is cached."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -420,12 +473,12 @@ def data_estimate(
     output_col: Optional[str] = OutputColOption,
     system: Optional[str] = SystemOption,
 ) -> None:
-    """Trained tokens, FLOPs, time here and on common GPUs, and the OpenAI bill of a fine-tune."""
+    """Trained tokens, FLOPs, memory per method (fits / doesn't), time here and on common GPUs, and the OpenAI bill of a fine-tune."""
     from tunesmith.estimate import estimate_file, render_estimate
 
     result = estimate_file(
         file, model, epochs, max_length=max_length, method=method, format=format, input_col=input_col, output_col=output_col,
-        system_prompt=system, calibrate_here=calibrate, recalibrate=recalibrate, utilisation=utilisation,
+        system_prompt=system, calibrate_here=calibrate, recalibrate=recalibrate, utilisation=utilisation, batch_size=batch_size,
     )
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
@@ -450,10 +503,20 @@ def advise(
     if as_json:
         print(json.dumps(advice.to_dict(), indent=2, ensure_ascii=False))
         return
-    console.print(f"[bold]recommendation:[/] {advice.recommendation}")
-    console.print(f"[bold]task:[/] {advice.task_kind}")
+    console.print(f"[bold]recommendation:[/] {advice.recommendation}", soft_wrap=True)
+    console.print(f"[bold]task:[/] {advice.task_kind}", soft_wrap=True)
+    if not console.is_terminal:
+        # A file or a pipe: one reason per line, whole (rich would cut them at 80 columns).
+        for reason in advice.reasons:
+            console.print(f"  - {reason}", markup=False, highlight=False, soft_wrap=True)
+        return
+    # A terminal: wrapped lines align under the reason's text, not under the bullet.
+    reasons = Table.grid(padding=(0, 1))
+    reasons.add_column(no_wrap=True)
+    reasons.add_column()
     for reason in advice.reasons:
-        console.print(f"  - {reason}", markup=False, highlight=False)
+        reasons.add_row("  -", Text(reason))
+    console.print(reasons)
 
 
 @config_app.command("check")
@@ -483,10 +546,11 @@ def cli_reference_markdown() -> str:
     lines = ["# CLI reference", "", "Generated from the commands' help (`make docs`); do not edit by hand.", ""]
 
     def walk(command, path: list[str], parent) -> None:
-        ctx = command.make_context(" ".join(path), [], resilient_parsing=True, parent=parent, terminal_width=100, max_content_width=100)
+        # The context's name is this command's own: click prefixes the parents' names itself.
+        ctx = command.make_context(path[-1], [], resilient_parsing=True, parent=parent, terminal_width=100, max_content_width=100)
         subcommands = getattr(command, "commands", None)
         if len(path) > 1:
-            lines.extend([f"## `{' '.join(path)}`", "", "```", command.get_help(ctx).replace(f"{path[0]} {' '.join(path)}", " ".join(path)), "```", ""])
+            lines.extend([f"## `{' '.join(path)}`", "", "```", command.get_help(ctx), "```", ""])
         for name in sorted(subcommands or {}):
             walk(subcommands[name], [*path, name], ctx)
 

@@ -6,6 +6,7 @@ with its key path, because fixing one error per run is a miserable loop.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from tunesmith.artifacts import MANIFEST_FILE
 from tunesmith.errors import UserError
+from tunesmith.humanize import plural
 
 
 # Bounds that no run can exceed: past them a value is a typo (a seed numpy and torch refuse, a
@@ -54,6 +56,17 @@ class ModelConfig(_Closed):
         description="Pin the base model: its sha256 fingerprint (`tunesmith models`). "
         "A different model is refused.",
     )
+
+    @field_validator("expected_fingerprint")
+    @classmethod
+    def _whole_fingerprint(cls, value: str | None) -> str | None:
+        # A shortened copy (`tunesmith models` once showed 16 characters) can never match.
+        if value is not None and not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError(
+                f"a fingerprint is 64 lowercase hex characters, got {len(value)} characters: "
+                "copy the whole `expected_fingerprint:` line that `tunesmith models` prints"
+            )
+        return value
 
 
 class DataConfig(_Closed):
@@ -302,6 +315,14 @@ class ExportConfig(_Closed):
     gguf_types: list[Literal["f16", "q8_0", "f32", "bf16"]] = Field(
         default_factory=lambda: ["q8_0"], description="GGUF tensor types to write."
     )
+    license: str | None = Field(
+        None,
+        description="Licence in the model card of every export (a Hub licence id, e.g. apache-2.0); "
+        "null: the base model's when known, else `other`.",
+    )
+    intended_use: str | None = Field(
+        None, description="What the model is for, in the model card; null: a sentence from the task and the data."
+    )
 
 
 class RunConfig(_Closed):
@@ -377,7 +398,7 @@ CONFIG_FIX = "`tunesmith config reference` lists every key with its type and bou
 
 def format_validation_error(err: ValidationError, source: str) -> str:
     """Every error of a pydantic failure, one per line, with its key path."""
-    lines = [f"{source}: {err.error_count()} error(s) in the config"]
+    lines = [f"{source}: {plural(err.error_count(), 'error')} in the config"]
     for e in err.errors():
         path, msg = _error_line(e)
         lines.append(f"  {path}: {msg}")
@@ -418,6 +439,8 @@ def missing_inputs(cfg: RunConfig) -> list[tuple[str, str]]:
     Kept out of `load_config`, because eval and export reload a finished run's config whose
     data may have moved since; `tunesmith config check` runs it.
     """
+    from tunesmith.data import hub_id_fix, looks_like_hub_id
+
     problems = []
     model = _model_problem(cfg.model.name)
     if model:
@@ -427,7 +450,10 @@ def missing_inputs(cfg: RunConfig) -> list[tuple[str, str]]:
         if path is None:
             continue
         if not path.exists():
-            problems.append((f"{key}: {path} not found", PATH_FIX))
+            if key != "eval.json_schema" and looks_like_hub_id(value):
+                problems.append((f"{key}: {value} not found: it looks like a Hugging Face Hub dataset id, not a local file", hub_id_fix(value)))
+            else:
+                problems.append((f"{key}: {path} not found", PATH_FIX))
         elif key == "eval.json_schema" and not path.is_file():
             problems.append((f"{key}: {path} is a folder, not a JSON Schema file", PATH_FIX))
     return problems
@@ -439,7 +465,7 @@ def check_inputs(cfg: RunConfig, source: str) -> None:
     if len(problems) == 1:
         raise UserError(f"{source}: {problems[0][0]}", problems[0][1])
     if problems:
-        raise UserError(f"{source}: {len(problems)} missing input(s)\n" + "\n".join(f"  {p} (fix: {fix})" for p, fix in problems))
+        raise UserError(f"{source}: {plural(len(problems), 'missing input')}\n" + "\n".join(f"  {p} (fix: {fix})" for p, fix in problems))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -530,6 +556,16 @@ def starter_yaml(values: dict[str, Any]) -> str:
     return "\n".join(_field_doc_lines(RunConfig, 0, "", values)) + "\n"
 
 
+def type_text(annotation: Any) -> str:
+    """A field's type as a reader writes it: `str`, `float | None`, `Literal['lora', 'full']`.
+
+    `str()` of a plain class gives `<class 'str'>`; of a generic, its module path.
+    """
+    if isinstance(annotation, type) and not getattr(annotation, "__args__", None):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
 def _bounds_text(field: Any) -> str:
     """` (>= 1, <= 65536)`: the numeric bounds of a field, for the reference."""
     bounds = []
@@ -559,7 +595,7 @@ def config_reference_markdown() -> str:
             if getattr(annotation, "__origin__", None) is list and isinstance(item, type) and issubclass(item, BaseModel):
                 subs.append((f"{name}[]", item, field.description))  # a list of records: each item's keys
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            type_name = str(annotation).replace("typing.", "") + _bounds_text(field)
+            type_name = type_text(annotation) + _bounds_text(field)
             rows.append(f"| `{prefix}{name}` | `{type_name}` | `{default}` | {field.description or ''} |")
         if rows:
             lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "", "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])

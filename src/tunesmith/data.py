@@ -30,6 +30,7 @@ from typing import Any, Iterable, Iterator
 
 from tunesmith.artifacts import atomic_output, atomic_path, guard_output
 from tunesmith.errors import UserError
+from tunesmith.humanize import plural
 from tunesmith.parsers import FIXES, PARSERS, ParsedRow, Problem, parse_rows
 from tunesmith.schema import Conversation
 
@@ -206,6 +207,33 @@ def _refuse_pretty_printed_records(path: Path, text: str) -> None:
         )
 
 
+# `owner/name` with no file suffix: how a Hugging Face Hub dataset id is written.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".arrow")
+
+
+def looks_like_hub_id(reference: str) -> bool:
+    """True for `owner/name` that is no local path: a Hub dataset id someone meant to load."""
+    text = str(reference)
+    return bool(_HUB_ID.fullmatch(text)) and not text.lower().endswith(_DATA_SUFFIXES) and not Path(text).exists()
+
+
+def hub_id_fix(reference: str) -> str:
+    """How to pass a Hub dataset offline: save it to disk once where there is network."""
+    return (
+        "tunesmith reads local data only, and a Hub id needs the network: where you have it, run "
+        f"python -c \"import datasets; datasets.load_dataset('{reference}', split='train').save_to_disk('data/{Path(reference).name}')\" "
+        f"and pass data/{Path(reference).name} (a save_to_disk folder), or pass a JSONL/CSV/Parquet file"
+    )
+
+
+def missing_data_error(path: Path | str) -> UserError:
+    """The 'not found' of a data path; for a Hub id, says how to bring it here."""
+    if looks_like_hub_id(str(path)):
+        return UserError(f"{path} not found: it looks like a Hugging Face Hub dataset id, not a local file or folder", hub_id_fix(str(path)))
+    return UserError(f"{path} not found", "pass the path of a data file")
+
+
 def detect_format(path: Path, columns_given: bool = False) -> tuple[str, str]:
     """(record format, container) of a file or folder; UserError when it cannot tell.
 
@@ -213,7 +241,7 @@ def detect_format(path: Path, columns_given: bool = False) -> tuple[str, str]:
     """
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path} not found", "pass the path of a data file")
+        raise missing_data_error(path)
     if path.is_dir():
         if _is_hf_disk(path):
             return "hf_disk", "table"
@@ -546,7 +574,7 @@ def open_source(
     if format not in FORMATS:
         raise UserError(f"unknown format {format!r}", f"use one of {', '.join(FORMATS)}")
     if not path.exists():
-        raise UserError(f"{path} not found", "pass the path of a data file")
+        raise missing_data_error(path)
     if format == "auto":
         format, container = detect_format(path, columns_given=bool(input_col and output_col))
     elif format in TABLE_FORMATS:
@@ -618,7 +646,7 @@ def read_conversations(
         shown = "; ".join(f"line {p.line}: {p.message}" for p in errors[:5])
         more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
         raise UserError(
-            f"{path}: {len(errors)} problem(s) in the data: {shown}{more}",
+            f"{path}: {plural(len(errors), 'problem')} in the data: {shown}{more}",
             f"{errors[0].fix}; `tunesmith data check {path}` lists every problem with its fix",
         )
     if not conversations:

@@ -13,7 +13,10 @@ Each number says how it was obtained:
    method, torch threads and hardware, because it costs seconds to minutes.
 4. Time on common GPUs divides the FLOPs by published peak dense bf16 FLOP/s times a stated
    utilisation: an order of magnitude, not a promise.
-5. The OpenAI bill multiplies billed tokens by epochs by a dated price table kept in the
+5. Memory per method (LoRA, QLoRA, full) follows how tunesmith's training stores each part
+   (`modeling.load_for_training`): weights, gradients and AdamW state by dtype, activations of
+   one batch, a fixed overhead; compared with 24, 40 and 80 GB GPUs and this machine's RAM.
+6. The OpenAI bill multiplies billed tokens by epochs by a dated price table kept in the
    repository (prices.json), never fetched.
 """
 
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import UserError
+from tunesmith.humanize import duration_text, plural
 
 METHODS = ("lora", "qlora", "full")
 CALIBRATION_FILE = "calibration.json"
@@ -53,6 +57,22 @@ GPUS: list[dict[str, Any]] = [
     {"name": "RTX 4090", "memory_gb": 24, "peak_flops": 165.2e12,
      "source": "NVIDIA Ada Lovelace whitepaper (fp32 accumulate; 330 with fp16 accumulate)"},
 ]
+
+# Memory: bytes per parameter as training stores it (modeling.load_for_training).
+ADAM_TRAINED_BYTES = 4 + 4 + 8  # fp32 weight, fp32 gradient, AdamW's two fp32 moments
+NF4_BYTES = 0.5 + 4 / 64  # 4-bit weights plus one fp32 absmax per block of 64
+MEMORY_OVERHEAD_BYTES = 1.0e9  # CUDA context or the Python/torch runtime, and allocator slack
+# Activations kept for backward, per token per layer, in units of the hidden size (Korthikanti et
+# al. 2022, 34*h bytes at 2 bytes an element, with a fused attention that stores no T^2 scores).
+ACTIVATION_ELEMENTS_PER_HIDDEN = 17
+MEMORY_TARGETS_GB = (24, 40, 80)
+MEMORY_NOTE = (
+    "weights, gradients and AdamW state as tunesmith stores them (full: fp32 weights + gradients + "
+    "2 moments = 16 bytes/parameter; lora: frozen linears bf16 on a GPU, fp32 on a CPU without bf16, "
+    "adapters 16 bytes/parameter; qlora: frozen linears 4-bit NF4), activations of one batch of "
+    "the longest examples (no gradient checkpointing, fused attention) and 1 GB overhead; "
+    "fits = at most 90% of the memory"
+)
 
 FORMULAS = {
     "full": "6*N_body*fed + 6*N_head*trained + 12*L*d_attn*sum(T^2)",
@@ -100,6 +120,7 @@ def model_shape(folder: Path, method: str, lora_r: int, target_modules: list[str
         "head_params": head.weight.numel() if head is not None else 0,
         "adapter_params": adapter,
         "layers": getattr(text, "num_hidden_layers", 0) or 0,
+        "hidden_size": getattr(text, "hidden_size", 0) or 0,
         "attention_width": heads * head_dim,
         "max_positions": getattr(text, "max_position_embeddings", 0) or 0,
         "vocab_size": getattr(text, "vocab_size", 0) or 0,
@@ -244,6 +265,72 @@ def _measure(folder: Path, method: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# Memory
+
+
+def training_memory_bytes(shape: dict[str, int], method: str, *, batch_size: int, seq_len: int, trained_fraction: float, bf16: bool) -> dict[str, float]:
+    """Peak training memory of `method` by part (see MEMORY_NOTE): weights and optimizer, activations, overhead."""
+    frozen_linear_bytes = NF4_BYTES if method == "qlora" else (2 if bf16 else 4)
+    other_params = shape["total_params"] - shape["body_params"]  # embeddings, norms (fp32 in training)
+    if method == "full":
+        weights = ADAM_TRAINED_BYTES * shape["total_params"]
+    else:
+        weights = frozen_linear_bytes * shape["body_params"] + 4 * other_params + ADAM_TRAINED_BYTES * shape["adapter_params"]
+    tokens = batch_size * seq_len
+    element_bytes = 2 if bf16 else 4
+    activations = ACTIVATION_ELEMENTS_PER_HIDDEN * element_bytes * shape.get("hidden_size", 0) * shape["layers"] * tokens
+    # The loss runs the output head at trained positions only: fp32 logits and their gradient.
+    logits = 2 * 4 * shape["vocab_size"] * tokens * trained_fraction
+    total = weights + activations + logits + MEMORY_OVERHEAD_BYTES
+    return {"weights_and_optimizer": float(weights), "activations": float(activations + logits), "overhead": MEMORY_OVERHEAD_BYTES, "total": float(total)}
+
+
+def machine_memory_bytes() -> dict[str, int | None]:
+    """This machine's RAM: total and available now (from /proc/meminfo; None where unknown)."""
+    info: dict[str, int | None] = {"total": None, "available": None}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("MemTotal", "MemAvailable"):
+                info["total" if key == "MemTotal" else "available"] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        try:
+            info["total"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            pass
+    return info
+
+
+def memory_table(shape: dict[str, int], *, batch_size: int, seq_len: int, trained_fraction: float, cpu_bf16: bool, lora_r: int, adapter_shapes: dict[str, int]) -> dict[str, Any]:
+    """Memory per method on a GPU (bf16) and here (this CPU's dtype), against 24/40/80 GB and this RAM."""
+    ram = machine_memory_bytes()
+    rows = []
+    for method in METHODS:
+        method_shape = {**shape, "adapter_params": adapter_shapes[method]}
+        gpu = training_memory_bytes(method_shape, method, batch_size=batch_size, seq_len=seq_len, trained_fraction=trained_fraction, bf16=True)
+        here = training_memory_bytes(method_shape, method, batch_size=batch_size, seq_len=seq_len, trained_fraction=trained_fraction, bf16=cpu_bf16)
+        rows.append({
+            "method": method,
+            "gpu_bytes": gpu["total"],
+            "gpu_parts": gpu,
+            "fits_gpu_gb": {str(gb): gpu["total"] <= 0.9 * gb * 1e9 for gb in MEMORY_TARGETS_GB},
+            "here_bytes": here["total"],
+            "here_parts": here,
+            "fits_here": (here["total"] <= 0.9 * ram["total"]) if ram["total"] else None,
+        })
+    return {
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "lora_r": lora_r,
+        "here_precision": "bf16 autocast" if cpu_bf16 else "fp32",
+        "ram_bytes": ram["total"],
+        "ram_available_bytes": ram["available"],
+        "note": MEMORY_NOTE,
+        "rows": rows,
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # Prices
 
 
@@ -316,9 +403,10 @@ def estimate_file(
     calibrate_here: bool = True,
     recalibrate: bool = False,
     utilisation: float = DEFAULT_UTILISATION,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Tokens, FLOPs, time (here and on common GPUs) and the OpenAI bill of fine-tuning on a file."""
-    from tunesmith.config import LoraConfig
+    """Tokens, FLOPs, memory and time (here and on common GPUs) and the OpenAI bill of fine-tuning on a file."""
+    from tunesmith.config import LoraConfig, TrainConfig
     from tunesmith.data import read_conversations
     from tunesmith.models import fingerprint, load_tokenizer, resolve_model_dir
 
@@ -368,6 +456,18 @@ def estimate_file(
         },
     }
 
+    import torch
+
+    from tunesmith.inference import use_bf16
+
+    batch_size = batch_size or TrainConfig().batch_size
+    adapter_params = model_shape(folder, "lora", lora.r, lora.target_modules)["adapter_params"] if method == "full" else shape["adapter_params"]
+    result["memory"] = memory_table(
+        shape, batch_size=batch_size, seq_len=min(max_length, per_epoch["longest_example"]),
+        trained_fraction=per_epoch["trained_tokens"] / max(per_epoch["fed_tokens"], 1), cpu_bf16=use_bf16("auto", torch.device("cpu")),
+        lora_r=lora.r, adapter_shapes={"lora": adapter_params, "qlora": adapter_params, "full": 0},
+    )
+
     if calibrate_here:
         calibration = calibrate(model, method, recalibrate=recalibrate)
         result["this_machine"] = {
@@ -380,7 +480,8 @@ def estimate_file(
 
     result["gpus"] = {
         "utilisation": utilisation,
-        "note": "time = FLOPs / (published peak dense bf16 FLOP/s x utilisation); memory is not checked",
+        "note": "time = FLOPs / (published peak dense bf16 FLOP/s x utilisation), training steps only: "
+        "loading the model, the baselines' and the evaluation's generation are not included; memory: see the memory table",
         "rows": [
             {**gpu, "seconds": total_flops / (gpu["peak_flops"] * utilisation)}
             for gpu in GPUS
@@ -411,15 +512,31 @@ def estimate_file(
 
 
 def human_seconds(seconds: float) -> str:
+    """`3 min 20 s`, `1 h 05 min` (humanize.duration_text); milliseconds below a second."""
     if seconds < 1:
-        return f"{seconds * 1000:.2g} ms"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 3 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
+        return f"{seconds * 1000:.0f} ms" if seconds >= 0.001 else "< 1 ms"
+    return duration_text(seconds)
+
+
+def human_bytes(count: float) -> str:
+    return f"{count / 1e9:.1f} GB" if count >= 1e8 else f"{count / 1e6:.0f} MB"
+
+
+def render_memory(memory: dict[str, Any], console) -> None:
+    """The memory table: each method against 24/40/80 GB GPUs and this machine's RAM."""
+    from rich.table import Table
+
+    ram = memory["ram_bytes"]
+    table = Table("method", "GPU needs", *[f"{gb} GB" for gb in MEMORY_TARGETS_GB], "here needs", f"RAM {human_bytes(ram)}" if ram else "RAM ?",
+                  title=f"training memory, batch {memory['batch_size']} x {memory['seq_len']} tokens: GPUs in bf16, this CPU in {memory['here_precision']}")
+    for row in memory["rows"]:
+        fits = ["fits" if row["fits_gpu_gb"][str(gb)] else "doesn't" for gb in MEMORY_TARGETS_GB]
+        here = "unknown" if row["fits_here"] is None else ("fits" if row["fits_here"] else "doesn't")
+        table.add_row(row["method"], human_bytes(row["gpu_bytes"]), *fits, human_bytes(row["here_bytes"]), here)
+    console.print(table)
+    if memory["ram_available_bytes"]:
+        console.print(f"this CPU: {human_bytes(ram)} RAM, {human_bytes(memory['ram_available_bytes'])} free now", markup=False, highlight=False)
+    console.print(f"memory: {memory['note']}.", markup=False, highlight=False)
 
 
 def human_flops(flops: float) -> str:
@@ -442,7 +559,7 @@ def render_estimate(result: dict[str, Any], console) -> None:
     summary.add_row("tokens / epoch", f"{per_epoch['fed_tokens']:,} fed, {per_epoch['trained_tokens']:,} trained (assistant, weight 1)")
     summary.add_row(f"tokens x {result['epochs']:g} epochs", f"{total['fed_tokens']:,} fed, {total['trained_tokens']:,} trained")
     if per_epoch["truncated_examples"]:
-        summary.add_row("max length", f"{per_epoch['truncated_examples']} example(s) over {result['max_length']}: truncation drops "
+        summary.add_row("max length", f"{plural(per_epoch['truncated_examples'], 'example')} over {result['max_length']}: truncation drops "
                         f"{per_epoch['dropped_trained_tokens']:,} trained tokens per epoch")
     summary.add_row("FLOPs", f"{human_flops(flops['per_epoch'])} per epoch, {human_flops(flops['total'])} in total")
     summary.add_row("formula", flops["formula"])
@@ -451,17 +568,22 @@ def render_estimate(result: dict[str, Any], console) -> None:
         cal = here["calibration"]
         summary.add_row("this machine", f"{human_seconds(here['seconds'])} ({human_seconds(here['seconds_per_epoch'])} per epoch)")
         summary.add_row("calibration", f"{cal['tokens_per_s']:,.0f} tokens/s, {cal['flops_per_s'] / 1e12:.3g} TFLOP/s measured "
-                        f"({cal['batch']}x{cal['seq_len']} tokens, {cal['precision']}, {cal['torch_threads']} thread(s), {cal['hardware']}"
+                        f"({cal['batch']}x{cal['seq_len']} tokens, {cal['precision']}, {plural(cal['torch_threads'], 'thread')}, {cal['hardware']}"
                         f"{', cached' if cal['cached'] else ''})")
     console.print(summary, highlight=False)
     for problem, lines in per_epoch["problems"].items():
-        console.print(f"[yellow]warning:[/] {problem} on line(s) {', '.join(str(x) for x in lines)}")
+        console.print(f"[yellow]warning:[/] {problem} on {'line' if len(lines) == 1 else 'lines'} {', '.join(str(x) for x in lines)}")
 
+    if result.get("memory"):
+        render_memory(result["memory"], console)
     gpus = result["gpus"]
-    table = Table("GPU", "peak bf16", f"time at {gpus['utilisation']:.0%}", title="time on common GPUs (peak x utilisation)")
+    table = Table("GPU", "memory", "peak bf16", f"time at {gpus['utilisation']:.0%}",
+                  title="training time on common GPUs (peak x utilisation; no model load, no evaluation)")
     for row in gpus["rows"]:
-        table.add_row(row["name"], f"{row['peak_flops'] / 1e12:g} TFLOP/s", human_seconds(row["seconds"]))
+        table.add_row(row["name"], f"{row['memory_gb']} GB", f"{row['peak_flops'] / 1e12:g} TFLOP/s", human_seconds(row["seconds"]))
     console.print(table)
+    console.print("GPU and this machine's times are training steps only: loading the model, the baselines and the "
+                  "evaluation's generation come on top.", markup=False, highlight=False)
 
     openai = result["openai"]
     table = Table("OpenAI model", "$ / 1M tokens", "bill", title=f"OpenAI fine-tuning: {openai['billed_tokens']:,} billed tokens "

@@ -1,4 +1,4 @@
-"""`tunesmith export RUN --format merged|adapter|gguf|ollama`: hand the trained model to other tools.
+"""`tunesmith export RUN --format merged|adapter|gguf|ollama|hub`: hand the trained model to other tools.
 
 Every export is checked against the trained model right after it is written (the parity check):
 the same prompts go through the exported artifact, read back by the tool that will consume it,
@@ -8,12 +8,14 @@ What a run trained is loaded by `runs.load_run_model` (with the drift guard); gr
 and stop ids are inference.py's.
 
 The file formats themselves are in `gguf_export.py` (GGUF written and read back) and
-`ollama_modelfile.py` (the Modelfile's TEMPLATE); this module loads, exports and checks.
+`ollama_modelfile.py` (the Modelfile's TEMPLATE); every export's README.md model card is
+`model_card.py`'s; this module loads, exports and checks.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -23,10 +25,11 @@ from tunesmith.artifacts import EVAL_SPLIT_FILE, EXPORT_DIR, EXPORT_MANIFEST_FIL
 from tunesmith.errors import UserError
 from tunesmith.gguf_export import check_llama, gguf_tensor_report, hf_to_gguf_arrays, write_gguf, write_gguf_lora
 from tunesmith.inference import greedy_tokens, render_ids, stop_token_ids, stop_token_list
+from tunesmith.model_card import write_card
 from tunesmith.ollama_modelfile import chat_format, modelfile_text, ollama_template, template_parity
 from tunesmith.runs import ExportRecord, RunModel, lint_adapter_config, load_run_model, write_export_record
 
-FORMATS = ("merged", "adapter", "gguf", "ollama")
+FORMATS = ("merged", "adapter", "gguf", "ollama", "hub")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 PARITY_NEW_TOKENS = 16
 
@@ -284,6 +287,27 @@ def export_ollama(run: RunModel, out_dir: Path, gguf_type: str, force: bool = Fa
 
 
 # ----------------------------------------------------------------------------------------------
+# hub: one folder for huggingface_hub.upload_folder
+
+
+def export_hub(run: RunModel, out_dir: Path, force: bool = False) -> dict[str, Any]:
+    """The adapter (a full fine-tune: the merged model), parity-checked as its own export is,
+    plus the GGUF files of RUN/export/gguf when that export exists; the card is added by `run`."""
+    report = export_adapter(run, out_dir, force) if run.kind == "adapter" else export_merged(run, out_dir, force)
+    gguf_dir = run.run_dir / EXPORT_DIR / "gguf"
+    report["weights"] = "adapter" if run.kind == "adapter" else "merged"
+    report["gguf_files"] = []
+    for path in sorted(gguf_dir.glob("*.gguf")) if gguf_dir.is_dir() else []:
+        with atomic_path(out_dir / path.name) as tmp:
+            try:
+                os.link(path, tmp)  # GGUF files are large: a hard link when the disk allows it
+            except OSError:
+                shutil.copyfile(path, tmp)
+        report["gguf_files"].append(path.name)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
 # The stage
 
 
@@ -309,8 +333,11 @@ def run(run_dir: Path, fmt: str, *, gguf_types: list[str] | None = None, allow_b
         report = export_adapter(trained, out_dir, force)
     elif fmt == "gguf":
         report = export_gguf(trained, out_dir, gguf_types, force)
-    else:
+    elif fmt == "ollama":
         report = export_ollama(trained, out_dir, gguf_types[0], force)
+    else:
+        report = export_hub(trained, out_dir, force)
+    write_card(out_dir, run_dir, fmt, report)  # every export explains itself (model_card.py)
     record_output(out_dir)
     if trained.warning:
         report["warning"] = trained.warning

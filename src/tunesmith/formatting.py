@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunesmith.errors import UserError
+from tunesmith.humanize import plural
 from tunesmith.schema import Conversation
 
 IGNORE_INDEX = -100  # the label of a position that is not trained (PyTorch's cross-entropy default)
@@ -87,7 +88,7 @@ class FormatReport:
             parts.append(f"{what} (line{'s' if len(lines) > 1 else ''} {shown})")
             hints.append(fix)
         raise UserError(
-            f"{source}: loss-mask pre-flight failed for {bad} of {self.examples} example(s): " + "; ".join(parts),
+            f"{source}: loss-mask pre-flight failed for {bad} of {plural(self.examples, 'example')}: " + "; ".join(parts),
             "; ".join(dict.fromkeys(hints)),
         )
 
@@ -299,14 +300,27 @@ def preflight(tokenizer, conversations: list[Conversation], data_cfg, source: st
     return examples, report
 
 
-def mask_text(tokenizer, example: Example):
-    """A rich Text of the example: trained tokens highlighted, the rest dimmed."""
+MASK_OPEN, MASK_CLOSE = "[[", "]]"
+
+
+def mask_text(tokenizer, example: Example, brackets: bool = False):
+    """A rich Text of the example: trained tokens highlighted, the rest dimmed.
+
+    With `brackets`, each run of trained tokens is also wrapped in [[ ]]: colour is lost in a
+    file, a pipe or a log, and the mask is what the user wants to see there too.
+    """
     from rich.text import Text
 
     text = Text()
+    trained_before = False
     for token_id, label in zip(example.input_ids, example.labels):
-        piece = tokenizer.decode([token_id])
-        text.append(piece, style="bold black on green" if label != IGNORE_INDEX else "dim")
+        trained = label != IGNORE_INDEX
+        if brackets and trained != trained_before:
+            text.append(MASK_OPEN if trained else MASK_CLOSE)
+        trained_before = trained
+        text.append(tokenizer.decode([token_id]), style="bold black on green" if trained else "dim")
+    if brackets and trained_before:
+        text.append(MASK_CLOSE)
     return text
 
 

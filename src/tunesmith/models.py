@@ -216,6 +216,28 @@ def load_tokenizer(ref: str, *, trust_remote_code: bool = False, allow_pickle: b
     return tokenizer
 
 
+def check_expected_fingerprint(ref: str, actual: str, pinned: str | None) -> None:
+    """The pin: UserError when the model's fingerprint is not the pinned one.
+
+    The message shows where they differ: two 64-character values that share a long prefix
+    (or a pin that is only a copied prefix) would otherwise read as identical.
+    """
+    if not pinned or actual == pinned:
+        return
+    if actual.startswith(pinned):
+        raise UserError(
+            f"model.expected_fingerprint holds only the first {len(pinned)} of the {len(actual)} characters of model {ref!r}'s fingerprint",
+            f"pin the whole value: expected_fingerprint: {actual}",
+        )
+    same = len(os.path.commonprefix([actual, pinned]))
+    shared = f"both start {actual[:same]}, then " if same else ""
+    raise UserError(
+        f"model {ref!r} is not the pinned base: {shared}the model has {actual[same:]} where the config pins {pinned[same:]} "
+        f"(model fingerprint {actual})",
+        "use the pinned model, or update model.expected_fingerprint deliberately",
+    )
+
+
 def load_model(
     ref: str = DEFAULT_MODEL,
     *,
@@ -235,11 +257,7 @@ def load_model(
 
     folder = resolve_model_dir(ref, allow_pickle=allow_pickle)
     fp = fingerprint(folder)
-    if expected_fingerprint and fp != expected_fingerprint:
-        raise UserError(
-            f"model {ref!r} has fingerprint {fp[:16]}…, the config pins {expected_fingerprint[:16]}…",
-            "use the pinned model, or update model.expected_fingerprint deliberately",
-        )
+    check_expected_fingerprint(ref, fp, expected_fingerprint)
     tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     kwargs: dict[str, Any] = {
         "dtype": dtype or torch.float32,

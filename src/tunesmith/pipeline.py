@@ -20,7 +20,7 @@ from tunesmith import artifacts, runs
 from tunesmith.artifacts import sha256_file, write_text_atomic
 from tunesmith.config import RunConfig, config_to_yaml
 from tunesmith.errors import UserError
-from tunesmith.progress import human_duration
+from tunesmith.humanize import duration_text, plural
 
 STAGES = runs.PIPELINE_STAGES  # check, split, baseline, train, eval, export
 console = Console(stderr=True)
@@ -99,7 +99,7 @@ def _stage_check(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
         first = report.errors[0]
         where = f"line {first.line}: " if first.line else ""
         raise UserError(
-            f"the data check found {report.error_count} error(s) in {train_path} (first: {where}{first.message}); "
+            f"the data check found {plural(report.error_count, 'error')} in {train_path} (first: {where}{first.message}); "
             f"training was not started; full report in {cfg.run_dir / artifacts.CHECK_REPORT_FILE}",
             first.fix or f"fix the data (tunesmith data check {train_path}) and run again",
         )
@@ -174,7 +174,7 @@ def run(
     force: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline stages in order, skipping those whose inputs are unchanged."""
-    from tunesmith.models import fingerprint, resolve_model_dir
+    from tunesmith.models import check_expected_fingerprint, fingerprint, resolve_model_dir
 
     for name in (from_stage, until_stage):
         if name is not None and name not in STAGES:
@@ -190,11 +190,7 @@ def run(
     # builtin model once, before any stage starts timing itself.
     model_dir = resolve_model_dir(runs.base_model_ref(cfg), allow_pickle=cfg.model.allow_pickle)
     model_fp = fingerprint(model_dir)
-    if cfg.model.expected_fingerprint and cfg.model.expected_fingerprint != model_fp:
-        raise UserError(
-            f"model {cfg.model.name!r} has fingerprint {model_fp[:16]}…, the config pins {cfg.model.expected_fingerprint[:16]}…",
-            "use the pinned model, or update model.expected_fingerprint deliberately",
-        )
+    check_expected_fingerprint(cfg.model.name, model_fp, cfg.model.expected_fingerprint)
 
     stages: dict[str, Callable[[], dict[str, Any]]] = {
         "check": lambda: _stage_check(cfg, model_fp),
@@ -249,7 +245,7 @@ def run_stage(run_dir: Path, stage: str, inputs: str, body: Callable[[], dict[st
         runs.write_stage_record(run_dir, stage, runs.StageRecord(
             status="failed", inputs=inputs, started_at=started_at, finished_at=time.time(), seconds=round(seconds, 2), error=runs.error_line(e),
         ))
-        console.print(f"{stage}: failed after {human_duration(seconds)}", markup=False, highlight=False)
+        console.print(f"{stage}: failed after {duration_text(seconds)}", markup=False, highlight=False)
         raise
     seconds = time.perf_counter() - start
     # The inputs hash was taken before the stage ran; it covers upstream artifacts only, so
@@ -257,7 +253,7 @@ def run_stage(run_dir: Path, stage: str, inputs: str, body: Callable[[], dict[st
     runs.write_stage_record(
         run_dir, stage, runs.StageRecord(status="done", inputs=inputs, seconds=round(seconds, 2), result=result, started_at=started_at, finished_at=time.time())
     )
-    console.print(f"{stage}: done in {human_duration(seconds)}", markup=False, highlight=False)
+    console.print(f"{stage}: done in {duration_text(seconds)}", markup=False, highlight=False)
     return result
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith import artifacts
+from tunesmith.humanize import duration_text
 
 INTERVAL_ENV = "TUNESMITH_PROGRESS_INTERVAL_S"
 DEFAULT_INTERVAL_S = 30.0
@@ -42,19 +43,6 @@ def plain_output(console) -> bool:
     return not (console.is_terminal and sys.stdout.isatty())
 
 
-def human_duration(seconds: float) -> str:
-    """45s, 3m05s, 2h07m: durations as a person reads them."""
-    seconds = max(0.0, float(seconds))
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    whole = int(round(seconds))
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-
-
 def status_text(what: str, done: int, total: int, unit: str, elapsed_s: float, done_here: int, fields: dict[str, Any]) -> str:
     """`train: step 12/100 (12%), loss 2.3456, 1234 tokens/s, 1m05s elapsed, ETA 8m01s`.
 
@@ -70,9 +58,9 @@ def status_text(what: str, done: int, total: int, unit: str, elapsed_s: float, d
     rate = done_here / elapsed_s if elapsed_s > 0 else 0.0
     if unit != "step" and done_here:
         parts.append(f"{rate:.2f} {unit}/s")
-    parts.append(f"{human_duration(elapsed_s)} elapsed")
+    parts.append(f"{duration_text(elapsed_s)} elapsed")
     if done < total:
-        parts.append(f"ETA {human_duration((total - done) / rate)}" if rate > 0 else "ETA unknown")
+        parts.append(f"ETA {duration_text((total - done) / rate)}" if rate > 0 else "ETA unknown")
     return ", ".join(parts)
 
 
@@ -169,7 +157,7 @@ class Progress:
             per = f"{rate:.2f} {self.unit}/s" if self.unit != "step" else f"{self.elapsed_s / max(self.done - self.start_done, 1):.2f} s/step"
             fields = "".join(f", {field_text(k, v)}" for k, v in self.fields.items() if v is not None)
             self.console.print(f"{self.what}: {self.done}/{self.total} {self.unit if self.unit != 'step' else 'steps'} in "
-                               f"{human_duration(self.elapsed_s)} ({per}){fields}", markup=False, highlight=False, soft_wrap=True)
+                               f"{duration_text(self.elapsed_s)} ({per}){fields}", markup=False, highlight=False, soft_wrap=True)
         self._record(finished=True)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from tunesmith import artifacts
 from tunesmith import metrics as M
+from tunesmith.humanize import plural
 
 MAX_DISAGREEMENTS = 12
 MAX_CONFUSION_LABELS = 25  # a larger matrix is unreadable: list the top confusions instead
@@ -111,11 +112,11 @@ def setup_blocks(results: dict[str, Any]) -> list[tuple]:
     if pt.get("data_truncate"):
         setup.append(
             f"Prompt truncation as in training (data.truncate, max length {pt['max_length']}): "
-            f"{pt['truncated_examples']} prompt(s) cut before their last turn header, {pt['cut_tokens']} tokens in all."
+            f"{plural(pt['truncated_examples'], 'prompt')} cut before their last turn header, {pt['cut_tokens']} tokens in all."
         )
     elif pt.get("over_max_length"):
         setup.append(
-            f"{pt['over_max_length']} example(s) exceed max length {pt['max_length']} with their answer; "
+            f"{plural(pt['over_max_length'], 'example')} exceed{'s' if pt['over_max_length'] == 1 else ''} max length {pt['max_length']} with their answer; "
             "data.truncate is off, so their prompts are evaluated whole (training refused such examples)."
         )
     fs = results.get("few_shot") or {}

@@ -19,15 +19,20 @@ from tunesmith.errors import UserError
 SYSTEM_PROMPT = (
     "You route customer support tickets. Answer with JSON only: "
     '{"team": one of billing, technical, account, shipping; '
-    '"priority": one of low, normal, high, urgent}.'
+    '"priority": one of low, normal, high, urgent}. '
+    "Priority: urgent for an emergency, high when it blocks work, low when there is no rush, "
+    "normal otherwise."
 )
 
+# Each team's problems name its subject (charges and invoices, errors and crashes, logins and
+# users, parcels and delivery), and no problem borrows another team's words: the team follows
+# from the ticket text, as a reader would route it.
 _TEAM_PROBLEMS = {
     "billing": [
         "I was charged twice for my {plan} subscription",
         "my invoice for {month} shows the wrong amount",
-        "the refund for order {order} never arrived",
-        "my card was declined but the money left my account",
+        "the refund for my {plan} plan never arrived",
+        "my card was declined but I was still charged",
         "I need a VAT invoice for {month}",
         "you billed me after I cancelled the {plan} plan",
     ],
@@ -43,24 +48,28 @@ _TEAM_PROBLEMS = {
         "I cannot log in, the password reset email never comes",
         "please change the email address on my account",
         "I want to delete my account and all my data",
-        "my account was locked after too many attempts",
-        "how do I add a second user to my {plan} account",
-        "two-factor codes are not accepted on my {device}",
+        "my account was locked after too many login attempts",
+        "how do I add a second user to my account",
+        "my two-factor login codes are not accepted",
     ],
     "shipping": [
         "my package {order} has not moved for {days} days",
-        "the parcel arrived damaged",
+        "the parcel for order {order} arrived damaged",
         "I received the wrong item in order {order}",
         "can I change the delivery address for order {order}",
         "tracking for {order} says delivered but nothing came",
         "the courier lost my package {order}",
     ],
 }
+# Every ticket ends with one cue of its priority, and the cues of two priorities share no
+# telling word (no "not urgent" among the low ones): the priority follows from the text too,
+# which is what the system prompt's rule says. A fine-tune can learn the mapping; a base model
+# that reads the rule could apply it.
 _PRIORITY_CUES = {
-    "low": ["No rush, whenever you can.", "Just a question.", "Not urgent at all.", ""],
-    "normal": ["Please have a look.", "Thanks for your help.", "Could you check?", ""],
-    "high": ["This is blocking my work.", "Please fix this soon.", "I need this today.", "It affects my whole team."],
-    "urgent": ["URGENT: we are losing money every hour!", "Production is down, please help now!", "This is an emergency.", "Critical, our customers are affected right now!"],
+    "low": ["No rush, whenever you can.", "Just a question for when you have time.", "Low priority for me.", "Whenever you get a chance."],
+    "normal": ["Please have a look.", "Thanks for your help.", "Could you check?", "Let me know what you find."],
+    "high": ["This is blocking my work.", "I need this fixed today.", "It stops my whole team from working.", "Please treat this as high priority."],
+    "urgent": ["URGENT: everything is down right now!", "This is an emergency, please help now!", "Critical: nobody here can work at all!", "URGENT, we need help immediately!"],
 }
 _OPENERS = ["Hi,", "Hello team,", "Hey,", "Good morning,", "Dear support,", ""]
 _FILL = {
@@ -80,8 +89,8 @@ def support_tickets(count: int = 300, seed: int = 0) -> list[dict]:
     teams = sorted(_TEAM_PROBLEMS)
     priorities = list(_PRIORITY_CUES)
     seen: set[str] = set()
-    # Draw until `count` distinct tickets: a repeated text would be a duplicate, or a conflict
-    # when its priority cue is empty, and the data check would rightly flag it.
+    # Draw until `count` distinct tickets: a repeated text would be a duplicate, and the data
+    # check would rightly flag it.
     for _ in range(count * 50):
         if len(records) == count:
             break
@@ -125,6 +134,10 @@ def write_starter(folder: Path, count: int = 300, seed: int = 0, model: str | No
         "data.train": "data/tickets.jsonl",
         "data.max_length": 256,
         "train.epochs": 2.0,
+        # Smaller batches at a higher rate: twice the optimizer steps for about the same compute,
+        # so the demo's 2 epochs learn the routing rather than half of it.
+        "train.batch_size": 4,
+        "train.learning_rate": 5e-4,
         "eval.max_new_tokens": 32,
     }
     if model:

@@ -48,9 +48,10 @@ from tunesmith.formatting import (
     packed_batches,
     preflight,
 )
+from tunesmith.humanize import duration_text
 from tunesmith.inference import use_bf16
 from tunesmith.modeling import autocast, causal_lm, check_loss_matches_model, load_for_training, make_loss_module
-from tunesmith.progress import Progress, human_duration
+from tunesmith.progress import Progress
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -96,9 +97,12 @@ def show_mask(cfg: RunConfig, count: int, console) -> None:
     tokenizer = load_tokenizer(runs.base_model_ref(cfg), trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
     train_path, _, files = data_paths(cfg)
     examples, report = preflight(tokenizer, files.read(train_path), cfg.data, str(train_path))
+    brackets = not console.is_terminal  # no colour in a file or pipe: mark trained tokens [[ ]]
+    if brackets:
+        console.print("trained tokens are between [[ and ]]", markup=False, highlight=False)
     for example in examples[:count]:
         console.rule(f"line {example.source_line}: {len(example)} tokens, {example.trained_tokens} trained")
-        console.print(mask_text(tokenizer, example))
+        console.print(mask_text(tokenizer, example, brackets=brackets), markup=False, highlight=False, soft_wrap=True)
     console.rule()
     console.print(
         f"{report.examples} examples, {report.tokens} tokens, {report.trained_tokens} trained "
@@ -625,7 +629,7 @@ def timed_eval_loss(s: TrainingSetup, state: TrainingState, progress, when: str)
     loss = s.eval_loss()
     seconds = time.perf_counter() - start
     state.eval_time_s += seconds
-    progress.note(f"eval loss {loss:.4f} {when} ({len(s.eval_examples)} held-out examples, {human_duration(seconds)})")
+    progress.note(f"eval loss {loss:.4f} {when} ({len(s.eval_examples)} held-out examples, {duration_text(seconds)})")
     return loss
 
 
@@ -788,8 +792,8 @@ def run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console=No
         console.print(
             f"done: {state.step} steps, loss {summary['final_loss'] or float('nan'):.4f}"
             + (f", eval loss {state.last_eval_loss:.4f}" if state.last_eval_loss is not None else "")
-            + f", {summary['tokens_per_s']:.0f} tokens/s, {human_duration(time.time() - started)} wall time"
-            + (f" ({human_duration(state.eval_time_s)} of it eval loss)" if state.eval_time_s else "")
+            + f", {summary['tokens_per_s']:.0f} tokens/s, {duration_text(time.time() - started)} wall time"
+            + (f" ({duration_text(state.eval_time_s)} of it eval loss)" if state.eval_time_s else "")
             + f" -> {out}"
         )
     if world > 1:
