@@ -143,3 +143,29 @@ def test_long_prefill_in_chunks_equals_one_chunk(monkeypatch):
     torch.testing.assert_close(chunked[0], whole[0])
     torch.testing.assert_close(chunked[1], whole[1])
     torch.testing.assert_close(whole[0], reference)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_two_part_logits_equal_the_models_forward(tiny_model_dir, kind):
+    """Closer than tokens: the logits after the prompt and after one more token are the
+    model's own forward on each whole sequence, to fp32 rounding (the log-sum-exp merge)."""
+    from transformers import AutoTokenizer
+
+    model = tiny_lm(kind)
+    prompts = shared_prompt_batch(AutoTokenizer.from_pretrained(tiny_model_dir))[:4]
+    prefix_len = inference.shared_prefix_length(prompts)
+    decoder = cascade.TwoPartDecoder(model)
+    own = [p[prefix_len:] for p in prompts]
+    width = max(map(len, own))
+    input_ids = torch.tensor([[0] * (width - len(o)) + o for o in own])
+    positions = torch.tensor([[0] * (width - len(o)) + list(range(prefix_len, prefix_len + len(o))) for o in own])
+    with torch.inference_mode():
+        prefix = decoder.prefix(prompts[0][:prefix_len])
+        cache = decoder.new_cache(len(own), width + 1, torch.tensor([width - len(o) for o in own]))
+        first = decoder.forward(input_ids, positions, cache, prefix)
+        following = first.argmax(-1)
+        second = decoder.forward(following[:, None], positions[:, -1:] + 1, cache, prefix)
+        for r, ids in enumerate(prompts):
+            reference = model(torch.tensor([ids + [int(following[r])]])).logits[0]
+            torch.testing.assert_close(first[r], reference[-2], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(second[r], reference[-1], rtol=1e-5, atol=1e-5)
