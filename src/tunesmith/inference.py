@@ -290,7 +290,7 @@ def _generate_batch_two_part(decoder, own, prefix, prefix_len, max_new_tokens, s
     width = input_ids.shape[1]
     positions = (prefix_len + mask.cumsum(-1) - 1).clamp(min=0)
     # The last generated token is never fed back, so max_new_tokens - 1 columns follow the prompt.
-    cache = decoder.new_cache(len(own), width + max_new_tokens - 1, width - mask.sum(-1))
+    cache = decoder.new_cache(len(own), width + max(max_new_tokens - 1, 0), width - mask.sum(-1))
 
     start = time.perf_counter()
     logits = decoder.forward(input_ids, positions, cache, prefix)
