@@ -105,9 +105,18 @@ class TwoPartDecoder:
 
     def forward(self, input_ids: Any, position_ids: Any, cache: RowCache, prefix: list[tuple[Any, Any]] | None) -> Any:
         """Logits at the last column for `input_ids` [rows, T] written at cache columns
-        [length, length + T); with a prefix, every query also attends to all of it."""
+        [length, length + T); with a prefix, every query also attends to all of it.
+
+        Token-wise work (embeddings, norms, projections, MLP) runs on the real tokens only,
+        packed: left padding costs attention columns, not matrix rows."""
+        import torch
+
         rows, width = input_ids.shape
-        hidden = self.body.embed_tokens(input_ids)
+        cols = torch.arange(cache.length, cache.length + width, device=input_ids.device)
+        real = (cols[None, :] >= cache.start[:, None]).flatten().nonzero().squeeze(1)
+        if len(real) == rows * width:
+            real = None
+        hidden = self.body.embed_tokens(input_ids.flatten() if real is None else input_ids.flatten()[real])
         cos, sin = self.body.rotary_emb(hidden, position_ids)
         seen = self._own_mask(cache, width)
         # With a prefix the own part is ours (it must return its log-sum-exp): an additive mask
@@ -115,11 +124,13 @@ class TwoPartDecoder:
         mask = _folded_bias(seen, self.layers[0].self_attn.num_key_value_groups) if prefix else seen[:, None]
         for i, layer in enumerate(self.layers):
             normed = layer.input_layernorm(hidden)
-            hidden = hidden + self._attention(layer.self_attn, normed, cos, sin, cache, i, prefix[i] if prefix else None, mask)
+            attended = self._attention(layer.self_attn, normed, (rows, width, real), cos, sin, cache, i, prefix[i] if prefix else None, mask)
+            hidden = hidden + attended
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         cache.length += width
-        last = self.body.norm(hidden[:, -1:])
-        return self.lm.lm_head(last)[:, -1]
+        # Each row's last column is a real token (left padding); in the packed order it ends the row.
+        last = torch.arange(1, rows + 1, device=hidden.device) * width - 1 if real is None else (width - cache.start).cumsum(0) - 1
+        return self.lm.lm_head(self.body.norm(hidden[last]))
 
     def _own_mask(self, cache: RowCache, width: int) -> Any:
         """Which own keys each query sees [rows, width, keys]: causal, padding masked; a
@@ -132,14 +143,19 @@ class TwoPartDecoder:
         seen = (key_cols[None, None, :] >= cache.start[:, None, None]) & (key_cols[None, None, :] <= query_cols[None, :, None])
         return seen | (key_cols[None, None, :] == query_cols[None, :, None])
 
-    def _attention(self, attn: Any, x: Any, cos: Any, sin: Any, cache: RowCache, i: int, prefix_kv: Any, mask: Any) -> Any:
+    def _attention(self, attn: Any, x: Any, layout: tuple, cos: Any, sin: Any, cache: RowCache, i: int, prefix_kv: Any, mask: Any) -> Any:
+        """Attention output for x [tokens, hidden] (packed when `real` lists the real columns)."""
         import torch
 
-        rows, width, _ = x.shape
+        rows, width, real = layout
         d = self.head_dim
-        q = attn.q_proj(x).view(rows, width, -1, d).transpose(1, 2)
-        k = attn.k_proj(x).view(rows, width, -1, d).transpose(1, 2)
-        v = attn.v_proj(x).view(rows, width, -1, d).transpose(1, 2)
+
+        def heads_of(projected):  # [tokens, n * d] -> [rows, n, width, d], zeros at padding
+            if real is not None:
+                projected = projected.new_zeros(rows * width, projected.shape[-1]).index_copy_(0, real, projected)
+            return projected.view(rows, width, -1, d).transpose(1, 2)
+
+        q, k, v = heads_of(attn.q_proj(x)), heads_of(attn.k_proj(x)), heads_of(attn.v_proj(x))
         q, k = self.apply_rotary(q, k, cos, sin)
         end = cache.length + width
         cache.keys[i][:, :, cache.length : end] = k
@@ -149,7 +165,8 @@ class TwoPartDecoder:
         if prefix_kv is None:
             # One part: torch's fused attention, GQA without repeating the keys.
             out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-            return attn.o_proj(out.transpose(1, 2).reshape(rows, width, heads * d))
+            out = out.transpose(1, 2).reshape(rows * width, heads * d)
+            return attn.o_proj(out if real is None else out[real])
         # GQA: the query heads of one KV head become one longer query, so keys are not repeated.
         q = q.reshape(rows, self.kv_heads, groups * width, d)
         out, lse = attend(q, keys, values, mask, attn.scaling)
@@ -162,8 +179,8 @@ class TwoPartDecoder:
         # Merge the two softmaxes: each part weighted by its share of the total exp-sum.
         total = torch.logaddexp(lse, pre_lse)
         out = out * torch.exp(lse - total) + pre_out * torch.exp(pre_lse - total)
-        out = out.to(x.dtype).view(rows, self.kv_heads, groups, width, d).permute(0, 3, 1, 2, 4).reshape(rows, width, heads * d)
-        return attn.o_proj(out)
+        out = out.to(x.dtype).view(rows, self.kv_heads, groups, width, d).permute(0, 3, 1, 2, 4).reshape(rows * width, heads * d)
+        return attn.o_proj(out if real is None else out[real])
 
 
 def _folded_bias(seen: Any, groups: int) -> Any:
