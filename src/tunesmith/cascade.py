@@ -161,11 +161,12 @@ class TwoPartDecoder:
         cache.keys[i][:, :, cache.length : end] = k
         cache.values[i][:, :, cache.length : end] = v
         keys, values = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]
+        q = q.to(keys.dtype)  # a quantized model's projections may compute in another dtype than its cache
         heads, groups = q.shape[1], q.shape[1] // self.kv_heads
         if prefix_kv is None:
             # One part: torch's fused attention, GQA without repeating the keys.
             out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-            out = out.transpose(1, 2).reshape(rows * width, heads * d)
+            out = out.to(x.dtype).transpose(1, 2).reshape(rows * width, heads * d)
             return attn.o_proj(out if real is None else out[real])
         # GQA: the query heads of one KV head become one longer query, so keys are not repeated.
         q = q.reshape(rows, self.kv_heads, groups * width, d)
