@@ -11,13 +11,17 @@ its time and `generate` cannot share the prefix.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 MIN_SHARED_PREFIX = 8  # tokens; below this, computing the prefix apart is not worth a forward
 # End-of-turn tokens of common chat templates, when the tokenizer has them as single tokens.
@@ -162,49 +166,160 @@ def generate_greedy(
     decode: Callable[[list[int]], str],
     share_prefix: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    two_part: bool = True,
 ) -> list[Generation]:
     """Greedy answers to token-id prompts, in the prompts' order, batched.
 
-    The prefix every prompt shares (system prompt, few-shot examples) runs once; its KV cache is
-    copied into each batch. Prompts run longest first, so a batch holds similar lengths and
-    little padding; padding sits between the shared prefix and each prompt's own tokens, masked
-    out, with position ids that skip it, so each row computes what it would compute alone.
+    The prefix every prompt shares (system prompt, few-shot examples) runs once. Prompts run
+    longest first, so a batch holds similar lengths and little padding; padding sits between
+    the shared prefix and each prompt's own tokens, masked out, with position ids that skip it,
+    so each row computes what it would compute alone.
+
+    Llama-style models take the two-part path (`cascade.py`): the prefix's KV is kept once and
+    attended by every row without a copy, each row's own KV sits in a cache allocated once per
+    batch. `two_part=False`, or a model it does not cover (the reason is logged), takes the
+    model's own forward with the prefix's cache copied into each batch.
     """
     import torch
-    from transformers import DynamicCache
 
-    device = next(model.parameters()).device
+    from tunesmith import cascade
+
+    longest = max((len(p) for p in prompts), default=0) + max_new_tokens
+    reason = cascade.unsupported_reason(model, longest) if two_part else None
+    if reason:
+        _log_fallback(type(_causal_lm(model)).__name__, reason)
     prefix_len = shared_prefix_length(prompts) if share_prefix else 0
-    prefix_cache = None
+    if prefix_len < MIN_SHARED_PREFIX:
+        prefix_len = 0
     with torch.inference_mode():
-        if prefix_len >= MIN_SHARED_PREFIX:
-            prefix_cache = DynamicCache(config=model.config)
-            model(input_ids=torch.tensor([prompts[0][:prefix_len]], device=device), use_cache=True, logits_to_keep=1, **cache_arg(model, prefix_cache))
+        if two_part and not reason:
+            decoder = cascade.TwoPartDecoder(model)
+            prefix = decoder.prefix(prompts[0][:prefix_len]) if prefix_len else None
+            run_batch = lambda own: _generate_batch_two_part(decoder, own, prefix, prefix_len, max_new_tokens, stop_ids, pad_id, decode)  # noqa: E731
         else:
-            prefix_len = 0
+            prefix_cache = _prefix_cache(model, prompts[0][:prefix_len]) if prefix_len else None
+            run_batch = lambda own: _generate_batch(model, own, prefix_cache, prefix_len, max_new_tokens, stop_ids, pad_id, decode)  # noqa: E731
         order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
         results: list[Generation | None] = [None] * len(prompts)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            own = [prompts[i][prefix_len:] for i in rows]
-            for i, gen in zip(rows, _generate_batch(model, own, prefix_cache, prefix_len, max_new_tokens, stop_ids, pad_id, decode)):
+            for i, gen in zip(rows, run_batch([prompts[i][prefix_len:] for i in rows])):
                 results[i] = gen
             if on_batch:
                 on_batch(len(rows))
     return results  # type: ignore[return-value]
 
 
-def _generate_batch(model, own, prefix_cache, prefix_len, max_new_tokens, stop_ids, pad_id, decode) -> list[Generation]:
+def _causal_lm(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback(model_class: str, reason: str) -> None:
+    """Say once per model class and reason why generation takes the slower path."""
+    logger.warning("generation: %s runs without two-part attention (%s); the model's own forward is used", model_class, reason)
+
+
+def _prefix_cache(model, prefix_ids: list[int]):
+    """The model's own cache of the shared prefix, batch 1 (the path without two-part attention)."""
     import torch
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1, **cache_arg(model, cache))
+    return cache
+
+
+@dataclass
+class _Rows:
+    """What the decode loop carries for one batch: each row's tokens and when it ended, and
+    which rows still generate (`active[j]` is the batch row of cache row j)."""
+
+    tokens: list[list[int]]
+    ended_s: list[float]
+    stopped: list[bool]
+    active: list[int]
+
+    @classmethod
+    def start(cls, rows: int) -> "_Rows":
+        return cls([[] for _ in range(rows)], [0.0] * rows, [False] * rows, list(range(rows)))
+
+    def advance(self, next_list: list[int], step: int, max_new_tokens: int, stop_ids: set[int], now: float) -> list[int]:
+        """Record one step's tokens; return the cache rows that go on generating."""
+        keep = []
+        for j, r in enumerate(self.active):
+            token = next_list[j]
+            self.tokens[r].append(token)
+            if token in stop_ids:
+                self.stopped[r], self.ended_s[r] = True, now
+            elif step == max_new_tokens - 1:
+                self.ended_s[r] = now
+            else:
+                keep.append(j)
+        return keep
+
+    def results(self, decode: Callable[[list[int]], str], wall_s: float) -> list[Generation]:
+        out = []
+        for r, tokens in enumerate(self.tokens):
+            answer = tokens[:-1] if self.stopped[r] else tokens
+            out.append(Generation(decode(answer).strip(), tokens, self.ended_s[r], wall_s / len(self.tokens), self.stopped[r]))
+        return out
+
+
+def _left_padded(own: list[list[int]], pad_id: int):
+    """(input_ids, mask) [rows, longest], each prompt right-aligned."""
+    import torch
+
     rows, width = len(own), max(len(p) for p in own)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     mask = torch.zeros((rows, width), dtype=torch.long)
     for r, ids in enumerate(own):
         input_ids[r, width - len(ids) :] = torch.tensor(ids)
         mask[r, width - len(ids) :] = 1
+    return input_ids, mask
+
+
+def _generate_batch_two_part(decoder, own, prefix, prefix_len, max_new_tokens, stop_ids, pad_id, decode) -> list[Generation]:
+    """One batch through the two-part decoder: its own KV written in place, never re-concatenated."""
+    import torch
+
+    device = decoder.param.device
+    input_ids, mask = _left_padded(own, pad_id)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    width = input_ids.shape[1]
+    positions = (prefix_len + mask.cumsum(-1) - 1).clamp(min=0)
+    # The last generated token is never fed back, so max_new_tokens - 1 columns follow the prompt.
+    cache = decoder.new_cache(len(own), width + max(max_new_tokens - 1, 0), width - mask.sum(-1))
+
+    start = time.perf_counter()
+    logits = decoder.forward(input_ids, positions, cache, prefix)
+    state = _Rows.start(len(own))
+    positions = positions[:, -1:]
+    for step in range(max_new_tokens):
+        next_ids = logits.argmax(dim=-1)
+        keep = state.advance(next_ids.tolist(), step, max_new_tokens, stop_ids, time.perf_counter() - start)
+        if not keep:
+            break
+        if len(keep) < len(state.active):
+            # Drop finished rows so the rest of the batch stops paying for them.
+            index = torch.tensor(keep, device=device)
+            cache.select(index)
+            positions, next_ids = positions[index], next_ids[index]
+            state.active = [state.active[j] for j in keep]
+        positions = positions + 1
+        logits = decoder.forward(next_ids[:, None], positions, cache, prefix)
+    return state.results(decode, time.perf_counter() - start)
+
+
+def _generate_batch(model, own, prefix_cache, prefix_len, max_new_tokens, stop_ids, pad_id, decode) -> list[Generation]:
+    """One batch through the model's own forward and DynamicCache (the path before two-part attention)."""
+    import torch
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    input_ids, mask = _left_padded(own, pad_id)
+    rows = len(own)
     input_ids, mask = input_ids.to(device), mask.to(device)
     if prefix_cache is not None:
         cache = copy.deepcopy(prefix_cache)
@@ -219,42 +334,25 @@ def _generate_batch(model, own, prefix_cache, prefix_len, max_new_tokens, stop_i
     logits = model(
         input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_arg(model, cache)
     ).logits[:, -1]
-    active = list(range(rows))  # batch row of each cache row still generating
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    ended_s, stopped = [0.0] * rows, [False] * rows
+    state = _Rows.start(rows)
     for step in range(max_new_tokens):
         next_ids = logits.argmax(dim=-1)
-        next_list = next_ids.tolist()  # one device sync per step, not one per row
-        now = time.perf_counter() - start
-        keep = []
-        for j, r in enumerate(active):
-            token = next_list[j]
-            tokens[r].append(token)
-            if token in stop_ids:
-                stopped[r], ended_s[r] = True, now
-            elif step == max_new_tokens - 1:
-                ended_s[r] = now
-            else:
-                keep.append(j)
+        # One device sync per step (tolist), not one per row.
+        keep = state.advance(next_ids.tolist(), step, max_new_tokens, stop_ids, time.perf_counter() - start)
         if not keep:
             break
-        if len(keep) < len(active):
+        if len(keep) < len(state.active):
             # Drop finished rows so the rest of the batch stops paying for them.
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             attention, positions, next_ids = attention[index], positions[index], next_ids[index]
-            active = [active[j] for j in keep]
-        attention = torch.cat([attention, torch.ones((len(active), 1), dtype=torch.long, device=device)], dim=1)
+            state.active = [state.active[j] for j in keep]
+        attention = torch.cat([attention, torch.ones((len(state.active), 1), dtype=torch.long, device=device)], dim=1)
         positions = positions[:, -1:] + 1
         logits = model(
             input_ids=next_ids[:, None], attention_mask=attention, position_ids=positions, use_cache=True, **cache_arg(model, cache)
         ).logits[:, -1]
-    wall_s = time.perf_counter() - start
-    out = []
-    for r in range(rows):
-        answer = tokens[r][:-1] if stopped[r] else tokens[r]
-        out.append(Generation(decode(answer).strip(), tokens[r], ended_s[r], wall_s / rows, stopped[r]))
-    return out
+    return state.results(decode, time.perf_counter() - start)
 
 
 def greedy_tokens(model: Any, prompts: list[list[int]], stop_ids: set[int], max_new_tokens: int) -> list[list[int]]:
