@@ -604,3 +604,33 @@ def test_server_weights_dtype_comes_from_inference_dtype(tiny_model_dir, tmp_pat
         assert handle.app.state.engine.stats["prefix_misses"] == 1  # the chat route found the system prompt
     finally:
         handle.stop()
+
+
+def test_engine_vllm_is_refused_in_one_line_when_vllm_is_absent(cli, tiny_model_dir):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: the refusal cannot be shown")
+    result = cli("serve", str(tiny_model_dir), "--engine", "vllm", "--port", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install vllm" in lines[0], result.stderr
+
+
+def test_vllm_command_carries_the_adapters_and_the_lint_flags(tiny_model_dir, runs):
+    """The argv handed to vLLM: the base, every adapter by its id, the rank flag the lint computes."""
+    import json as json_module
+
+    from tunesmith.artifacts import ADAPTER_DIR
+    from tunesmith.runs import vllm_max_lora_rank
+    from tunesmith.serve.vllm import vllm_command
+
+    settings = ServeSettings(models=[str(tiny_model_dir), str(runs["alpha"]), f"b2={runs['beta'] / ADAPTER_DIR}"], port=8123, max_batch_size=64)
+    argv = vllm_command(settings)
+    assert argv[argv.index("--model") + 1] == str(tiny_model_dir)
+    assert argv[argv.index("--max-num-seqs") + 1] == "64" and "--enable-lora" in argv and "--enable-prefix-caching" in argv
+    lora = argv[argv.index("--lora-modules") + 1 : argv.index("--lora-modules") + 3]
+    assert sorted(m.split("=")[0] for m in lora) == sorted(["alpha", "b2"])
+    rank = int(json_module.loads((runs["alpha"] / ADAPTER_DIR / "adapter_config.json").read_text())["r"])
+    assert "--max-lora-rank" not in argv and vllm_max_lora_rank({"r": rank}) is None  # tiny runs use r=4
+    assert vllm_max_lora_rank({"r": 24}) == 32 and vllm_max_lora_rank({"r": 8, "rank_pattern": {"q_proj": 100}}) == 128
