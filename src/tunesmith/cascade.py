@@ -171,17 +171,34 @@ class TwoPartDecoder:
         # GQA: the query heads of one KV head become one longer query, so keys are not repeated.
         q = q.reshape(rows, self.kv_heads, groups * width, d)
         out, lse = attend(q, keys, values, mask, attn.scaling)
-        # Every row's queries against the one prefix: a batch-1 attention with a long query.
-        pk, pv = prefix_kv
-        q_all = q.transpose(0, 1).reshape(1, self.kv_heads, rows * groups * width, d)
-        pre_out, pre_lse = attend(q_all, pk, pv, None, attn.scaling)
-        pre_out = pre_out.view(self.kv_heads, rows, groups * width, d).transpose(0, 1)
-        pre_lse = pre_lse.view(self.kv_heads, rows, groups * width, 1).transpose(0, 1)
+        # Every real query of every row against the one prefix: a batch-1 attention with a long query.
+        pre_out, pre_lse = self._prefix_part(q, prefix_kv, (rows, width, real), attn.scaling)
         # Merge the two softmaxes: each part weighted by its share of the total exp-sum.
         total = torch.logaddexp(lse, pre_lse)
         out = out * torch.exp(lse - total) + pre_out * torch.exp(pre_lse - total)
         out = out.to(x.dtype).view(rows, self.kv_heads, groups, width, d).permute(0, 3, 1, 2, 4).reshape(rows * width, heads * d)
         return attn.o_proj(out if real is None else out[real])
+
+
+    def _prefix_part(self, q: Any, prefix_kv: Any, layout: tuple, scale: float) -> tuple[Any, Any]:
+        """(output, log-sum-exp) of the queries q [rows, kv_heads, groups * width, d] against the
+        prefix, in q's layout; padding queries are left out (zero output, -inf log-sum-exp)."""
+        import torch
+
+        rows, width, real = layout
+        kv, d = self.kv_heads, self.head_dim
+        groups = q.shape[2] // width
+        by_token = q.view(rows, kv, groups, width, d).permute(0, 3, 1, 2, 4).reshape(rows * width, kv, groups, d)
+        if real is not None:
+            by_token = by_token[real]
+        tokens = by_token.shape[0]
+        out, lse = attend(by_token.permute(1, 0, 2, 3).reshape(1, kv, tokens * groups, d), *prefix_kv, None, scale)
+        out, lse = out.view(kv, tokens, groups, d).transpose(0, 1), lse.view(kv, tokens, groups, 1).transpose(0, 1)
+        if real is not None:
+            out = out.new_zeros(rows * width, kv, groups, d).index_copy_(0, real, out)
+            lse = lse.new_full((rows * width, kv, groups, 1), float("-inf")).index_copy_(0, real, lse)
+        to_layout = lambda t: t.reshape(rows, width, kv, groups, -1).permute(0, 2, 3, 1, 4).reshape(rows, kv, groups * width, -1)  # noqa: E731
+        return to_layout(out), to_layout(lse)
 
 
 def _folded_bias(seen: Any, groups: int) -> Any:
