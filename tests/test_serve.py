@@ -514,3 +514,123 @@ def test_model_ids_with_dots_are_served(tiny_model_dir, runs, direct):
     finally:
         handle.stop()
     assert reply.choices[0].message.content == direct["alpha"]
+
+
+def _engine_answers(engine, batches: list[list[tuple]]) -> list[list[int]]:
+    """Token ids for each (served model, prompt, prefix_tokens, seed), one batch after another
+    through `engine`: greedy when seed is None, else sampled at temperature 1 with that seed."""
+    import asyncio
+
+    from tunesmith.serve.engine import SamplingParams, Sequence
+
+    async def run() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        answers = []
+        engine.start()
+        try:
+            for batch in batches:
+                queues = [asyncio.Queue() for _ in batch]
+                seqs = []
+                for (served, prompt, prefix_tokens, seed), q in zip(batch, queues):
+                    params = SamplingParams(max_tokens=10, temperature=0 if seed is None else 1.0, seed=seed)
+                    seqs.append(Sequence(served, list(prompt), params, loop, q, prefix_tokens=prefix_tokens))
+                for seq in seqs:
+                    engine.submit(seq)
+                for seq, q in zip(seqs, queues):
+                    while True:
+                        event = await asyncio.wait_for(q.get(), timeout=60)
+                        assert event[0] != "error", event
+                        if event[0] == "done":
+                            break
+                    answers.append(list(seq.generated))
+        finally:
+            engine.stop()
+        return answers
+
+    return asyncio.run(run())
+
+
+def test_prefix_cache_gives_the_same_answers_across_batches_and_system_prompts(tiny_model_dir, runs):
+    """The system prompt's KV computed once and reused gives the tokens a full prefill gives (fp32):
+    over two successive batches sharing a system prompt, and a batch whose rows differ in it;
+    base rows and adapter rows (the prefix's KV depends on the adapter)."""
+    from tunesmith.artifacts import ADAPTER_DIR
+    from tunesmith.models import load_model
+    from tunesmith.serve.app import system_prefix_tokens
+    from tunesmith.serve.engine import Engine, ServedModel
+
+    loaded = load_model(str(tiny_model_dir))
+    base, alpha = ServedModel("base", None), ServedModel("alpha", runs["alpha"] / ADAPTER_DIR)
+    labels = "Reply with one label: " + ", ".join(f"intent_{i}" for i in range(40)) + "."
+    other = "You answer shipping questions in one short sentence, politely and without guessing."
+
+    def request(served, system: str, user: str, seed: int | None = None) -> tuple:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        prompt = inference.render_ids(loaded.tokenizer, messages)
+        return served, prompt, system_prefix_tokens(loaded.tokenizer, messages, prompt), seed
+
+    users = ["where is my parcel", "refund my order 12", "the box arrived broken", "change my address please", "cancel it"]
+    batches = [
+        [request(alpha, labels, users[0]), request(base, labels, users[1]), request(alpha, labels, users[2], seed=3)],
+        # The next batch: the same system prompt, its KV reused.
+        [request(alpha, labels, users[3]), request(base, labels, users[4], seed=4), request(alpha, labels, users[1], seed=5)],
+        # Rows that differ in system prompt.
+        [request(alpha, labels, users[0], seed=6), request(alpha, other, users[1]), request(base, other, users[2], seed=7)],
+    ]
+    assert all(0 < n < len(prompt) for batch in batches for _, prompt, n, _ in batch)
+    cached = Engine(loaded.model, loaded.tokenizer, max_batch_size=8, prefix_cache=True)
+    with_cache = _engine_answers(cached, batches)
+    fresh = load_model(str(tiny_model_dir))  # the first engine wrapped its model in peft
+    uncached = Engine(fresh.model, fresh.tokenizer, max_batch_size=8, prefix_cache=False)
+    assert with_cache == _engine_answers(uncached, batches)
+    assert len(set(map(tuple, with_cache))) > 3  # the answers differ by prompt: the comparison has teeth
+    # Four (adapter, system prompt) pairs, each computed once; every other request reused one.
+    assert cached.stats["prefix_misses"] == 4 and cached.stats["prefix_hits"] == 5
+    assert uncached.stats["prefix_hits"] == uncached.stats["prefix_misses"] == 0
+
+
+def test_server_weights_dtype_comes_from_inference_dtype(tiny_model_dir, tmp_path):
+    """`precision` picks the weights' dtype through inference.inference_dtype; bf16 still answers."""
+    import torch
+
+    settings = ServeSettings(models=[str(tiny_model_dir)], port=0, precision="bf16", state_dir=str(tmp_path / "state"))
+    handle = run_in_thread(create_app(settings))
+    try:
+        assert handle.app.state.engine.model.dtype == torch.bfloat16
+        client = openai.OpenAI(base_url=f"{handle.url}/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "system", "content": "Reply with one label: " + ", ".join(f"intent_{i}" for i in range(20))}, *MESSAGES]
+        answer = client.chat.completions.create(model=base_id(handle), messages=messages, max_tokens=4, temperature=0)
+        assert answer.usage.completion_tokens >= 1
+        assert handle.app.state.engine.stats["prefix_misses"] == 1  # the chat route found the system prompt
+    finally:
+        handle.stop()
+
+
+def test_engine_vllm_is_refused_in_one_line_when_vllm_is_absent(cli, tiny_model_dir):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: the refusal cannot be shown")
+    result = cli("serve", str(tiny_model_dir), "--engine", "vllm", "--port", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install vllm" in lines[0], result.stderr
+
+
+def test_vllm_command_carries_the_adapters_and_the_lint_flags(tiny_model_dir, runs):
+    """The argv handed to vLLM: the base, every adapter by its id, the rank flag the lint computes."""
+    import json as json_module
+
+    from tunesmith.artifacts import ADAPTER_DIR
+    from tunesmith.runs import vllm_max_lora_rank
+    from tunesmith.serve.vllm import vllm_command
+
+    settings = ServeSettings(models=[str(tiny_model_dir), str(runs["alpha"]), f"b2={runs['beta'] / ADAPTER_DIR}"], port=8123, max_batch_size=64)
+    argv = vllm_command(settings)
+    assert argv[argv.index("--model") + 1] == str(tiny_model_dir)
+    assert argv[argv.index("--max-num-seqs") + 1] == "64" and "--enable-lora" in argv and "--enable-prefix-caching" in argv
+    lora = argv[argv.index("--lora-modules") + 1 : argv.index("--lora-modules") + 3]
+    assert sorted(m.split("=")[0] for m in lora) == sorted(["alpha", "b2"])
+    rank = int(json_module.loads((runs["alpha"] / ADAPTER_DIR / "adapter_config.json").read_text())["r"])
+    assert "--max-lora-rank" not in argv and vllm_max_lora_rank({"r": rank}) is None  # tiny runs use r=4
+    assert vllm_max_lora_rank({"r": 24}) == 32 and vllm_max_lora_rank({"r": 8, "rank_pattern": {"q_proj": 100}}) == 128

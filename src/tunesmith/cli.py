@@ -298,10 +298,21 @@ def serve_command(
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Folder of the fine-tuning API's files and jobs (default: one per base model under TUNESMITH_HOME/serve)."),
     max_upload_bytes: int = typer.Option(100 << 20, "--max-upload-bytes", min=1024, help="Largest file uploaded to /v1/files."),
     finetune_set: list[str] = typer.Option([], "--finetune-set", help="Run-config override for every fine-tuning job, e.g. train.lora.r=8 (repeatable)."),
+    precision: str = typer.Option("auto", "--precision", help="Weights' dtype: auto (bf16 where the hardware runs it fast, else fp32), fp32 or bf16."),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Compute a shared system prompt's KV once and reuse it across requests."),
+    engine: str = typer.Option("tunesmith", "--engine", help="tunesmith (this server, fine-tuning API included) or vllm (vLLM's OpenAI server on the same base and adapters; needs vLLM installed)."),
 ) -> None:
     """OpenAI-compatible API (chat, completions, models, fine-tuning, health, metrics) over one base and its adapters."""
     from tunesmith.serve import ServeSettings, serve
 
+    if engine not in ("tunesmith", "vllm"):
+        raise UserError(f"--engine {engine!r} is not one of tunesmith, vllm", "pass --engine tunesmith (the default) or --engine vllm")
+    if engine == "vllm":
+        from tunesmith.serve.vllm import check_vllm_installed
+
+        check_vllm_installed()  # before anything is resolved: the one-line refusal comes first
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"--precision {precision!r} is not one of auto, fp32, bf16", "pass --precision auto (bf16 where the hardware runs it fast)")
     if api_key is None:  # click reads an empty TUNESMITH_API_KEY as unset: pass it on to be refused
         api_key = os.environ.get("TUNESMITH_API_KEY")
     settings = ServeSettings(
@@ -320,9 +331,16 @@ def serve_command(
         state_dir=str(state_dir) if state_dir else None,
         max_upload_bytes=max_upload_bytes,
         finetune_overrides=finetune_set,
+        precision=precision,
+        prefix_cache=prefix_cache,
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err_console.print(f"warning: serving on {host} without --api-key: anyone who reaches this port can use the model")
+    if engine == "vllm":
+        from tunesmith.serve.vllm import serve_vllm
+
+        serve_vllm(settings)
+        return
     serve(settings)
 
 

@@ -386,6 +386,15 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 OLLAMA_ADAPTER_ARCHS = ("llama", "gemma", "gemma2", "gemma3")
 
 
+def vllm_max_lora_rank(lora_cfg: dict[str, Any]) -> int | None:
+    """The `--max-lora-rank` vLLM needs for this adapter config (None: its default will do)."""
+    ranks = [int(lora_cfg.get("r") or 0), *[int(r) for r in (lora_cfg.get("rank_pattern") or {}).values()]]
+    max_rank = max(ranks)
+    if max_rank <= VLLM_DEFAULT_MAX_LORA_RANK:
+        return None
+    return next((r for r in VLLM_LORA_RANKS if r >= max_rank), max_rank)
+
+
 def lint_adapter_config(lora_cfg: dict[str, Any], model_type: str) -> list[str]:
     """Problems serving engines will have with this adapter config; every one, with its fix.
 
@@ -393,10 +402,9 @@ def lint_adapter_config(lora_cfg: dict[str, Any], model_type: str) -> list[str]:
     base's `config.model_type`. Train runs it before training, export on the exported folder.
     """
     problems = []
-    ranks = [int(lora_cfg.get("r") or 0), *[int(r) for r in (lora_cfg.get("rank_pattern") or {}).values()]]
-    max_rank = max(ranks)
-    if max_rank > VLLM_DEFAULT_MAX_LORA_RANK:
-        flag = next((r for r in VLLM_LORA_RANKS if r >= max_rank), max_rank)
+    max_rank = max([int(lora_cfg.get("r") or 0), *[int(r) for r in (lora_cfg.get("rank_pattern") or {}).values()]])
+    flag = vllm_max_lora_rank(lora_cfg)
+    if flag is not None:
         problems.append(
             f"vLLM: LoRA rank {max_rank} is above vLLM's default max_lora_rank of {VLLM_DEFAULT_MAX_LORA_RANK}; "
             f"start vLLM with --max-lora-rank {flag}"

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from tunesmith.errors import UserError
-from tunesmith.inference import render_ids
+from tunesmith.inference import inference_dtype, render_ids
 from tunesmith.serve import protocol
 from tunesmith.serve.engine import Engine, SamplingParams, Sequence, ServedModel, log
 
@@ -49,6 +49,8 @@ class ServeSettings(BaseModel):
     allow_base_mismatch: bool = Field(False, description="Serve adapters whose recorded base fingerprint differs.")
     state_dir: str | None = Field(None, description="Folder of the fine-tuning API's files, jobs and SQLite store (default: one per base model under TUNESMITH_HOME/serve).")
     max_upload_bytes: int = Field(100 << 20, ge=1024, description="Largest file uploaded to /v1/files.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Weights' dtype: auto runs bf16 where the hardware runs it fast (a bf16 GPU, a CPU with AMX/AVX512-BF16), else fp32.")
+    prefix_cache: bool = Field(True, description="Compute a system prompt's KV once and reuse it for every request that starts with it (same adapter).")
     finetune_overrides: list[str] = Field(default_factory=list, description="Run-config overrides (`train.lora.r=8`) applied to every fine-tuning job before its hyperparameters.")
 
 
@@ -206,13 +208,13 @@ def create_app(settings: ServeSettings, *, loaded: Any = None) -> Any:
     check_api_key(settings.api_key)
     served = resolve_served(settings.models)
     if loaded is None:
-        loaded = load_model(served.base_ref)
+        loaded = load_model(served.base_ref, dtype=inference_dtype(settings.precision))
     warnings = []
     for model_id, fingerprint in served.expected_base_fingerprints.items():
         warning = check_base_fingerprint(fingerprint, loaded.fingerprint, base=served.base_ref, allow_base_mismatch=settings.allow_base_mismatch)
         if warning:
             warnings.append(f"{model_id}: {warning}")
-    engine = Engine(loaded.model, loaded.tokenizer, max_adapters=settings.max_adapters, max_batch_size=settings.max_batch_size)
+    engine = Engine(loaded.model, loaded.tokenizer, max_adapters=settings.max_adapters, max_batch_size=settings.max_batch_size, prefix_cache=settings.prefix_cache)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any):
@@ -344,6 +346,7 @@ async def chat_completions(request: Request) -> Any:
         messages.insert(0, {"role": "system", "content": served_model.default_system})
     # Off the event loop: rendering and tokenising a 1 MB prompt takes seconds of CPU.
     prompt = await asyncio.to_thread(_render_chat, state.tokenizer, messages)
+    prefix_tokens = await asyncio.to_thread(system_prefix_tokens, state.tokenizer, messages, prompt)
     grammar = None
     fmt = body.response_format
     if fmt is not None and fmt.type != "text":
@@ -356,7 +359,7 @@ async def chat_completions(request: Request) -> Any:
             grammar = await asyncio.to_thread(state.engine.compile_grammar, schema)
         except UserError as e:
             raise APIError(400, e.message, param="response_format") from None
-    return await _generate(request, body, served_model, [prompt], max_tokens, "chat.completion", grammar)
+    return await _generate(request, body, served_model, [prompt], max_tokens, "chat.completion", grammar, prefix_tokens)
 
 
 @router.post("/v1/completions")
@@ -379,6 +382,26 @@ def _render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
         return render_ids(tokenizer, messages)
     except TemplateError as e:  # the template's own raise_exception: a message written for users
         raise APIError(400, f"the model's chat template refused these messages: {e.message}", param="messages") from None
+
+
+def system_prefix_tokens(tokenizer: Any, messages: list[dict[str, str]], prompt: list[int]) -> int:
+    """How many leading tokens of `prompt` are its system messages, as the chat template renders
+    them alone (0 when there are none, or when they do not render as a prefix of the prompt):
+    the part of the prompt whose KV the engine's prefix cache may share across requests."""
+    from jinja2.exceptions import TemplateError
+
+    system = []
+    for message in messages:
+        if message["role"] != "system":
+            break
+        system.append(message)
+    if not system or len(system) == len(messages):
+        return 0
+    try:
+        ids = render_ids(tokenizer, system, generation_prompt=False)
+    except TemplateError:  # a template may refuse a conversation without a user turn
+        return 0
+    return len(ids) if len(ids) < len(prompt) and prompt[: len(ids)] == ids else 0
 
 
 def _tokenize(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
@@ -427,7 +450,7 @@ def _check_limits(settings: ServeSettings, body: Any, prompt_count: int) -> int:
     return max_tokens
 
 
-async def _generate(request: Request, body: Any, served_model: ServedModel, prompts: list[list[int]], max_tokens: int, kind: str, grammar: Any) -> Any:
+async def _generate(request: Request, body: Any, served_model: ServedModel, prompts: list[list[int]], max_tokens: int, kind: str, grammar: Any, prefix_tokens: int = 0) -> Any:
     state = request.app.state
     max_context = state.engine.max_context
     # A prompt must leave room for at least one new token inside the model's context.
@@ -444,7 +467,8 @@ async def _generate(request: Request, body: Any, served_model: ServedModel, prom
             params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(), seed=seed, grammar=grammar)
             index = p_index * body.n + c_index
             # Each sequence reports on the shared queue tagged with its index.
-            sequences.append(Sequence(served_model, prompt, params, loop, _Tagged(events, index), index=index))  # type: ignore[arg-type]
+            tagged = _Tagged(events, index)
+            sequences.append(Sequence(served_model, prompt, params, loop, tagged, index=index, prefix_tokens=prefix_tokens))  # type: ignore[arg-type]
     for seq in sequences:
         state.engine.submit(seq)
     request_id = protocol.new_id("chatcmpl" if kind == "chat.completion" else "cmpl")

@@ -9,12 +9,18 @@ Batching is continuous: a new request is prefilled alone (no padding waste), the
 running decode batch at the next step; a finished or disconnected one leaves it at once. Rows
 of one batch may use different adapters: peft's mixed-adapter forward (`adapter_names=`)
 routes each row through its own LoRA, or none (`__base__`).
+
+A prefix cache keeps the KV of the last few system prompts (per adapter): a request that starts
+with one prefills only its own tokens on a copy of that KV, so a long shared system prompt (a
+label list) is computed once, not once per request. The decode batch still holds each row's
+copy of it (the two-part attention of `cascade.py` is not yet used by the engine).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import json
 import logging
 import queue
@@ -25,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import UserError
-from tunesmith.inference import cache_kwarg, stop_token_ids
+from tunesmith.inference import MIN_SHARED_PREFIX, cache_kwarg, stop_token_ids
 
 log = logging.getLogger("tunesmith.serve")
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 # Below this temperature sampling is greedy: logits / 1e-39 overflow float32 to inf and the
 # softmax turns to NaN (vLLM uses the same cut-off).
 GREEDY_BELOW_TEMPERATURE = 1e-5
+PREFIX_CACHE_ENTRIES = 4  # system prompts (per adapter) whose KV is kept; least recently used evicted
 
 
 def peft_name(model_id: str) -> str:
@@ -80,13 +87,14 @@ class Sequence:
     matcher: Any = None
     bitmask: Any = None
     generator: Any = None
+    prefix_tokens: int = 0  # leading prompt tokens that are the system prompt (its KV is cached)
 
     def emit(self, event: tuple) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Engine:
-    def __init__(self, model: Any, tokenizer: Any, *, max_adapters: int = 4, max_batch_size: int = 16, max_context: int | None = None):
+    def __init__(self, model: Any, tokenizer: Any, *, max_adapters: int = 4, max_batch_size: int = 16, max_context: int | None = None, prefix_cache: bool = True):
         import torch
 
         self.model = model
@@ -108,7 +116,10 @@ class Engine:
         self._batch_mask: Any = None
         self._grammar_compiler: Any = None
         self._grammar_lock = threading.Lock()
-        self.stats = {"steps": 0, "batched_rows": 0, "max_batch": 0, "adapter_loads": 0, "adapter_evictions": 0}
+        self.prefix_cache = prefix_cache
+        # (adapter, system prompt ids) -> the prompt's KV, batch 1: computed once, copied per request.
+        self._prefixes: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self.stats = {"steps": 0, "batched_rows": 0, "max_batch": 0, "adapter_loads": 0, "adapter_evictions": 0, "prefix_hits": 0, "prefix_misses": 0}
         self._torch = torch
         self._cache_kwarg = cache_kwarg(model)
 
@@ -253,9 +264,31 @@ class Engine:
         if seq.params.temperature >= GREEDY_BELOW_TEMPERATURE:
             seq.generator = torch.Generator()
             seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else int(time.time_ns() % 2**63))
-        logits, cache = self._forward(torch.tensor([seq.prompt_ids]), [self._adapter_name(seq)], DynamicCache())
+        cache, start = self._cached_prefix(seq) if self.prefix_cache else (DynamicCache(), 0)
+        logits, cache = self._forward(torch.tensor([seq.prompt_ids[start:]]), [self._adapter_name(seq)], cache)
         seq.prefill_cache = cache  # type: ignore[attr-defined]
         self._accept(seq, self._choose(seq, logits[0]))
+
+    def _cached_prefix(self, seq: Sequence) -> tuple[Any, int]:
+        """(a cache holding the system prompt's KV, its length): computed on first sight, then
+        copied from the prefix cache, so a long shared system prompt is prefilled once, not per
+        request. The key holds the adapter: a LoRA on k/v projections changes the prefix's KV."""
+        from transformers import DynamicCache
+
+        n = seq.prefix_tokens
+        if n < MIN_SHARED_PREFIX or n >= len(seq.prompt_ids):
+            return DynamicCache(), 0
+        key = (self._adapter_name(seq), str(seq.model.adapter_path), tuple(seq.prompt_ids[:n]))
+        if key in self._prefixes:
+            self._prefixes.move_to_end(key)
+            self.stats["prefix_hits"] += 1
+        else:
+            _, cache = self._forward(self._torch.tensor([seq.prompt_ids[:n]]), [self._adapter_name(seq)], DynamicCache())
+            self._prefixes[key] = cache
+            self.stats["prefix_misses"] += 1
+            while len(self._prefixes) > PREFIX_CACHE_ENTRIES:
+                self._prefixes.popitem(last=False)
+        return copy.deepcopy(self._prefixes[key]), n
 
     def _decode_step(self) -> None:
         """One token for every active sequence, in one forward pass."""
