@@ -184,7 +184,8 @@ TINY_RUN_TRAIN = {"method": "lora", "max_steps": 8, "batch_size": 4, "learning_r
 
 
 def train_tiny_run(folder: Path, base_dir: Path, *, name: str = "tiny-run", seed: int = 0, records: list | None = None,
-                   system_prompt: str | None = None, train: dict | None = None, eval_settings: dict | None = None) -> Path:
+                   system_prompt: str | None = None, train: dict | None = None, eval_settings: dict | None = None,
+                   model: dict | None = None) -> Path:
     """Train a real run through `train.run` (the code path users take) in `folder`; return the run folder.
 
     `folder` gets train.jsonl / eval.jsonl (support tickets unless `records` is given) and
@@ -202,7 +203,7 @@ def train_tiny_run(folder: Path, base_dir: Path, *, name: str = "tiny-run", seed
     config = {
         "name": name,
         "output_dir": "run",
-        "model": {"name": str(base_dir)},
+        "model": {"name": str(base_dir), **(model or {})},
         "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 256, "system_prompt": system_prompt},
         "train": {**TINY_RUN_TRAIN, "seed": seed, **(train or {})},
         "eval": {"max_new_tokens": 8, "bootstrap_samples": 100, "precision": "fp32", **(eval_settings or {})},

@@ -180,6 +180,12 @@ def build_family_model(name: str, folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
+        # Random init zeroes the pad token's embedding row (nn.Embedding padding_idx); a released
+        # model's is trained. Granite pads with its end-of-turn token: with a tied head, a zero
+        # row would pin the end-of-turn logit at 0, and no LoRA could teach the model to stop.
+        embeddings = model.get_input_embeddings()
+        if embeddings.padding_idx is not None:
+            embeddings.weight[embeddings.padding_idx].normal_(0.0, config.initializer_range)
         for param_name, param in model.named_parameters():
             if param_name.endswith("bias"):  # Qwen2's q/k/v biases: initialised to zero, they would test nothing
                 param.normal_(0.0, 0.5)

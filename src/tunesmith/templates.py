@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -180,6 +181,26 @@ def resolve_chat_template(tokenizer: Any, spec: str | None, config_dir: str | Pa
     return ChatTemplate("file", text, str(path.resolve()), hashlib.sha256(data).hexdigest())
 
 
+# Which template apply_chat_template gave each live tokenizer (for the train manifest).
+_APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def folder_template(folder: str | Path) -> ChatTemplate | None:
+    """The chat template a saved tokenizer folder carries (chat_template.jinja, else
+    tokenizer_config.json's), or None: what an exported adapter folder was trained with."""
+    import json
+
+    folder = Path(folder)
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return ChatTemplate("file", jinja.read_text(encoding="utf-8"), str(jinja.resolve()), hashlib.sha256(jinja.read_bytes()).hexdigest())
+    try:
+        text = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return ChatTemplate("file", text, str((folder / "tokenizer_config.json").resolve())) if isinstance(text, str) and text else None
+
+
 def apply_chat_template(tokenizer: Any, template: ChatTemplate | str | None, config_dir: str | Path | None = None) -> ChatTemplate | None:
     """Set the tokenizer's chat template from a spec or a resolved template; return it.
 
@@ -190,7 +211,14 @@ def apply_chat_template(tokenizer: Any, template: ChatTemplate | str | None, con
         return None
     resolved = template if isinstance(template, ChatTemplate) else resolve_chat_template(tokenizer, template, config_dir)
     tokenizer.chat_template = resolved.text
+    _APPLIED[tokenizer] = resolved
     return resolved
+
+
+def applied_template(tokenizer: Any) -> ChatTemplate | None:
+    """The template `apply_chat_template` set on this tokenizer, while it is still the one set."""
+    chosen = _APPLIED.get(tokenizer)
+    return chosen if chosen is not None and chosen.text == getattr(tokenizer, "chat_template", None) else None
 
 
 # --------------------------------------------------------------------------- end of turn
