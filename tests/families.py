@@ -161,7 +161,8 @@ def family_config(name: str, tokenizer):
         return Gemma3TextConfig(
             **shape, head_dim=16, max_position_embeddings=1024, sliding_window=16,
             layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16,
-            final_logit_softcapping=2.0, attn_logit_softcapping=None,  # a low cap, so it bends random logits
+            # Weights drawn wider than the default 0.02, whose logits (below 1) a cap would not bend.
+            final_logit_softcapping=2.0, attn_logit_softcapping=None, initializer_range=0.1,
         )
     if name == "phi3":
         return Phi3Config(**shape, max_position_embeddings=1024, original_max_position_embeddings=1024)
