@@ -72,3 +72,17 @@ def test_a_template_whose_closing_text_is_not_a_token_is_refused(family_model_di
     templates.apply_chat_template(tokenizer, "gemma")  # Llama 3's vocabulary has no <end_of_turn>
     with pytest.raises(UserError, match="closes an assistant turn with '<end_of_turn> ', which is not one special token"):
         templates.end_of_turn_token(tokenizer)
+
+
+def test_config_checks_the_template_key(tmp_path):
+    from tunesmith.config import check_inputs, load_config
+
+    (tmp_path / "train.jsonl").write_text("")
+    config = tmp_path / "config.yaml"
+    config.write_text("model: {chat_template: vicuna}\ndata: {train: train.jsonl}\n")
+    with pytest.raises(UserError, match="model.chat_template: 'vicuna' is neither"):
+        load_config(config)
+    config.write_text("model: {name: smollm2-135m-instruct, chat_template: tpl/missing.jinja}\ndata: {train: train.jsonl}\n")
+    cfg = load_config(config)  # a file is looked for by `config check` (and at run start), not at load
+    with pytest.raises(UserError, match="model.chat_template: template file .*tpl/missing.jinja not found"):
+        check_inputs(cfg, str(config))

@@ -161,7 +161,8 @@ def run(
     force: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline stages in order, skipping those whose inputs are unchanged."""
-    from tunesmith.models import fingerprint, resolve_model_dir
+    from tunesmith.models import fingerprint, load_tokenizer, resolve_model_dir
+    from tunesmith.templates import applied_template, end_of_turn_token
 
     for name in (from_stage, until_stage):
         if name is not None and name not in STAGES:
@@ -182,6 +183,12 @@ def run(
             f"model {cfg.model.name!r} has fingerprint {model_fp[:16]}…, the config pins {cfg.model.expected_fingerprint[:16]}…",
             "use the pinned model, or update model.expected_fingerprint deliberately",
         )
+    # The chat template before any stage: a base model without one (model.chat_template unset)
+    # is refused now, not at the train stage after the baselines ran. Its text is part of the
+    # model's identity for the stages' inputs: another template renders other prompts.
+    tokenizer = load_tokenizer(str(model_dir), **runs.tokenizer_options(cfg, recorded=False))
+    end_of_turn_token(tokenizer)
+    inputs_fp = _hash(model_fp, applied_template(tokenizer).sha256)
 
     stages: dict[str, Callable[[], dict[str, Any]]] = {
         "check": lambda: _stage_check(cfg, model_fp),
@@ -199,7 +206,7 @@ def run(
             continue
         if stage == "export" and not cfg.export.formats:
             continue
-        inputs = stage_inputs(stage, cfg, model_fp)
+        inputs = stage_inputs(stage, cfg, inputs_fp)
         record = runs.read_stage_records(run_dir).get(stage)
         current = record is not None and record.inputs == inputs
         if not force and current and record.status == "done":

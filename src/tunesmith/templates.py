@@ -18,7 +18,6 @@ import hashlib
 import re
 import weakref
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -239,10 +238,18 @@ def end_of_turn_token(tokenizer: Any) -> tuple[int, str]:
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise UserError("the model has no chat template, so its turns have no end-of-turn token", TEMPLATE_FIX)
-    return _end_of_turn(tokenizer, str(template))
+    cached = _END_OF_TURN.get(tokenizer)
+    if cached is None or cached[0] != template:
+        cached = (template, _end_of_turn(tokenizer, str(template)))
+        _END_OF_TURN[tokenizer] = cached
+    return cached[1]
 
 
-@lru_cache(maxsize=16)
+# The end-of-turn token of each live tokenizer, with the template it was read from (formatting
+# asks once per conversation; a render and a tokenisation each time would double its work).
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _end_of_turn(tokenizer: Any, template: str) -> tuple[int, str]:
     messages = [{"role": "user", "content": PROBE_USER}, {"role": "assistant", "content": PROBE_ANSWER}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template)
