@@ -108,6 +108,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def family_model_dir(tmp_path_factory):
+    """family_model_dir(name) -> the HF folder of family `name`'s tiny model (tests/families.py),
+    built on first use, once per session (treat as read-only)."""
+    from families import build_family_model
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_family_model(name, tmp_path_factory.mktemp(f"family-{name}") / name)
+        return built[name]
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def tunesmith_home(tmp_path, monkeypatch) -> Path:
     """Every test gets its own cache folder: nothing leaks between tests or into ~/.cache."""
@@ -166,7 +182,8 @@ TINY_RUN_TRAIN = {"method": "lora", "max_steps": 8, "batch_size": 4, "learning_r
 
 
 def train_tiny_run(folder: Path, base_dir: Path, *, name: str = "tiny-run", seed: int = 0, records: list | None = None,
-                   system_prompt: str | None = None, train: dict | None = None, eval_settings: dict | None = None) -> Path:
+                   system_prompt: str | None = None, train: dict | None = None, eval_settings: dict | None = None,
+                   model: dict | None = None) -> Path:
     """Train a real run through `train.run` (the code path users take) in `folder`; return the run folder.
 
     `folder` gets train.jsonl / eval.jsonl (support tickets unless `records` is given) and
@@ -184,7 +201,7 @@ def train_tiny_run(folder: Path, base_dir: Path, *, name: str = "tiny-run", seed
     config = {
         "name": name,
         "output_dir": "run",
-        "model": {"name": str(base_dir)},
+        "model": {"name": str(base_dir), **(model or {})},
         "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 256, "system_prompt": system_prompt},
         "train": {**TINY_RUN_TRAIN, "seed": seed, **(train or {})},
         "eval": {"max_new_tokens": 8, "bootstrap_samples": 100, "precision": "fp32", **(eval_settings or {})},

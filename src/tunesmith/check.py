@@ -657,12 +657,15 @@ def check_file(
     redact_path: str | Path | None = None,
     tokenizer: Any = None,
     force: bool = False,
+    chat_template: Any = None,
+    config_dir: str | Path | None = None,
 ) -> CheckReport:
     """Check a data file and return every problem found, with lines and fixes.
 
     Never raises for a bad file: an unreadable one is a report with one error. `tokenizer` may
     be passed instead of `model` by a caller that already holds one. `force` lets the redacted
-    copy replace a file tunesmith did not write (never the input itself).
+    copy replace a file tunesmith did not write (never the input itself). `chat_template` (read
+    relative to `config_dir`) is `model.chat_template`: the template `model` renders with.
     """
     from tunesmith.artifacts import guard_output
 
@@ -687,7 +690,7 @@ def check_file(
         from tunesmith.models import load_tokenizer
 
         loading = time.perf_counter()
-        tokenizer = load_tokenizer(model)
+        tokenizer = load_tokenizer(model, chat_template=chat_template, config_dir=config_dir)
         report.stats["tokenizer_load_s"] = round(time.perf_counter() - loading, 3)
         started += time.perf_counter() - loading  # rows/s measures the check, not the model load
     counter = _TokenCounter(tokenizer, findings, max_length=max_length) if tokenizer is not None else None
@@ -770,7 +773,7 @@ def _finish(report: CheckReport, findings: _Findings, started: float) -> CheckRe
 def run(cfg) -> CheckReport:
     """The pipeline's data check: the config's train file (and eval file), report saved in the run."""
     from tunesmith.artifacts import CHECK_REPORT_FILE, write_json_atomic
-    from tunesmith.runs import base_model_ref
+    from tunesmith.runs import base_model_ref, tokenizer_options
 
     report = check_file(
         cfg.resolve(cfg.data.train),
@@ -781,6 +784,8 @@ def run(cfg) -> CheckReport:
         model=base_model_ref(cfg),
         max_length=cfg.data.max_length,
         eval_path=cfg.resolve(cfg.data.eval),
+        chat_template=tokenizer_options(cfg)["chat_template"],
+        config_dir=cfg.base_dir,
     )
     write_json_atomic(cfg.run_dir / CHECK_REPORT_FILE, report.to_dict())
     return report

@@ -116,6 +116,9 @@ def generate(
     prompt: str = typer.Argument(..., help="The user message."),
     model: str = typer.Option("smollm2-135m-instruct", help="Model reference."),
     system: Optional[str] = typer.Option(None, help="System prompt."),
+    chat_template: Optional[str] = typer.Option(
+        None, "--chat-template", help="The model's own template (default), chatml, llama3, gemma, mistral, phi3, or a .jinja file."
+    ),
     max_new_tokens: int = typer.Option(64, min=1),
     trust_remote_code: bool = typer.Option(False, help="Run code shipped with the model."),
     allow_pickle: bool = typer.Option(False, help="Allow .bin/.pt weights (they unpickle)."),
@@ -124,10 +127,12 @@ def generate(
     from tunesmith import inference
     from tunesmith.models import load_model
 
-    loaded = load_model(model, dtype=inference.inference_dtype("auto"), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    loaded = load_model(
+        model, dtype=inference.inference_dtype("auto"), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, chat_template=chat_template
+    )
     tokenizer = loaded.tokenizer
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"model {model!r} has no chat template, so it cannot answer a chat message", "use an instruct (chat) model")
+        raise UserError(f"model {model!r} has no chat template, so it cannot answer a chat message", "pass --chat-template NAME (chatml, llama3, gemma, mistral, phi3) or use an instruct model")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     ids = inference.render_ids(tokenizer, messages)
     stop_ids = inference.stop_token_ids(loaded.model, tokenizer)
@@ -405,6 +410,9 @@ FormatOption = typer.Option("auto", "--format", help="Input format: auto, openai
 InputColOption = typer.Option(None, "--input-col", help="Tabular data: the column holding the user input.")
 OutputColOption = typer.Option(None, "--output-col", help="Tabular data: the column holding the expected answer.")
 SystemOption = typer.Option(None, "--system", help="System prompt added to every example without one.")
+ChatTemplateOption = typer.Option(
+    None, "--chat-template", help="With --model: its own template (default), chatml, llama3, gemma, mistral, phi3, or a .jinja file."
+)
 ForceOption = typer.Option(False, "--force", help="Replace an output that tunesmith did not write (a user's file or folder).")
 
 
@@ -412,6 +420,7 @@ ForceOption = typer.Option(False, "--force", help="Replace an output that tunesm
 def data_check(
     file: Path = typer.Argument(..., help="Data file (any supported format)."),
     model: Optional[str] = typer.Option(None, help="Count tokens with this model's tokenizer and chat template."),
+    chat_template: Optional[str] = ChatTemplateOption,
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Report examples longer than this (tokens)."),
     eval_file: Optional[Path] = typer.Option(None, "--eval", help="Held-out file: report inputs leaking into it."),
     near_dup_threshold: float = typer.Option(0.9, "--near-dup-threshold", min=0.01, max=1.0, help="Estimated Jaccard similarity from which two examples are near-duplicates."),
@@ -429,7 +438,7 @@ def data_check(
 
     report = check_file(
         file, format=format, input_col=input_col, output_col=output_col, system_prompt=system, model=model,
-        max_length=max_length, eval_path=eval_file, near_dup_threshold=near_dup_threshold, redact_path=redact, force=force,
+        chat_template=chat_template, max_length=max_length, eval_path=eval_file, near_dup_threshold=near_dup_threshold, redact_path=redact, force=force,
     )
     if as_json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from tunesmith.artifacts import MANIFEST_FILE
 from tunesmith.errors import UserError
 from tunesmith.humanize import plural
+from tunesmith.templates import template_problem
 
 
 # Bounds that no run can exceed: past them a value is a typo (a seed numpy and torch refuse, a
@@ -56,6 +57,21 @@ class ModelConfig(_Closed):
         description="Pin the base model: its sha256 fingerprint (`tunesmith models`). "
         "A different model is refused.",
     )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template every stage renders conversations with: null or `model` (the model's own), "
+        "a template shipped with tunesmith (`chatml`, `llama3`, `gemma`, `mistral`, `phi3`), or a .jinja file "
+        "relative to the config. Required for a base model that has no template.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: str | None) -> str | None:
+        _path_text(value, "a chat template")
+        problem = template_problem(value, None) if value is not None and not value.endswith(".jinja") else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("expected_fingerprint")
     @classmethod
@@ -445,6 +461,9 @@ def missing_inputs(cfg: RunConfig) -> list[tuple[str, str]]:
     model = _model_problem(cfg.model.name)
     if model:
         problems.append((f"model.name: {model}", MODEL_FIX))
+    template = template_problem(cfg.model.chat_template, cfg.base_dir)
+    if template:
+        problems.append((f"model.chat_template: {template}", PATH_FIX))
     for key, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval), ("eval.json_schema", cfg.eval.json_schema)):
         path = cfg.resolve(value)
         if path is None:

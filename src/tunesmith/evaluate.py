@@ -241,9 +241,9 @@ def run(
     dtype = inference_dtype(ec.precision)
     device = "cuda" if torch.cuda.is_available() else None
     m = cfg.model
+    # The baselines render with the template the fine-tune was trained with (tokenizer_options).
     base = load_model(
-        runs.base_model_ref(cfg), dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
-        allow_pickle=m.allow_pickle, expected_fingerprint=m.expected_fingerprint,
+        runs.base_model_ref(cfg), dtype=dtype, device=device, expected_fingerprint=m.expected_fingerprint, **runs.tokenizer_options(cfg, run_dir)
     )
     stop_ids = stop_token_ids(base.model, base.tokenizer)
     pad_id = pad_token_id(base.tokenizer, stop_ids)

@@ -162,6 +162,7 @@ def export_adapter(run: RunModel, out_dir: Path, force: bool = False) -> dict[st
     lint = lint_adapter_config(adapter_cfg, run.model.base_model.model.config.model_type)
     with atomic_path(out_dir, force=force) as tmp:
         shutil.copytree(run.adapter_dir, tmp)
+        run.tokenizer.save_pretrained(tmp)  # with the run's chat template: the folder renders as trained
         _write_tunesmith_manifest(tmp, run, "adapter", {"lint": lint})
     # Parity: the exported folder on a fresh copy of the base, against the trained model.
     import copy

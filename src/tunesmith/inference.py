@@ -24,8 +24,6 @@ from tunesmith.errors import UserError
 logger = logging.getLogger(__name__)
 
 MIN_SHARED_PREFIX = 8  # tokens; below this, computing the prefix apart is not worth a forward
-# End-of-turn tokens of common chat templates, when the tokenizer has them as single tokens.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 # --------------------------------------------------------------------------- stop ids
@@ -33,19 +31,20 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
     """Every id that ends a turn: the generation config's eos ids, the tokenizer's eos, and the
-    chat template's end-of-turn token (a converted GGUF may name only one of them)."""
+    chat template's end-of-turn token (templates.end_of_turn_token: Gemma's <end_of_turn> and
+    Phi-3's <|end|> are not eos, and a converted GGUF may name only one of them)."""
+    from tunesmith.templates import end_of_turn_token
+
     ids: set[int] = set()
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    template = str(getattr(tokenizer, "chat_template", "") or "")
-    for token in END_OF_TURN_TOKENS:
-        if token not in template:
-            continue
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            ids.add(end_of_turn_token(tokenizer)[0])
+        except UserError:
+            pass  # a template without an end-of-turn token: the eos ids above end the answer
     return ids
 
 

@@ -29,7 +29,7 @@ def load_for_training(cfg: RunConfig, device, bf16: bool, fsdp: bool = False):
 
     t = cfg.train
     name = runs.base_model_ref(cfg)  # a relative folder is relative to the config, as everywhere
-    common = dict(trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle, expected_fingerprint=cfg.model.expected_fingerprint)
+    common = dict(expected_fingerprint=cfg.model.expected_fingerprint, **runs.tokenizer_options(cfg, recorded=False))
     if t.method == "full":
         # Full fine-tuning keeps fp32 master weights; bf16 is only the autocast compute.
         loaded = load_model(name, dtype=torch.float32, device=device, **common)

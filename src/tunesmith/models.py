@@ -205,14 +205,24 @@ def _check_weights(folder: Path, allow_pickle: bool) -> None:
         raise UserError(f"{folder} holds no weights (*.safetensors)", "pass a folder with model weights")
 
 
-def load_tokenizer(ref: str, *, trust_remote_code: bool = False, allow_pickle: bool = False):
-    """The tokenizer of a model reference (cheap: no weights are loaded)."""
+def load_tokenizer(
+    ref: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, chat_template: Any = None, config_dir: Any = None
+):
+    """The tokenizer of a model reference (cheap: no weights are loaded), with its chat template.
+
+    `chat_template` is `model.chat_template` (a spec, read relative to `config_dir`) or a
+    resolved `templates.ChatTemplate` (a trained run's); None keeps the model's own. Every stage
+    gets its tokenizer here, so every stage renders with the same template.
+    """
     from transformers import AutoTokenizer
+
+    from tunesmith import templates
 
     folder = resolve_model_dir(ref, allow_pickle=allow_pickle)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    templates.apply_chat_template(tokenizer, chat_template, config_dir)
     return tokenizer
 
 
@@ -247,10 +257,13 @@ def load_model(
     allow_pickle: bool = False,
     expected_fingerprint: str | None = None,
     quantization_config: Any = None,
+    chat_template: Any = None,
+    config_dir: Any = None,
 ) -> LoadedModel:
     """Load (model, tokenizer, fingerprint) from any model reference.
 
     `expected_fingerprint` pins the base: a different model is refused before any compute.
+    `chat_template` and `config_dir` go to `load_tokenizer`.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -258,7 +271,9 @@ def load_model(
     folder = resolve_model_dir(ref, allow_pickle=allow_pickle)
     fp = fingerprint(folder)
     check_expected_fingerprint(ref, fp, expected_fingerprint)
-    tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    tokenizer = load_tokenizer(
+        str(folder), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, chat_template=chat_template, config_dir=config_dir
+    )
     kwargs: dict[str, Any] = {
         "dtype": dtype or torch.float32,
         "trust_remote_code": trust_remote_code,

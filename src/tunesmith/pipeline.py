@@ -174,7 +174,8 @@ def run(
     force: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline stages in order, skipping those whose inputs are unchanged."""
-    from tunesmith.models import check_expected_fingerprint, fingerprint, resolve_model_dir
+    from tunesmith.models import check_expected_fingerprint, fingerprint, load_tokenizer, resolve_model_dir
+    from tunesmith.templates import applied_template, end_of_turn_token
 
     for name in (from_stage, until_stage):
         if name is not None and name not in STAGES:
@@ -191,6 +192,12 @@ def run(
     model_dir = resolve_model_dir(runs.base_model_ref(cfg), allow_pickle=cfg.model.allow_pickle)
     model_fp = fingerprint(model_dir)
     check_expected_fingerprint(cfg.model.name, model_fp, cfg.model.expected_fingerprint)
+    # The chat template before any stage: a base model without one (model.chat_template unset)
+    # is refused now, not at the train stage after the baselines ran. Its text is part of the
+    # model's identity for the stages' inputs: another template renders other prompts.
+    tokenizer = load_tokenizer(str(model_dir), **runs.tokenizer_options(cfg, recorded=False))
+    end_of_turn_token(tokenizer)
+    inputs_fp = _hash(model_fp, applied_template(tokenizer).sha256)
 
     stages: dict[str, Callable[[], dict[str, Any]]] = {
         "check": lambda: _stage_check(cfg, model_fp),
@@ -211,7 +218,7 @@ def run(
         if stage == "export" and cfg.train.backend == "openai":
             console.print("[dim]export: skipped, the fine-tune lives at the provider (train.backend openai)[/dim]")
             continue
-        inputs = stage_inputs(stage, cfg, model_fp)
+        inputs = stage_inputs(stage, cfg, inputs_fp)
         record = runs.read_stage_records(run_dir).get(stage)
         current = record is not None and record.inputs == inputs
         if not force and current and record.status == "done":

@@ -35,6 +35,20 @@ class BaseModelRecord(BaseModel):
     fingerprint: str
 
 
+class ChatTemplateRecord(BaseModel):
+    """The chat template a run trained with (templates.ChatTemplate.record()): its source ("model",
+    a shipped name, or "file" with the file's path and sha256), the text's sha256, and the text,
+    so every later stage renders what training rendered even if the file changes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    path: str | None = None
+    file_sha256: str | None = None
+    sha256: str
+    text: str
+
+
 class TrainRecord(BaseModel):
     """manifest.json `train`: what training wrote. Summary statistics ride along as extra keys."""
 
@@ -47,6 +61,7 @@ class TrainRecord(BaseModel):
     data: dict[str, Any] = {}
     versions: dict[str, str] = {}
     precision: str | None = None
+    chat_template: ChatTemplateRecord | None = None
 
 
 class EvalRecord(BaseModel):
@@ -298,6 +313,34 @@ def base_model_ref(cfg: Any) -> str:
     return name
 
 
+def run_chat_template(run_dir: Path):
+    """The chat template a trained run recorded (a templates.ChatTemplate; `.text` is the Jinja
+    text every export writes), or None for a run not trained yet."""
+    from tunesmith.templates import ChatTemplate
+
+    record = read_train_record(run_dir)
+    if record is None or record.chat_template is None:
+        return None
+    return ChatTemplate.from_record(record.chat_template.model_dump())
+
+
+def tokenizer_options(cfg: Any, run_dir: Path | None = None, *, recorded: bool = True) -> dict[str, Any]:
+    """load_tokenizer/load_model keyword arguments for a run's base model.
+
+    The chat template is the one training recorded (so eval, export and serve render what was
+    trained, even if a template file changed since), else the config's `model.chat_template`;
+    training itself passes recorded=False: it decides the template.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
+    template = run_chat_template(run_dir) if recorded and run_dir.is_dir() else None
+    return {
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "allow_pickle": cfg.model.allow_pickle,
+        "chat_template": template or cfg.model.chat_template,
+        "config_dir": cfg.base_dir,
+    }
+
+
 def trained_base_fingerprint(run_dir: Path) -> str | None:
     """The fingerprint of the base the run trained on (None for a run without a train record)."""
     record = read_train_record(run_dir)
@@ -322,6 +365,7 @@ class RunModel:
     trained_on_base_fingerprint: str | None = None  # what the train record says
     warning: str | None = None  # the drift guard's, when --allow-base-mismatch let it through
     info: dict[str, Any] = field(default_factory=dict)  # for reports: kind, path, fingerprints
+    chat_template: Any = None  # the templates.ChatTemplate the tokenizer renders with (None: a model without one)
 
 
 def check_adapter_weights(adapter_dir: Path) -> None:
@@ -345,18 +389,20 @@ def load_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, dtype: A
     run's config allows them (models.load_model).
     """
     from tunesmith.models import load_model
+    from tunesmith.templates import applied_template
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     m = cfg.model
-    opts = dict(dtype=dtype, device=device, trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
+    opts = dict(dtype=dtype, device=device, **tokenizer_options(cfg, run_dir))
     expected = trained_base_fingerprint(run_dir)
     full_dir, adapter_dir = run_dir / artifacts.FULL_MODEL_DIR, run_dir / artifacts.ADAPTER_DIR
     if (full_dir / "config.json").exists():
         loaded = load_model(str(full_dir), **opts)
         info = {"kind": "full", "path": str(full_dir), "fingerprint": loaded.fingerprint, "base_fingerprint": expected,
                 "dtype": str(loaded.model.dtype).replace("torch.", "")}
-        return RunModel(loaded.model, loaded.tokenizer, "full", loaded.fingerprint, loaded.path, cfg, run_dir, None, expected, None, info)
+        return RunModel(loaded.model, loaded.tokenizer, "full", loaded.fingerprint, loaded.path, cfg, run_dir, None, expected, None, info,
+                        applied_template(loaded.tokenizer))
     if not (adapter_dir / "adapter_config.json").exists():
         raise UserError(
             f"{run_dir} has no trained model ({artifacts.ADAPTER_DIR}/ or {artifacts.FULL_MODEL_DIR}/)",
@@ -376,7 +422,8 @@ def load_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, dtype: A
     info = {"kind": "adapter", "path": str(adapter_dir), "base_fingerprint": base.fingerprint, "trained_on_base_fingerprint": expected, "dtype": "float32"}
     if warning:
         info["warning"] = warning
-    return RunModel(model, base.tokenizer, "adapter", base.fingerprint, base.path, cfg, run_dir, adapter_dir, expected, warning, info)
+    return RunModel(model, base.tokenizer, "adapter", base.fingerprint, base.path, cfg, run_dir, adapter_dir, expected, warning, info,
+                    applied_template(base.tokenizer))
 
 
 # --------------------------------------------------------------------------- adapter lint

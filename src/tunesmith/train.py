@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunesmith import artifacts, runs, tracking
+from tunesmith import artifacts, runs, templates, tracking
 from tunesmith.checkpoints import (
     full_model_state,
     full_tensor,
@@ -94,7 +94,7 @@ def show_mask(cfg: RunConfig, count: int, console) -> None:
     """Print `count` training examples with their trained tokens highlighted."""
     from tunesmith.models import load_tokenizer
 
-    tokenizer = load_tokenizer(runs.base_model_ref(cfg), trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
+    tokenizer = load_tokenizer(runs.base_model_ref(cfg), **runs.tokenizer_options(cfg, recorded=False))
     train_path, _, files = data_paths(cfg)
     examples, report = preflight(tokenizer, files.read(train_path), cfg.data, str(train_path))
     brackets = not console.is_terminal  # no colour in a file or pipe: mark trained tokens [[ ]]
@@ -457,7 +457,7 @@ def prepare(cfg: RunConfig, world: int, rank: int, device) -> TrainingSetup:
     # 1. Data first: the pre-flight mask check fails in seconds, before a model load.
     from tunesmith.models import load_tokenizer
 
-    tokenizer = load_tokenizer(runs.base_model_ref(cfg), trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle)
+    tokenizer = load_tokenizer(runs.base_model_ref(cfg), **runs.tokenizer_options(cfg, recorded=False))
     train_examples, eval_examples, data_info = load_examples(cfg, tokenizer)
     eval_examples = eval_loss_sample(eval_examples, t.eval_loss_examples, t.seed)
     data_info["eval_loss_examples"] = len(eval_examples)
@@ -746,6 +746,7 @@ def write_manifest(s: TrainingSetup, summary: dict[str, Any], started: float, re
             # resolves the config's relative paths (output_dir, data, model) as training did.
             config={**cfg.model_dump(mode="json"), "base_dir": cfg.base_dir},
             versions=versions,
+            chat_template=templates.applied_template(s.tokenizer).record(),
             seed=t.seed,
             precision="bf16" if s.bf16 else "fp32",
             compiled=s.compiled,

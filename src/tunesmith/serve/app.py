@@ -126,17 +126,20 @@ class ServedSet:
     base_id: str
     models: dict[str, ServedModel]
     expected_base_fingerprints: dict[str, str | None]
+    chat_template: Any = None  # the templates.ChatTemplate the adapters were trained with (None: the base's own)
 
 
 def resolve_served(refs: list[str]) -> ServedSet:
     """Sort the positional arguments into one base and named adapters (no weights loaded)."""
     from tunesmith.artifacts import ADAPTER_DIR, EXPORT_MANIFEST_FILE, FULL_MODEL_DIR, MANIFEST_FILE
-    from tunesmith.runs import base_model_ref, check_adapter_weights, read_run_config, trained_base_fingerprint
+    from tunesmith.runs import base_model_ref, check_adapter_weights, read_run_config, run_chat_template, trained_base_fingerprint
+    from tunesmith.templates import folder_template
 
     explicit: list[tuple[str, str]] = []  # (id, ref): model arguments and full fine-tunes
     implied: list[tuple[str, str]] = []  # the bases that adapters name
     adapters: dict[str, ServedModel] = {}
     expected: dict[str, str | None] = {}
+    chat_templates: dict[str, Any] = {}  # adapter id -> the template it was trained with
     for raw in refs:
         name, _, ref = raw.partition("=") if "=" in raw and not Path(raw).exists() else ("", "", raw)
         path = Path(ref).expanduser()
@@ -151,6 +154,7 @@ def resolve_served(refs: list[str]) -> ServedSet:
             model_id = name or cfg.name
             adapters[model_id] = ServedModel(model_id, path / ADAPTER_DIR, cfg.data.system_prompt, str(path))
             expected[model_id] = trained_base_fingerprint(path)
+            chat_templates[model_id] = run_chat_template(path)
             implied.append((cfg.model.name, base_model_ref(cfg)))
         elif path.is_dir() and (path / "adapter_config.json").exists():
             check_adapter_weights(path)
@@ -160,6 +164,7 @@ def resolve_served(refs: list[str]) -> ServedSet:
             tunesmith_manifest = path / EXPORT_MANIFEST_FILE
             exported = _json_object(tunesmith_manifest) if tunesmith_manifest.exists() else {}
             expected[model_id] = exported.get("trained_on_base_fingerprint") or exported.get("base_fingerprint")
+            chat_templates[model_id] = folder_template(path)
             if adapter_cfg.get("base_model_name_or_path"):
                 implied.append((adapter_cfg["base_model_name_or_path"], adapter_cfg["base_model_name_or_path"]))
         else:
@@ -175,7 +180,12 @@ def resolve_served(refs: list[str]) -> ServedSet:
     base_id, base_ref = bases[0]
     if base_id in adapters:
         raise UserError(f"model id {base_id!r} is used twice", "rename one with NAME=PATH")
-    return ServedSet(base_ref, base_id, {base_id: ServedModel(base_id, None, None, base_ref), **adapters}, expected)
+    # One tokenizer renders every request: the adapters' template (they were trained with it).
+    distinct_templates = {t.sha256: t for t in chat_templates.values() if t is not None}
+    if len(distinct_templates) > 1:
+        raise UserError(f"these adapters were trained with different chat templates: {sorted(chat_templates)}", "start one server per chat template")
+    chat_template = next(iter(distinct_templates.values()), None)
+    return ServedSet(base_ref, base_id, {base_id: ServedModel(base_id, None, None, base_ref), **adapters}, expected, chat_template)
 
 
 def _json_object(path: Path) -> dict[str, Any]:
@@ -208,7 +218,7 @@ def create_app(settings: ServeSettings, *, loaded: Any = None) -> Any:
     check_api_key(settings.api_key)
     served = resolve_served(settings.models)
     if loaded is None:
-        loaded = load_model(served.base_ref, dtype=inference_dtype(settings.precision))
+        loaded = load_model(served.base_ref, dtype=inference_dtype(settings.precision), chat_template=served.chat_template)
     warnings = []
     for model_id, fingerprint in served.expected_base_fingerprints.items():
         warning = check_base_fingerprint(fingerprint, loaded.fingerprint, base=served.base_ref, allow_base_mismatch=settings.allow_base_mismatch)
