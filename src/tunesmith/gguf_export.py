@@ -80,6 +80,20 @@ def format_problems(config: Any, formats: list[str]) -> list[str]:
     return [f"export.formats: {fmt}: {support[fmt]}" for fmt in formats if support.get(fmt)]
 
 
+def model_format_problems(model_dir: Path, formats: list[str]) -> list[str]:
+    """`format_problems` for a model folder, from its config.json alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return format_problems(AutoConfig.from_pretrained(str(model_dir)), list(formats))
+
+
+def refuse_unsupported_formats(model_dir: Path, formats: list[str]) -> None:
+    """Run and train start: a requested export the model's family cannot take stops here, before training."""
+    problems = model_format_problems(model_dir, formats)
+    if problems:
+        raise UserError("; ".join(problems), "remove the format from export.formats, or export merged/adapter and convert with llama.cpp")
+
+
 def check_gguf_supported(config: Any) -> str:
     """The gguf MODEL_ARCH name for this model; UserError (with the fix) when GGUF cannot hold it."""
     reason = gguf_unsupported(config)

@@ -161,6 +161,7 @@ def run(
     force: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline stages in order, skipping those whose inputs are unchanged."""
+    from tunesmith.gguf_export import refuse_unsupported_formats
     from tunesmith.models import fingerprint, resolve_model_dir
 
     for name in (from_stage, until_stage):
@@ -177,6 +178,7 @@ def run(
     # builtin model once, before any stage starts timing itself.
     model_dir = resolve_model_dir(runs.base_model_ref(cfg), allow_pickle=cfg.model.allow_pickle)
     model_fp = fingerprint(model_dir)
+    refuse_unsupported_formats(model_dir, cfg.export.formats)  # before any training, not at export
     if cfg.model.expected_fingerprint and cfg.model.expected_fingerprint != model_fp:
         raise UserError(
             f"model {cfg.model.name!r} has fingerprint {model_fp[:16]}…, the config pins {cfg.model.expected_fingerprint[:16]}…",
