@@ -19,11 +19,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tunesmith.artifacts import EVAL_SPLIT_FILE, EXPORT_DIR, EXPORT_MANIFEST_FILE, atomic_path, guard_output, record_output
+from tunesmith.artifacts import EXPORT_DIR, EXPORT_MANIFEST_FILE, atomic_path, guard_output, record_output
 from tunesmith.errors import GateFailed, UserError
 from tunesmith.gguf_export import check_gguf_supported, format_support, gguf_tensor_report, hf_to_gguf_arrays, write_gguf, write_gguf_lora
 from tunesmith.inference import greedy_tokens, render_ids, stop_token_ids, stop_token_list
-from tunesmith.ollama_modelfile import chat_format, modelfile_text, ollama_template, template_parity
+from tunesmith.ollama_modelfile import chat_format, modelfile_text, ollama_stops, ollama_template, template_parity
 from tunesmith.runs import ExportRecord, RunModel, lint_adapter_config, load_run_model, write_export_record
 
 FORMATS = ("merged", "adapter", "gguf", "ollama")
@@ -51,21 +51,20 @@ PROBE_CONVERSATIONS = [
 
 
 def probe_conversations(run_dir: Path, cfg: Any, count: int | None = None) -> list[list[dict[str, str]]]:
-    """Prompts for the parity checks: a seeded sample of the run's held-out prompts (at most
-    `count`, default export.parity_prompts), else fixed probes. A sample rather than the first
-    few: one probe hides a flip that a dozen show as a share."""
+    """Prompts for the parity checks: a seeded sample of the run's held-out prompts (its split,
+    else data.eval; at most `count`, default export.parity_prompts), else fixed probes. A sample
+    rather than one probe: one prompt hides a flip that a dozen show as a share."""
     import random
+
+    from tunesmith.runs import data_files
 
     count = count or getattr(getattr(cfg, "export", None), "parity_prompts", 16)
     conversations = []
-    path = Path(run_dir) / EVAL_SPLIT_FILE
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            messages = json.loads(line)["messages"]
-            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-            prompt = [{"role": m["role"], "content": m.get("content") or ""} for m in messages[:last]]
+    # The split lies in this run folder, wherever it was moved to since training.
+    files = data_files(cfg.model_copy(update={"output_dir": str(Path(run_dir).resolve())})) if cfg is not None else None
+    if files is not None and files.eval is not None and files.eval.exists():
+        for conv in files.read(files.eval):
+            prompt = [{"role": m.role, "content": m.content or ""} for m in conv.prompt_messages]
             if prompt:
                 conversations.append(prompt)
     if len(conversations) > count:
@@ -333,15 +332,7 @@ def export_ollama(run: RunModel, out_dir: Path, gguf_type: str, force: bool = Fa
     fmt = chat_format(run.tokenizer)
     template = ollama_template(fmt)
     system = run.cfg.data.system_prompt or fmt.default_system
-    stops = []
-    for token_id in stop_token_list(run.model, run.tokenizer):
-        text = run.tokenizer.convert_ids_to_tokens(token_id)
-        if text and text not in stops:
-            stops.append(text)
-    # A new turn starting is a stop too (Ollama's own ChatML templates stop on <|im_start|>).
-    for token in run.tokenizer.all_special_tokens:
-        if token and token in fmt.prefix["user"] and token not in stops:
-            stops.append(token)
+    stops = ollama_stops(run.tokenizer, stop_token_list(run.model, run.tokenizer), fmt)
     conversations = [list(c) for c in PROBE_CONVERSATIONS] + probe_conversations(run.run_dir, run.cfg)
     parity_template = template_parity(run.tokenizer, template, system, conversations)
     merged = merged_model(run)

@@ -52,6 +52,12 @@ def gguf_unsupported(config: Any) -> str | None:
         return f"GGUF export of {config.model_type}: RoPE scaling {rope_type!r} is not supported"
     if getattr(config, "mlp_bias", False):
         return f"GGUF export of {config.model_type}: MLP biases are not supported by llama.cpp"
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "mistral" and window and window < config.max_position_embeddings:
+        return (
+            f"GGUF export of mistral: llama.cpp runs Mistral as Llama, with full attention; this model's sliding window "
+            f"({window} tokens, shorter than its {config.max_position_embeddings}-token context) would be lost"
+        )
     if arch == "QWEN2" and getattr(config, "use_sliding_window", False):
         return "GGUF export of qwen2: llama.cpp's qwen2 has no sliding-window attention (use_sliding_window: true)"
     if arch == "GEMMA3":
