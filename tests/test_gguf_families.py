@@ -121,6 +121,8 @@ def test_gguf_lora_per_family_names_llama_cpps_tensors(name, family_model_dir, t
     from peft import LoraConfig, get_peft_model
 
     model, _ = family_model(name, family_model_dir)
+    # Copied before get_peft_model wraps the layers (and merging later writes into the same memory).
+    base = {k: v.copy() for k, v in gguf_export.hf_to_gguf_arrays(model).items()}
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     torch.manual_seed(1)
     with torch.no_grad():
@@ -142,7 +144,6 @@ def test_gguf_lora_per_family_names_llama_cpps_tensors(name, family_model_dir, t
     # llama.cpp adds alpha/rank * B A to the base tensor: that must be the merged model's tensor.
     lora = {t.name: np.array(t.data) for t in reader.tensors}
     scale = float(reader.fields["adapter.lora.alpha"].contents()) / lora["blk.0.attn_output.weight.lora_a"].shape[0]
-    base = gguf_export.hf_to_gguf_arrays(peft_model.get_base_model())
     merged = gguf_export.hf_to_gguf_arrays(peft_model.merge_and_unload())
     for tensor in ("blk.0.attn_output.weight", "blk.1.ffn_down.weight", "blk.0.attn_qkv.weight" if name == "phi3" else "blk.0.attn_q.weight"):
         rebuilt = base[tensor] + scale * lora[tensor + ".lora_b"] @ lora[tensor + ".lora_a"]
