@@ -207,7 +207,7 @@ def test_training_refuses_an_unsupported_format_before_training(tmp_path, family
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_llama_cpp_gives_the_same_greedy_tokens_as_transformers(name, family_model_dir, tmp_path):
     if not export.llama_cpp_available():
-        pytest.skip(f"llama.cpp parity not checked: {export.LLAMA_CPP_MISSING}")
+        pytest.skip(f"llama.cpp parity not checked: {export.llama_cpp_problem()}")
     model, tokenizer = family_model(name, family_model_dir)
     path = tmp_path / f"{name}-f16.gguf"
     gguf_export.write_gguf(model, tokenizer, path, "f16", "run")

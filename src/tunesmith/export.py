@@ -230,16 +230,39 @@ def gguf_parity(path: Path, run: RunModel, reference_tokens: list[list[int]], pr
     if llama_cpp_available():
         result["llama_cpp"] = llama_cpp_parity(path, reference_tokens, prompts, eos, run.tokenizer)
     else:
-        result["llama_cpp"] = f"skipped: {LLAMA_CPP_MISSING}"
+        result["llama_cpp"] = f"skipped: {llama_cpp_problem()}"
     return result
 
 
+_LLAMA_CPP_PROBLEM: list[str | None] = []
+
+
+def llama_cpp_problem() -> str | None:
+    """None when llama.cpp runs on this machine; else why not, in one line.
+
+    Probed once in a child process: a build for instructions this CPU lacks (AVX-512 on an
+    AVX2 machine) dies with SIGILL on its first call, which would kill this process with it.
+    """
+    import importlib.util
+    import subprocess
+    import sys
+
+    if not _LLAMA_CPP_PROBLEM:
+        if importlib.util.find_spec("llama_cpp") is None:
+            _LLAMA_CPP_PROBLEM.append(LLAMA_CPP_MISSING)
+        else:
+            probe = subprocess.run([sys.executable, "-c", "import llama_cpp; llama_cpp.llama_backend_init()"], capture_output=True, timeout=300)
+            if probe.returncode == 0:
+                _LLAMA_CPP_PROBLEM.append(None)
+            elif probe.returncode in (-4, 132):
+                _LLAMA_CPP_PROBLEM.append("llama-cpp-python is built for instructions this CPU lacks (illegal instruction): rebuild it here with `make llama-cpp` after removing -DGGML_AVX512=ON")
+            else:
+                _LLAMA_CPP_PROBLEM.append(f"llama-cpp-python does not start (exit {probe.returncode}): {probe.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
+    return _LLAMA_CPP_PROBLEM[0]
+
+
 def llama_cpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return llama_cpp_problem() is None
 
 
 def llama_cpp_greedy(path: Path, prompts: list[list[int]], stop_ids: set[int], max_new_tokens: int) -> list[list[int]]:
@@ -281,7 +304,7 @@ def write_gguf_type(merged: Any, tokenizer: Any, path: Path, gguf_type: str, nam
         write_gguf(merged, tokenizer, path, gguf_type, name)
         return None
     if not llama_cpp_available():
-        return f"{gguf_type} skipped: {LLAMA_CPP_MISSING}"
+        return f"{gguf_type} skipped: {llama_cpp_problem()}"
     f16_path = path.with_name(path.stem + ".f16-source.gguf")
     write_gguf(merged, tokenizer, f16_path, "f16", name)
     try:
@@ -328,7 +351,7 @@ def export_ollama(run: RunModel, out_dir: Path, gguf_type: str, force: bool = Fa
     """GGUF + Modelfile; prints nothing itself, the CLI shows the `ollama create` command."""
     check_gguf_supported(run.model.config)
     if gguf_type in QUANTIZER_TYPES and not llama_cpp_available():
-        raise UserError(f"ollama export as {gguf_type}: {LLAMA_CPP_MISSING}", "run `make llama-cpp`, or export with --gguf-type q8_0")
+        raise UserError(f"ollama export as {gguf_type}: {llama_cpp_problem()}", "run `make llama-cpp`, or export with --gguf-type q8_0")
     fmt = chat_format(run.tokenizer)
     template = ollama_template(fmt)
     system = run.cfg.data.system_prompt or fmt.default_system
