@@ -252,3 +252,19 @@ def test_ollama_template_renders_each_familys_chat_template(name, family_model_d
     end_of_turn = tokenizer.convert_tokens_to_ids(FAMILIES[name].end_of_turn)
     stop_ids = list(dict.fromkeys([end_of_turn, tokenizer.eos_token_id]))
     assert ollama_modelfile.ollama_stops(tokenizer, stop_ids, fmt) == stops
+
+
+def test_parity_is_a_share_over_held_out_prompts_and_gates_the_exit_code(cli, tiny_run, tmp_path):
+    from conftest import copy_run
+
+    run_dir = copy_run(tiny_run, tmp_path / "run")
+    # The run's 10 held-out prompts (data.eval), not one probe; q8_0 keeps every greedy answer here.
+    result = cli("export", str(run_dir), "--format", "gguf", "--gguf-type", "q8_0", "--min-parity", "1.0")
+    assert result.returncode == 0, result.stderr
+    assert "parity: tiny-run-q8_0.gguf 10/10 probe prompts with an unchanged greedy answer" in result.stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["export"]["gguf"]["files"]["tiny-run-q8_0.gguf"]["parity"]["unchanged_share"] == 1.0
+    # q4_0 goes through llama.cpp's quantizer: without a working llama.cpp it is skipped, saying why.
+    result = cli("export", str(run_dir), "--format", "gguf", "--gguf-type", "q4_0")
+    if not export.llama_cpp_available():
+        assert result.returncode == 0 and "skipped: q4_0 skipped: " + export.llama_cpp_problem() in " ".join(result.stderr.split())
