@@ -7,7 +7,7 @@ TS := $(VENV)/bin/tunesmith
 STAMP := $(VENV)/.tunesmith-installed
 DEMO := runs/demo
 
-.PHONY: install demo test test-fast docs clean
+.PHONY: install demo test test-fast docs clean llama-cpp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# Optional: llama.cpp's Python binding, built from source for this CPU family (portable flags, no
+# -march=native). Export then quantizes q4_k_m / q4_0 and checks every GGUF in llama.cpp itself;
+# without it those types are skipped and the llama.cpp checks say so.
+llama-cpp: install
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF" \
+		$(PY) -m pip install --quiet --no-binary llama-cpp-python llama-cpp-python==0.3.36
 
 # Generated references; tests fail when they are stale.
 docs: install

@@ -158,12 +158,19 @@ def test_go_renderer_handles_ollama_syntax():
     assert out == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n<|im_start|>user\nok<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_gguf_refuses_other_architectures(tmp_path):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def test_gguf_refuses_a_family_llama_cpp_is_not_given(tmp_path):
+    from transformers import GraniteConfig, GraniteForCausalLM
 
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-    with pytest.raises(UserError, match="Llama family"):
+    model = GraniteForCausalLM(GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(UserError, match="not 'granite'"):
         gguf_export.write_gguf(model, None, tmp_path / "x.gguf", "f16", "x")
+    assert not (tmp_path / "x.gguf").exists()
+    assert gguf_export.format_support(model.config) == {
+        "merged": None,
+        "adapter": None,
+        "gguf": gguf_export.gguf_unsupported(model.config),
+        "ollama": gguf_export.gguf_unsupported(model.config),
+    }
 
 
 def test_export_keeps_a_users_file_unless_force(run_dir, trained):

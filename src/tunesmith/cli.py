@@ -251,19 +251,28 @@ def run_pipeline(
 def export_command(
     run_dir: Path = typer.Argument(..., help="Run folder (the config's output_dir)."),
     fmt: str = typer.Option(..., "--format", help="merged, adapter, gguf, ollama, or hub (a folder for the Hugging Face Hub: adapter or merged model, GGUF files if exported, card)."),
-    gguf_type: list[str] = typer.Option([], "--gguf-type", help="GGUF tensor type: f16, q8_0, bf16, f32 (repeatable; default from the config)."),
+    gguf_type: list[str] = typer.Option([], "--gguf-type", help="GGUF tensor type: f16, q8_0, bf16, f32, q4_k_m, q4_0 (repeatable; default from the config; q4 types need llama-cpp-python)."),
+    min_parity: Optional[float] = typer.Option(None, "--min-parity", min=0.0, max=1.0, help="Exit 3 when an exported file keeps the greedy answer on fewer than this share of probe prompts (default: export.min_parity)."),
     allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Load the adapter on a base whose fingerprint differs from the run's."),
     force: bool = typer.Option(False, "--force", help="Replace RUN/export/FORMAT even when it holds files tunesmith did not write."),
 ) -> None:
     """Export the trained model (RUN/export/FORMAT/) and check it against the trained model."""
     from tunesmith import export
 
-    report = export.run(run_dir, fmt, gguf_types=gguf_type or None, allow_base_mismatch=allow_base_mismatch, force=force)
+    try:
+        report = export.run(run_dir, fmt, gguf_types=gguf_type or None, min_parity=min_parity, allow_base_mismatch=allow_base_mismatch, force=force)
+    except GateFailed:
+        err_console.print(f"report: {Path(run_dir) / 'manifest.json'} (export.{fmt})", markup=False, highlight=False)
+        raise
     console.print(f"exported {fmt}: {report['path']}", markup=False, highlight=False)
     if report.get("warning"):
         err_console.print(f"warning: {report['warning']}", markup=False, highlight=False)
     for line in report.get("lint", []):
         err_console.print(f"lint: {line}", markup=False, highlight=False)
+    for line in report.get("skipped", []):
+        err_console.print(f"skipped: {line}", markup=False, highlight=False)
+    for where in export.parity_shares(report):
+        console.print(f"parity: {where} probe prompts with an unchanged greedy answer", markup=False, highlight=False)
     problems = export.parity_problems(report)
     for line in problems:
         err_console.print(f"parity mismatch: {line}", markup=False, highlight=False)

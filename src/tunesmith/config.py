@@ -328,8 +328,18 @@ class ExportConfig(_Closed):
     formats: list[Literal["adapter", "merged", "gguf", "ollama"]] = Field(
         default_factory=lambda: ["adapter"], description="Artifacts to export after evaluation."
     )
-    gguf_types: list[Literal["f16", "q8_0", "f32", "bf16"]] = Field(
-        default_factory=lambda: ["q8_0"], description="GGUF tensor types to write."
+    gguf_types: list[Literal["f16", "q8_0", "f32", "bf16", "q4_k_m", "q4_0"]] = Field(
+        default_factory=lambda: ["q8_0"],
+        description="GGUF tensor types to write. q4_k_m and q4_0 go through llama.cpp's quantizer and need llama-cpp-python (`make llama-cpp`); without it they are skipped with that message.",
+    )
+    parity_prompts: int = Field(
+        16, ge=1, le=1000, description="Probe prompts for the parity checks: a seeded sample of the run's held-out prompts, at most this many."
+    )
+    min_parity: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Fail the export (exit code 1) when an exported file's share of probe prompts with an unchanged greedy answer is below this (e.g. 0.9); none: report only.",
     )
     license: str | None = Field(
         None,
@@ -449,6 +459,21 @@ MODEL_FIX = "use a builtin name (`tunesmith models`), a local HF folder or .gguf
 PATH_FIX = "correct the path: relative paths are read from the config's folder"
 
 
+def _format_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """Export formats the model's family cannot take, when its config is on disk (a local folder
+    or a builtin already converted); a hub id or .gguf file is checked at run start instead."""
+    from tunesmith.artifacts import models_cache_dir
+    from tunesmith.gguf_export import model_format_problems
+    from tunesmith.models import BUILTIN_MODELS
+    from tunesmith.runs import base_model_ref
+
+    ref = cfg.model.name
+    folder = models_cache_dir() / ref if ref in BUILTIN_MODELS else Path(base_model_ref(cfg)).expanduser()
+    if not (folder / "config.json").is_file():
+        return []
+    return [(p, "remove the format from export.formats, or export merged/adapter and convert with llama.cpp") for p in model_format_problems(folder, cfg.export.formats)]
+
+
 def missing_inputs(cfg: RunConfig) -> list[tuple[str, str]]:
     """(problem, fix) for what a run would fail to find: the model, the data files, the schema.
 
@@ -461,6 +486,8 @@ def missing_inputs(cfg: RunConfig) -> list[tuple[str, str]]:
     model = _model_problem(cfg.model.name)
     if model:
         problems.append((f"model.name: {model}", MODEL_FIX))
+    else:
+        problems += _format_problems(cfg)
     template = template_problem(cfg.model.chat_template, cfg.base_dir)
     if template:
         problems.append((f"model.chat_template: {template}", PATH_FIX))

@@ -22,60 +22,126 @@ from tunesmith.errors import UserError
 
 @dataclass
 class ChatFormat:
-    """A chat template reduced to literal pieces around each message's content."""
+    """A chat template reduced to literal pieces around each message's content.
+
+    `begin` is written once before the first message (Llama 3's <|begin_of_text|>, Gemma's
+    <bos>). With `system_in_first_user` (Gemma, Mistral) the system text opens the first user
+    turn: prefix["system"] is the user prefix and suffix["system"] the separator before the
+    user's text, and that user turn has no prefix of its own.
+    """
 
     prefix: dict[str, str]
     suffix: dict[str, str]
     generation_prompt: str
     default_system: str | None
+    begin: str = ""
+    system_in_first_user: bool = False
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def _common_prefix(a: str, b: str, special_tokens: list[str]) -> str:
+    """The common prefix of two texts, cut before any special token it would split ("<|end|>\n<|"
+    of "<|end|>\n<|assistant|>" and "<|end|>\n<|endoftext|>" is "<|end|>\n")."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    for token in special_tokens:
+        start = a.find(token)
+        while start != -1:
+            if start < n < start + len(token):
+                n = start
+            start = a.find(token, start + 1)
+    return a[:n]
+
+
 def chat_format(tokenizer: Any) -> ChatFormat:
     """Probe the chat template with marker contents and cut out the literal pieces.
 
-    Works for templates that wrap each message in fixed text per role (ChatML, Llama 3, Zephyr
-    and the like); anything else is refused by the check in `ollama_template`.
+    Each piece is read where nothing else can be mixed into it: the user suffix is what the
+    turn ends with with and without a generation prompt (Phi-3 ends a finished conversation
+    with eos), the assistant suffix ends a finished assistant turn, the user prefix follows it.
+    Templates that wrap messages in fixed text per role (ChatML, Llama 3, Phi-3) or fold the
+    system message into the first user turn (Gemma, Mistral) fit; anything else is refused.
     """
-    s, u, a = "\x01S\x01", "\x01U\x01", "\x01A\x01"
-    sys_only = _render(tokenizer, [{"role": "system", "content": s}])
-    sys_user = _render(tokenizer, [{"role": "system", "content": s}, {"role": "user", "content": u}])
-    full = _render(tokenizer, [{"role": "system", "content": s}, {"role": "user", "content": u}, {"role": "assistant", "content": a}])
-    with_gen = _render(tokenizer, [{"role": "system", "content": s}, {"role": "user", "content": u}], add_generation_prompt=True)
-    user_only = _render(tokenizer, [{"role": "user", "content": u}])
+    s, u, a, u2 = "\x01S\x01", "\x01U\x01", "\x01A\x01", "\x01V\x01"
     unfit = UserError("the chat template does not wrap messages in fixed text; Ollama TEMPLATE cannot be derived", "write the TEMPLATE of the Modelfile by hand")
-    if not (sys_user.startswith(sys_only) and full.startswith(sys_user) and with_gen.startswith(sys_user)):
+    try:
+        x1, x1_done = _render(tokenizer, [{"role": "user", "content": u}], True), _render(tokenizer, [{"role": "user", "content": u}])
+        ua_done = _render(tokenizer, [{"role": "user", "content": u}, {"role": "assistant", "content": a}])
+        x2 = _render(tokenizer, [{"role": "user", "content": u}, {"role": "assistant", "content": a}, {"role": "user", "content": u2}], True)
+        xs = _render(tokenizer, [{"role": "system", "content": s}, {"role": "user", "content": u}], True)
+    except Exception:  # noqa: BLE001 - a template that raises on these probes cannot be converted
+        raise unfit from None
+    if any(text.count(marker) != 1 for text, marker in ((x1, u), (x1_done, u), (ua_done, a), (x2, a), (x2, u2), (xs, s), (xs, u))):
         raise unfit
-    p_sys, _, s_sys = sys_only.partition(s)
-    p_user, _, s_user = sys_user[len(sys_only) :].partition(u)
-    p_asst, _, s_asst = full[len(sys_user) :].partition(a)
-    generation_prompt = with_gen[len(sys_user) :]
+    head, tail = x1.split(u)
+    tail_done = x1_done.split(u)[1]
+    specials = [t.content for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values()]
+    s_user = _common_prefix(tail, tail_done, specials)
+    generation_prompt, end = tail[len(s_user) :], tail_done[len(s_user) :]
+    s_asst = ua_done.split(a)[1]
+    s_asst = s_asst[: len(s_asst) - len(end)] if end and s_asst.endswith(end) else s_asst
+    head2, rest = x2.split(u, 1)
+    mid1, rest = rest.split(a)
+    mid2, tail2 = rest.split(u2)
+    if head2 != head or tail2 != tail or not mid1.startswith(s_user) or not mid2.startswith(s_asst):
+        raise unfit
+    p_asst, p_user = mid1[len(s_user) :], mid2[len(s_asst) :]
+    if not head.endswith(p_user):
+        raise unfit
+    before_user = head[: len(head) - len(p_user)]  # begin, plus a default system turn if the template adds one
+    pre_s, rest = xs.split(s)
+    between, tail_s = rest.split(u)
+    if tail_s != tail:
+        raise unfit
+    if pre_s == before_user + p_user:  # Gemma, Mistral: the system text opens the first user turn
+        return ChatFormat({"system": p_user, "user": p_user, "assistant": p_asst}, {"system": between, "user": s_user, "assistant": s_asst}, generation_prompt, None, before_user, True)
+    if not between.endswith(p_user):
+        raise unfit
+    s_sys = between[: len(between) - len(p_user)]
+    if pre_s.startswith(before_user):  # no default system turn: what precedes every conversation is `begin`
+        return ChatFormat({"system": pre_s[len(before_user) :], "user": p_user, "assistant": p_asst}, {"system": s_sys, "user": s_user, "assistant": s_asst}, generation_prompt, None, before_user)
     # A template that adds a system turn when there is none: that text is Ollama's SYSTEM default.
-    default_system = None
-    own = p_user + u + s_user
-    if user_only != own:
-        head = user_only[: -len(own)] if user_only.endswith(own) else None
-        if head is None or not (head.startswith(p_sys) and head.endswith(s_sys)):
-            raise unfit
-        default_system = head[len(p_sys) : len(head) - len(s_sys)]
-    return ChatFormat({"system": p_sys, "user": p_user, "assistant": p_asst}, {"system": s_sys, "user": s_user, "assistant": s_asst}, generation_prompt, default_system)
+    if not (before_user.startswith(pre_s) and before_user.endswith(s_sys)):
+        raise unfit
+    default_system = before_user[len(pre_s) : len(before_user) - len(s_sys)]
+    return ChatFormat({"system": pre_s, "user": p_user, "assistant": p_asst}, {"system": s_sys, "user": s_user, "assistant": s_asst}, generation_prompt, default_system)
 
 
 def ollama_template(fmt: ChatFormat) -> str:
     """The Go template Ollama renders `.Messages` with (one line: no trim markers near text)."""
-    for piece in [*fmt.prefix.values(), *fmt.suffix.values(), fmt.generation_prompt]:
+    for piece in [*fmt.prefix.values(), *fmt.suffix.values(), fmt.generation_prompt, fmt.begin]:
         if "{{" in piece or "}}" in piece:
             raise UserError("the chat template's text contains '{{'; cannot write it as a Go template", "write TEMPLATE by hand")
-    parts = ["{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"]
-    for n, role in enumerate(("system", "user", "assistant")):
-        parts.append(f'{{{{ {"if" if n == 0 else "else if"} eq .Role "{role}" }}}}{fmt.prefix[role]}{{{{ .Content }}}}')
-        parts.append(f"{{{{ if not $last }}}}{fmt.suffix[role]}{{{{ end }}}}" if role == "assistant" else fmt.suffix[role])
+    user_prefix = fmt.prefix["user"]
+    parts = [fmt.begin, "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"]
+    if fmt.system_in_first_user:  # the user turn right after the system text continues it
+        parts.append("{{ $first := index $.Messages 0 }}")
+        user_prefix = f'{{{{ if not (and (eq $i 1) (eq $first.Role "system")) }}}}{user_prefix}{{{{ end }}}}'
+    parts.append(f'{{{{ if eq .Role "system" }}}}{fmt.prefix["system"]}{{{{ .Content }}}}{fmt.suffix["system"]}')
+    parts.append(f'{{{{ else if eq .Role "user" }}}}{user_prefix}{{{{ .Content }}}}{fmt.suffix["user"]}')
+    parts.append(f'{{{{ else if eq .Role "assistant" }}}}{fmt.prefix["assistant"]}{{{{ .Content }}}}{{{{ if not $last }}}}{fmt.suffix["assistant"]}{{{{ end }}}}')
     parts.append("{{ end }}")
     parts.append(f'{{{{ if and $last (ne .Role "assistant") }}}}{fmt.generation_prompt}{{{{ end }}}}{{{{ end }}}}')
     return "".join(parts)
+
+
+def ollama_stops(tokenizer: Any, stop_ids: list[int], fmt: ChatFormat) -> list[str]:
+    """PARAMETER stop values: the run's stop tokens (end of turn, eos), then the special tokens
+    that open a user turn: a model that starts the next turn itself has finished its answer
+    (Ollama's own ChatML templates stop on <|im_start|>, its Mistral ones on [INST])."""
+    stops: list[str] = []
+    for token_id in stop_ids:
+        text = tokenizer.convert_ids_to_tokens(token_id)
+        if text and text not in stops:
+            stops.append(text)
+    for token in tokenizer.all_special_tokens + [t.content for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values()]:
+        if token and fmt.prefix["user"].startswith(token) and token not in stops:
+            stops.append(token)
+    return stops
 
 
 def _quote_modelfile(text: str) -> str:
@@ -120,7 +186,7 @@ _EXPR_TOKEN = re.compile(r'\(|\)|"(?:[^"\\]|\\.)*"|[^\s()]+')
 
 def render_go_template(template: str, data: dict[str, Any]) -> str:
     """Render `{{ range $i, $_ := .X }}`, `{{ $v := expr }}`, if/else if/else/end, `{{ .Field }}`
-    with the functions eq, ne, and, or, not, len, slice. Enough for Ollama chat templates."""
+    with the functions eq, ne, and, or, not, len, slice, index. Enough for Ollama chat templates."""
     nodes, pos = [], 0
     for m in _ACTION.finditer(template):
         text = template[pos : m.start()]
@@ -231,6 +297,7 @@ def _eval_pipeline(tokens: list[str], i: int, scope: dict[str, Any], dot: Any) -
         "not": lambda a: not _truthy(a),
         "len": len,
         "slice": lambda a, *idx: a[idx[0] : idx[1]] if len(idx) > 1 else a[idx[0] :] if idx else a,
+        "index": lambda a, *idx: a[idx[0]] if len(idx) == 1 else a[idx[0]][idx[1]],
     }
     args = []
     while i < len(tokens) and tokens[i] != ")":

@@ -174,6 +174,7 @@ def run(
     force: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline stages in order, skipping those whose inputs are unchanged."""
+    from tunesmith.gguf_export import refuse_unsupported_formats
     from tunesmith.models import check_expected_fingerprint, fingerprint, load_tokenizer, resolve_model_dir
     from tunesmith.templates import applied_template, end_of_turn_token
 
@@ -191,6 +192,7 @@ def run(
     # builtin model once, before any stage starts timing itself.
     model_dir = resolve_model_dir(runs.base_model_ref(cfg), allow_pickle=cfg.model.allow_pickle)
     model_fp = fingerprint(model_dir)
+    refuse_unsupported_formats(model_dir, cfg.export.formats)  # before any training, not at export
     check_expected_fingerprint(cfg.model.name, model_fp, cfg.model.expected_fingerprint)
     # The chat template before any stage: a base model without one (model.chat_template unset)
     # is refused now, not at the train stage after the baselines ran. Its text is part of the

@@ -767,9 +767,14 @@ def run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console=No
     import torch.distributed as dist
     from rich.console import Console
 
+    from tunesmith.gguf_export import refuse_unsupported_formats
+    from tunesmith.models import resolve_model_dir
+
     started = time.time()
     refuse_replacing_finished_run(cfg, resume=resume, force=force)
     tracking.check_installed(cfg.report_to)  # a missing tracker library fails before the model loads
+    # A requested export the model cannot take is refused now, not after training.
+    refuse_unsupported_formats(resolve_model_dir(runs.base_model_ref(cfg), allow_pickle=cfg.model.allow_pickle), cfg.export.formats)
     world, rank, _, device = init_distributed()
     console = console or Console(stderr=True)
     if rank != 0:
