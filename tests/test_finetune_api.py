@@ -238,3 +238,25 @@ def test_hostile_uploads_are_clean_4xx(server, client):
         assert error["param"] == param, (name, error)
         assert str(server.state_dir) not in error["message"], (name, error)  # no server paths
     assert len(client.files.list().data) == before
+
+
+def test_a_base_given_as_a_relative_folder_trains_the_same_base(tiny_model_dir, tmp_path, training_file, monkeypatch):
+    """`tunesmith serve ./models/tiny`: the job's trainer runs in the job's folder, where the
+    relative folder once named nothing, so every job failed to load its base."""
+    from fastapi.testclient import TestClient
+
+    from tunesmith import runs
+    from tunesmith.config import load_config
+    from tunesmith.serve import ServeSettings, create_app
+
+    monkeypatch.chdir(tiny_model_dir.parent)
+    app = create_app(ServeSettings(models=[tiny_model_dir.name], state_dir=str(tmp_path / "state")))
+    http = TestClient(app)  # no lifespan: the worker does not start, the job stays queued
+    uploaded = http.post("/v1/files", files={"file": ("t.jsonl", training_file.read_bytes())}, data={"purpose": "fine-tune"})
+    assert uploaded.status_code == 200, uploaded.text
+    job = http.post("/v1/fine_tuning/jobs", json={"model": tiny_model_dir.name, "training_file": uploaded.json()["id"]})
+    assert job.status_code == 200, job.text
+    cfg = load_config(tmp_path / "state" / JOBS_DIR / job.json()["id"] / "config.yaml")
+    assert runs.base_model_ref(cfg) == str(tiny_model_dir.resolve())
+    app.state.finetuning.store.close()
+    app.state.finetuning.lock.close()

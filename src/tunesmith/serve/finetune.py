@@ -47,12 +47,17 @@ class FineTuning:
     lock: Any
 
 
+def absolute_ref(base_ref: str) -> str:
+    """A base given as a relative folder, made absolute: the job's trainer runs in the job's
+    folder, where `./models/x` would name nothing (or another folder)."""
+    return str(Path(base_ref).resolve()) if Path(base_ref).exists() else base_ref
+
+
 def default_state_dir(base_ref: str) -> Path:
     """One folder per base model under TUNESMITH_HOME: a job's model is served over its base."""
     import hashlib
 
-    resolved = str(Path(base_ref).resolve()) if Path(base_ref).exists() else base_ref
-    return artifacts.tunesmith_home() / "serve" / f"base-{hashlib.sha256(resolved.encode()).hexdigest()[:12]}"
+    return artifacts.tunesmith_home() / "serve" / f"base-{hashlib.sha256(absolute_ref(base_ref).encode()).hexdigest()[:12]}"
 
 
 def open_finetuning(state: Any, folder: Path) -> FineTuning:
@@ -156,7 +161,7 @@ def job_config_dict(overrides: list[str], base_ref: str, job_id: str, train_path
     config: dict[str, Any] = {
         "name": job_id,
         "output_dir": JOB_RUN_DIR,
-        "model": {"name": base_ref},
+        "model": {"name": absolute_ref(base_ref)},
         "data": {"train": str(train_path), "eval": str(eval_path) if eval_path else None},
         "train": {"method": "lora"},
         "eval": {"subjects": ["tuned"]},
