@@ -240,23 +240,47 @@ def test_hostile_uploads_are_clean_4xx(server, client):
     assert len(client.files.list().data) == before
 
 
-def test_a_base_given_as_a_relative_folder_trains_the_same_base(tiny_model_dir, tmp_path, training_file, monkeypatch):
-    """`tunesmith serve ./models/tiny`: the job's trainer runs in the job's folder, where the
-    relative folder once named nothing, so every job failed to load its base."""
+@pytest.fixture
+def inprocess(tiny_model_dir, tmp_path, monkeypatch):
+    """The app in this process, served as a relative folder (`tunesmith serve tiny-llama` from
+    its parent folder), without its lifespan: the worker does not start, jobs stay queued."""
     from fastapi.testclient import TestClient
 
-    from tunesmith import runs
-    from tunesmith.config import load_config
     from tunesmith.serve import ServeSettings, create_app
 
     monkeypatch.chdir(tiny_model_dir.parent)
     app = create_app(ServeSettings(models=[tiny_model_dir.name], state_dir=str(tmp_path / "state")))
-    http = TestClient(app)  # no lifespan: the worker does not start, the job stays queued
+    yield app, TestClient(app)
+    app.state.finetuning.store.close()
+    app.state.finetuning.lock.close()
+
+
+def test_a_base_given_as_a_relative_folder_trains_the_same_base(inprocess, tiny_model_dir, tmp_path, training_file):
+    """`tunesmith serve ./models/tiny`: the job's trainer runs in the job's folder, where the
+    relative folder once named nothing, so every job failed to load its base."""
+    from tunesmith import runs
+    from tunesmith.config import load_config
+
+    _, http = inprocess
     uploaded = http.post("/v1/files", files={"file": ("t.jsonl", training_file.read_bytes())}, data={"purpose": "fine-tune"})
     assert uploaded.status_code == 200, uploaded.text
     job = http.post("/v1/fine_tuning/jobs", json={"model": tiny_model_dir.name, "training_file": uploaded.json()["id"]})
     assert job.status_code == 200, job.text
     cfg = load_config(tmp_path / "state" / JOBS_DIR / job.json()["id"] / "config.yaml")
     assert runs.base_model_ref(cfg) == str(tiny_model_dir.resolve())
-    app.state.finetuning.store.close()
-    app.state.finetuning.lock.close()
+
+
+def test_odd_numbers_in_requests_are_400_not_500_or_coerced(inprocess, tiny_model_dir, training_file):
+    """`?limit=²` (a Unicode digit that int() refuses) was a 500; `n_epochs: true` was read as
+    1 epoch and `"3"` as 3: the API's numbers are JSON numbers, as OpenAI's are."""
+    _, http = inprocess
+    for path in ("/v1/files?limit=\u00b2", "/v1/fine_tuning/jobs?limit=\u0663"):
+        response = http.get(path)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "limit", (path, response.text)
+    uploaded = http.post("/v1/files", files={"file": ("t.jsonl", training_file.read_bytes())}, data={"purpose": "fine-tune"}).json()
+    for hyper in ({"n_epochs": True}, {"batch_size": True}, {"learning_rate_multiplier": True}, {"n_epochs": "3"}):
+        response = http.post("/v1/fine_tuning/jobs", json={"model": tiny_model_dir.name, "training_file": uploaded["id"], "hyperparameters": hyper})
+        assert response.status_code == 400, (hyper, response.text)
+    response = http.post("/v1/fine_tuning/jobs", json={"model": tiny_model_dir.name, "training_file": uploaded["id"], "seed": True})
+    assert response.status_code == 400, response.text
+    assert http.get("/v1/fine_tuning/jobs").json()["data"] == []

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from tunesmith import artifacts
 from tunesmith.config import MAX_SEED
@@ -110,9 +110,10 @@ Auto = Literal["auto"]
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: Auto | int | None = Field(None, description="Passes over the training file (1-50).")
-    batch_size: Auto | int | None = Field(None, description="Examples per step (1-256).")
-    learning_rate_multiplier: Auto | float | None = Field(None, description="Times the server's learning rate (0-10].")
+    # Strict: pydantic would read `true` as 1 epoch and "3" as 3; OpenAI's API takes JSON numbers.
+    n_epochs: Auto | StrictInt | None = Field(None, description="Passes over the training file (1-50).")
+    batch_size: Auto | StrictInt | None = Field(None, description="Examples per step (1-256).")
+    learning_rate_multiplier: Auto | StrictInt | StrictFloat | None = Field(None, description="Times the server's learning rate (0-10].")
 
     def problem(self) -> tuple[str, str] | None:
         """(param, message) of the first value out of range, or None."""
@@ -150,7 +151,7 @@ class JobCreateRequest(BaseModel):
     hyperparameters: Hyperparameters | None = None
     method: MethodSpec | None = None
     suffix: str | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
     metadata: dict[str, str] | None = None
 
 
@@ -225,7 +226,8 @@ def _limit(request: Request, default: int = 20, most: int = MAX_PAGE) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+    # isascii: str.isdigit() accepts digits such as '²' that int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
         raise APIError(400, f"limit must be an integer from 1 to {most}", param="limit")
     return int(raw)
 
