@@ -284,3 +284,42 @@ def test_odd_numbers_in_requests_are_400_not_500_or_coerced(inprocess, tiny_mode
     response = http.post("/v1/fine_tuning/jobs", json={"model": tiny_model_dir.name, "training_file": uploaded["id"], "seed": True})
     assert response.status_code == 400, response.text
     assert http.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+def test_jobs_trained_on_another_base_meet_the_drift_guard(tiny_model_dir, tmp_path, training_file, monkeypatch):
+    """A state folder reopened over another base (--state-dir, or the base folder replaced in
+    place) once served its ft: models over that base without a word: wrong answers, no error."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from safetensors.torch import load_file, save_file
+
+    from finetune_server import TINY_JOB_OVERRIDES
+    from tunesmith.errors import UserError
+    from tunesmith.serve import ServeSettings, create_app
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job's trainer inherits it
+    state = str(tmp_path / "state")
+    app = create_app(ServeSettings(models=[str(tiny_model_dir)], state_dir=state, finetune_overrides=TINY_JOB_OVERRIDES))
+    http = TestClient(app)  # no lifespan: the job is trained below, in this thread
+    uploaded = http.post("/v1/files", files={"file": ("t.jsonl", training_file.read_bytes())}, data={"purpose": "fine-tune"}).json()
+    job = http.post("/v1/fine_tuning/jobs", json={"model": str(tiny_model_dir), "training_file": uploaded["id"],
+                                                  "hyperparameters": {"n_epochs": 1, "batch_size": 8}}).json()
+    ft = app.state.finetuning
+    ft.runner._train(ft.store.next_job())
+    job = http.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert job["status"] == "succeeded", job["error"]
+    ft.store.close()
+    ft.lock.close()
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 2
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="fingerprint"):
+        create_app(ServeSettings(models=[str(other)], state_dir=state))
+    allowed = create_app(ServeSettings(models=[str(other)], state_dir=state, allow_base_mismatch=True))
+    assert [w for w in allowed.state.warnings if w.startswith(f"{job['fine_tuned_model']}: ")], allowed.state.warnings
+    allowed.state.finetuning.store.close()
+    allowed.state.finetuning.lock.close()

@@ -70,7 +70,16 @@ def open_finetuning(state: Any, folder: Path) -> FineTuning:
         adapter = store.job_dir(job["id"]) / JOB_RUN_DIR / artifacts.ADAPTER_DIR
         state.served.models[job["fine_tuned_model"]] = ServedModel(job["fine_tuned_model"], adapter, None, str(adapter.parent.parent))
 
+    from tunesmith.runs import check_base_fingerprint, trained_base_fingerprint
+
     for job in store.rows("SELECT * FROM jobs WHERE status = 'succeeded'"):
+        # The drift guard, as for adapters named on the command line: a state folder passed
+        # with --state-dir, or a base folder replaced in place, may hold jobs of another base.
+        trained_on = trained_base_fingerprint(store.job_dir(job["id"]) / JOB_RUN_DIR)
+        warning = check_base_fingerprint(trained_on, state.base_fingerprint, base=state.served.base_ref,
+                                         allow_base_mismatch=state.settings.allow_base_mismatch)
+        if warning:
+            state.warnings.append(f"{job['fine_tuned_model']}: {warning}")
         serve_model(job)
     return FineTuning(folder, store, JobRunner(store, serve_model), lock)
 
