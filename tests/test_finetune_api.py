@@ -251,3 +251,88 @@ def test_hostile_uploads_are_clean_4xx(server, client):
         assert error["param"] == param, (name, error)
         assert str(server.state_dir) not in error["message"], (name, error)  # no server paths
     assert len(client.files.list().data) == before
+
+
+@pytest.fixture
+def inprocess(tiny_model_dir, tmp_path, monkeypatch):
+    """The app in this process, served as a relative folder (`tunesmith serve tiny-llama` from
+    its parent folder), without its lifespan: the worker does not start, jobs stay queued."""
+    from fastapi.testclient import TestClient
+
+    from tunesmith.serve import ServeSettings, create_app
+
+    monkeypatch.chdir(tiny_model_dir.parent)
+    app = create_app(ServeSettings(models=[tiny_model_dir.name], state_dir=str(tmp_path / "state")))
+    yield app, TestClient(app)
+    app.state.finetuning.store.close()
+    app.state.finetuning.lock.close()
+
+
+def test_a_base_given_as_a_relative_folder_trains_the_same_base(inprocess, tiny_model_dir, tmp_path, training_file):
+    """`tunesmith serve ./models/tiny`: the job's trainer runs in the job's folder, where the
+    relative folder once named nothing, so every job failed to load its base."""
+    from tunesmith import runs
+    from tunesmith.config import load_config
+
+    _, http = inprocess
+    uploaded = http.post("/v1/files", files={"file": ("t.jsonl", training_file.read_bytes())}, data={"purpose": "fine-tune"})
+    assert uploaded.status_code == 200, uploaded.text
+    job = http.post("/v1/fine_tuning/jobs", json={"model": tiny_model_dir.name, "training_file": uploaded.json()["id"]})
+    assert job.status_code == 200, job.text
+    cfg = load_config(tmp_path / "state" / JOBS_DIR / job.json()["id"] / "config.yaml")
+    assert runs.base_model_ref(cfg) == str(tiny_model_dir.resolve())
+
+
+def test_odd_numbers_in_requests_are_400_not_500_or_coerced(inprocess, tiny_model_dir, training_file):
+    """`?limit=²` (a Unicode digit that int() refuses) was a 500; `n_epochs: true` was read as
+    1 epoch and `"3"` as 3: the API's numbers are JSON numbers, as OpenAI's are."""
+    _, http = inprocess
+    for path in ("/v1/files?limit=\u00b2", "/v1/fine_tuning/jobs?limit=\u0663"):
+        response = http.get(path)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "limit", (path, response.text)
+    uploaded = http.post("/v1/files", files={"file": ("t.jsonl", training_file.read_bytes())}, data={"purpose": "fine-tune"}).json()
+    for hyper in ({"n_epochs": True}, {"batch_size": True}, {"learning_rate_multiplier": True}, {"n_epochs": "3"}):
+        response = http.post("/v1/fine_tuning/jobs", json={"model": tiny_model_dir.name, "training_file": uploaded["id"], "hyperparameters": hyper})
+        assert response.status_code == 400, (hyper, response.text)
+    response = http.post("/v1/fine_tuning/jobs", json={"model": tiny_model_dir.name, "training_file": uploaded["id"], "seed": True})
+    assert response.status_code == 400, response.text
+    assert http.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+def test_jobs_trained_on_another_base_meet_the_drift_guard(tiny_model_dir, tmp_path, training_file, monkeypatch):
+    """A state folder reopened over another base (--state-dir, or the base folder replaced in
+    place) once served its ft: models over that base without a word: wrong answers, no error."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from safetensors.torch import load_file, save_file
+
+    from finetune_server import TINY_JOB_OVERRIDES
+    from tunesmith.errors import UserError
+    from tunesmith.serve import ServeSettings, create_app
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job's trainer inherits it
+    state = str(tmp_path / "state")
+    app = create_app(ServeSettings(models=[str(tiny_model_dir)], state_dir=state, finetune_overrides=TINY_JOB_OVERRIDES))
+    http = TestClient(app)  # no lifespan: the job is trained below, in this thread
+    uploaded = http.post("/v1/files", files={"file": ("t.jsonl", training_file.read_bytes())}, data={"purpose": "fine-tune"}).json()
+    job = http.post("/v1/fine_tuning/jobs", json={"model": str(tiny_model_dir), "training_file": uploaded["id"],
+                                                  "hyperparameters": {"n_epochs": 1, "batch_size": 8}}).json()
+    ft = app.state.finetuning
+    ft.runner._train(ft.store.next_job())
+    job = http.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert job["status"] == "succeeded", job["error"]
+    ft.store.close()
+    ft.lock.close()
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 2
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="fingerprint"):
+        create_app(ServeSettings(models=[str(other)], state_dir=state))
+    allowed = create_app(ServeSettings(models=[str(other)], state_dir=state, allow_base_mismatch=True))
+    assert [w for w in allowed.state.warnings if w.startswith(f"{job['fine_tuned_model']}: ")], allowed.state.warnings
+    allowed.state.finetuning.store.close()
+    allowed.state.finetuning.lock.close()

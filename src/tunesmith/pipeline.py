@@ -233,6 +233,12 @@ def run(
         # The pipeline replaces a training it recorded itself (its inputs changed); one run by
         # hand with `tunesmith train` only with --force.
         replace_training = force or record is not None
+        if stage == "train":
+            # Refused before the stage's record is written: a record of the refused attempt would
+            # make the next `tunesmith run` take the run trained by hand for its own and resume it.
+            from tunesmith.train import refuse_replacing_finished_run
+
+            refuse_replacing_finished_run(cfg, resume=resume_training, force=replace_training)
         console.print(f"[bold]{stage}[/bold]{' (resuming)' if resume_training else ''}")
         summary[stage] = run_stage(run_dir, stage, inputs, stages[stage])
     return summary

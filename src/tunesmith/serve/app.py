@@ -243,6 +243,7 @@ def create_app(settings: ServeSettings, *, loaded: Any = None) -> Any:
     app.state.served = served
     app.state.engine = engine
     app.state.tokenizer = loaded.tokenizer
+    app.state.base_fingerprint = loaded.fingerprint
     app.state.metrics = Metrics()
     app.state.warnings = warnings
     app.state.started = time.time()

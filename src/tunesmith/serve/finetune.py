@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from tunesmith import artifacts
 from tunesmith.check import MIN_EXAMPLES
@@ -48,12 +48,17 @@ class FineTuning:
     lock: Any
 
 
+def absolute_ref(base_ref: str) -> str:
+    """A base given as a relative folder, made absolute: the job's trainer runs in the job's
+    folder, where `./models/x` would name nothing (or another folder)."""
+    return str(Path(base_ref).resolve()) if Path(base_ref).exists() else base_ref
+
+
 def default_state_dir(base_ref: str) -> Path:
     """One folder per base model under TUNESMITH_HOME: a job's model is served over its base."""
     import hashlib
 
-    resolved = str(Path(base_ref).resolve()) if Path(base_ref).exists() else base_ref
-    return artifacts.tunesmith_home() / "serve" / f"base-{hashlib.sha256(resolved.encode()).hexdigest()[:12]}"
+    return artifacts.tunesmith_home() / "serve" / f"base-{hashlib.sha256(absolute_ref(base_ref).encode()).hexdigest()[:12]}"
 
 
 def open_finetuning(state: Any, folder: Path) -> FineTuning:
@@ -66,7 +71,16 @@ def open_finetuning(state: Any, folder: Path) -> FineTuning:
         adapter = store.job_dir(job["id"]) / JOB_RUN_DIR / artifacts.ADAPTER_DIR
         state.served.models[job["fine_tuned_model"]] = ServedModel(job["fine_tuned_model"], adapter, None, str(adapter.parent.parent))
 
+    from tunesmith.runs import check_base_fingerprint, trained_base_fingerprint
+
     for job in store.rows("SELECT * FROM jobs WHERE status = 'succeeded'"):
+        # The drift guard, as for adapters named on the command line: a state folder passed
+        # with --state-dir, or a base folder replaced in place, may hold jobs of another base.
+        trained_on = trained_base_fingerprint(store.job_dir(job["id"]) / JOB_RUN_DIR)
+        warning = check_base_fingerprint(trained_on, state.base_fingerprint, base=state.served.base_ref,
+                                         allow_base_mismatch=state.settings.allow_base_mismatch)
+        if warning:
+            state.warnings.append(f"{job['fine_tuned_model']}: {warning}")
         serve_model(job)
     return FineTuning(folder, store, JobRunner(store, serve_model), lock)
 
@@ -106,9 +120,10 @@ Auto = Literal["auto"]
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: Auto | int | None = Field(None, description="Passes over the training file (1-50).")
-    batch_size: Auto | int | None = Field(None, description="Examples per step (1-256).")
-    learning_rate_multiplier: Auto | float | None = Field(None, description="Times the server's learning rate (0-10].")
+    # Strict: pydantic would read `true` as 1 epoch and "3" as 3; OpenAI's API takes JSON numbers.
+    n_epochs: Auto | StrictInt | None = Field(None, description="Passes over the training file (1-50).")
+    batch_size: Auto | StrictInt | None = Field(None, description="Examples per step (1-256).")
+    learning_rate_multiplier: Auto | StrictInt | StrictFloat | None = Field(None, description="Times the server's learning rate (0-10].")
 
     def problem(self) -> tuple[str, str] | None:
         """(param, message) of the first value out of range, or None."""
@@ -146,7 +161,7 @@ class JobCreateRequest(BaseModel):
     hyperparameters: Hyperparameters | None = None
     method: MethodSpec | None = None
     suffix: str | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
     metadata: dict[str, str] | None = None
 
 
@@ -157,7 +172,7 @@ def job_config_dict(overrides: list[str], base_ref: str, job_id: str, train_path
     config: dict[str, Any] = {
         "name": job_id,
         "output_dir": JOB_RUN_DIR,
-        "model": {"name": base_ref},
+        "model": {"name": absolute_ref(base_ref)},
         "data": {"train": str(train_path), "eval": str(eval_path) if eval_path else None},
         "train": {"method": "lora"},
         "eval": {"subjects": ["tuned"]},
@@ -221,7 +236,8 @@ def _limit(request: Request, default: int = 20, most: int = MAX_PAGE) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+    # isascii: str.isdigit() accepts digits such as '²' that int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
         raise APIError(400, f"limit must be an integer from 1 to {most}", param="limit")
     return int(raw)
 
