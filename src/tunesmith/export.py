@@ -21,7 +21,7 @@ from typing import Any
 
 from tunesmith.artifacts import EVAL_SPLIT_FILE, EXPORT_DIR, EXPORT_MANIFEST_FILE, atomic_path, guard_output, record_output
 from tunesmith.errors import UserError
-from tunesmith.gguf_export import check_llama, gguf_tensor_report, hf_to_gguf_arrays, write_gguf, write_gguf_lora
+from tunesmith.gguf_export import check_gguf_supported, gguf_tensor_report, hf_to_gguf_arrays, write_gguf, write_gguf_lora
 from tunesmith.inference import greedy_tokens, render_ids, stop_token_ids, stop_token_list
 from tunesmith.ollama_modelfile import chat_format, modelfile_text, ollama_template, template_parity
 from tunesmith.runs import ExportRecord, RunModel, lint_adapter_config, load_run_model, write_export_record
@@ -223,7 +223,7 @@ def export_gguf(run: RunModel, out_dir: Path, gguf_types: list[str], force: bool
     """The merged model as GGUF (one file per type) and, for adapter runs, the LoRA as a GGUF
     adapter for llama.cpp's --lora; every file read back and checked."""
     merged = merged_model(run)
-    check_llama(merged.config)
+    check_gguf_supported(merged.config)
     name = f"{run.cfg.name}"
     eos = stop_token_ids(run.model, run.tokenizer)
     prompts = prompt_ids(run.tokenizer, probe_conversations(run.run_dir, run.cfg))

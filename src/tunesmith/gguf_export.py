@@ -1,9 +1,13 @@
-"""GGUF, llama.cpp's file format: Llama weights and tokenizer written with the `gguf` package, and read back.
+"""GGUF, llama.cpp's file format: model weights and metadata written with the `gguf` package, and read back.
 
-`write_gguf` writes a merged HF Llama model (q/k rows permuted to llama.cpp's RoPE layout, the
-byte-level BPE tokenizer and chat template as metadata); `write_gguf_lora` writes a PEFT LoRA as
-a llama.cpp adapter. `gguf_tensor_report` reads a file back, dequantizes every tensor and
-compares it with the expected arrays within each type's rounding (`gguf_tolerance`).
+`write_gguf` writes a merged HF model of a family llama.cpp runs (Llama 2/3.x and SmolLM,
+Mistral, Qwen2/2.5, Gemma 3, Phi-3) the way llama.cpp's own convert_hf_to_gguf.py writes it:
+gguf's tensor names, the Llama q/k permutation, Gemma's norm weight + 1, Llama 3's rope_freqs,
+and each architecture's hyperparameter keys; the tokenizer goes through `gguf_vocab.py`.
+`write_gguf_lora` writes a PEFT LoRA as a llama.cpp adapter. `gguf_tensor_report` reads a file
+back, dequantizes every tensor and compares it with the expected arrays within each type's
+rounding (`gguf_tolerance`). `format_support` is the one rule of which export formats a model
+can take; config check, run start and export ask it.
 
 Separate from `export.py`, which holds the export stage and its parity checks: this module
 knows the file format only, not runs or models loaded from them.
@@ -11,70 +15,167 @@ knows the file format only, not runs or models loaded from them.
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Any
 
 from tunesmith.artifacts import atomic_path
 from tunesmith.errors import UserError
 
-_LLAMA_LAYER_TENSORS = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+# HF model_type -> llama.cpp architecture, as llama.cpp's converter maps the HF classes (Mistral's
+# dense models are written as Llama; Gemma 3's text model as gemma3).
+GGUF_ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "gemma3_text": "GEMMA3", "phi3": "PHI3"}
+ROPE_TYPES = {"LLAMA": ("default", "llama3", "linear"), "QWEN2": ("default", "linear", "yarn"), "GEMMA3": ("default", "linear"), "PHI3": ("default", "longrope")}
+GEMMA3_SWA_PATTERN = 6  # llama.cpp's default for gemma3: five sliding layers, then one global
 
 
-def gguf_tensor_name(hf_name: str) -> str | None:
-    """llama.cpp's name for a HF Llama weight (None for weights GGUF does not store)."""
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    if hf_name == "lm_head.weight":
-        return "output.weight"
-    m = _LAYER_NAME.match(hf_name)
-    if m and m.group(2) in _LLAMA_LAYER_TENSORS:
-        return f"blk.{m.group(1)}.{_LLAMA_LAYER_TENSORS[m.group(2)]}.weight"
+def rope_parameters(config: Any, layer_type: str = "full_attention") -> dict[str, Any]:
+    """The RoPE settings of one attention kind (Gemma 3 keeps one per kind), with rope_theta."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if isinstance(rope.get(layer_type), dict):
+        rope = dict(rope[layer_type])
+    rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope.setdefault("rope_type", rope.get("type") or "default")
+    return rope
+
+
+def head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def gguf_unsupported(config: Any) -> str | None:
+    """Why GGUF cannot hold this model (None when it can): the family, or a feature llama.cpp lacks."""
+    arch = GGUF_ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        return f"GGUF export supports {', '.join(sorted(GGUF_ARCHITECTURES))} models, not {config.model_type!r}"
+    rope_type = rope_parameters(config)["rope_type"]
+    if rope_type not in ROPE_TYPES[arch]:
+        return f"GGUF export of {config.model_type}: RoPE scaling {rope_type!r} is not supported"
+    if getattr(config, "mlp_bias", False):
+        return f"GGUF export of {config.model_type}: MLP biases are not supported by llama.cpp"
+    if arch == "QWEN2" and getattr(config, "use_sliding_window", False):
+        return "GGUF export of qwen2: llama.cpp's qwen2 has no sliding-window attention (use_sliding_window: true)"
+    if arch == "GEMMA3":
+        if getattr(config, "attn_logit_softcapping", None):
+            return "GGUF export of gemma3: attention logit soft-capping is not supported by llama.cpp's gemma3"
+        if getattr(config, "query_pre_attn_scalar", head_dim(config)) != head_dim(config):
+            return "GGUF export of gemma3: llama.cpp scales queries by 1/sqrt(head_dim), this model's query_pre_attn_scalar differs"
+        if rope_parameters(config, "sliding_attention")["rope_type"] != "default":
+            return "GGUF export of gemma3: RoPE scaling on the sliding-window layers is not supported"
     return None
+
+
+def format_support(config: Any) -> dict[str, str | None]:
+    """For each export format: None when this model can be exported to it, else why not.
+
+    The one rule config check, run start and export all ask: a family's refusal shows before
+    any training, not after it.
+    """
+    gguf_reason = gguf_unsupported(config)
+    return {"merged": None, "adapter": None, "gguf": gguf_reason, "ollama": gguf_reason}
+
+
+def format_problems(config: Any, formats: list[str]) -> list[str]:
+    """One line per requested format this model cannot be exported to."""
+    support = format_support(config)
+    return [f"export.formats: {fmt}: {support[fmt]}" for fmt in formats if support.get(fmt)]
+
+
+def check_gguf_supported(config: Any) -> str:
+    """The gguf MODEL_ARCH name for this model; UserError (with the fix) when GGUF cannot hold it."""
+    reason = gguf_unsupported(config)
+    if reason:
+        raise UserError(reason, "export --format merged (or adapter) instead")
+    return GGUF_ARCHITECTURES[config.model_type]
+
+
+def gguf_tensor_name(config: Any, hf_name: str) -> str | None:
+    """llama.cpp's name for a HF weight (None for weights GGUF does not store), from gguf's own map."""
+    import gguf
+
+    arch = getattr(gguf.MODEL_ARCH, GGUF_ARCHITECTURES[config.model_type])
+    tensor_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    return tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
 
 def permute_rows(weight: Any, n_head: int) -> Any:
     """Reorder q/k rows from HF's rotate-half layout to llama.cpp's interleaved RoPE pairs.
 
-    HF keeps the two halves of each head's rotary dimensions apart; llama.cpp's RoPE rotates
-    adjacent pairs. Within each head, rows (first half, second half) become interleaved.
+    HF keeps the two halves of each head's rotary dimensions apart; llama.cpp's Llama RoPE rotates
+    adjacent pairs. Within each head, rows (first half, second half) become interleaved. Only the
+    Llama architecture needs it: qwen2, gemma3 and phi3 use llama.cpp's NeoX RoPE, HF's layout.
     """
     rows = weight.shape[0]
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def check_llama(config: Any) -> None:
-    """Refuse, with the fix, a model `write_gguf` cannot write: not Llama, with biases, or scaled RoPE."""
-    if config.model_type != "llama":
-        raise UserError(
-            f"GGUF export supports the Llama family only, not {config.model_type!r}",
-            "export --format merged and convert it with llama.cpp's convert_hf_to_gguf.py",
-        )
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise UserError("GGUF export: Llama models with attention or MLP biases are not supported", "export --format merged")
-    rope = _rope_parameters(config)
-    if rope.get("rope_type", "default") not in ("default", None):
-        raise UserError(f"GGUF export: rope scaling {rope.get('rope_type')!r} is not supported", "export --format merged")
+def transform_for_gguf(config: Any, gguf_name: str, array: Any) -> Any:
+    """The converter's per-tensor transforms: Llama's q/k permutation, Gemma's norm weight + 1."""
+    arch = GGUF_ARCHITECTURES[config.model_type]
+    if arch == "LLAMA" and ".attn_q." in gguf_name:
+        return permute_rows(array, config.num_attention_heads)
+    if arch == "LLAMA" and ".attn_k." in gguf_name:
+        return permute_rows(array, config.num_key_value_heads)
+    if arch == "GEMMA3" and gguf_name.endswith("norm.weight"):
+        return array + 1.0  # Gemma3RMSNorm multiplies by (1 + weight); llama.cpp by weight
+    return array
 
 
-def _rope_parameters(config: Any) -> dict[str, Any]:
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    return rope
+def _rope_freqs(config: Any) -> Any:
+    """Llama 3's per-dimension RoPE wavelength factors (`rope_freqs`), as llama.cpp's converter computes them."""
+    import math
+
+    import numpy as np
+
+    rope = rope_parameters(config)
+    dim = head_dim(config)
+    freqs = 1.0 / (float(rope["rope_theta"]) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def extra_tensors(config: Any) -> dict[str, Any]:
+    """Tensors the converter generates from the config: Llama 3's rope_freqs, Phi-3's long/short factors."""
+    import numpy as np
+
+    rope = rope_parameters(config)
+    if rope["rope_type"] == "llama3":
+        return {"rope_freqs.weight": _rope_freqs(config)}
+    if rope["rope_type"] == "longrope":
+        return {
+            "rope_factors_long.weight": np.array(rope["long_factor"], dtype=np.float32),
+            "rope_factors_short.weight": np.array(rope["short_factor"], dtype=np.float32),
+        }
+    return {}
+
+
+def hf_to_gguf_arrays(model: Any) -> dict[str, Any]:
+    """HF state dict -> {gguf name: float32 numpy array}, transformed as llama.cpp's converter does."""
+    config = model.config
+    check_gguf_supported(config)
+    arrays = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        gguf_name = gguf_tensor_name(config, name)
+        if gguf_name is None:
+            raise UserError(f"GGUF export: no llama.cpp tensor for {name!r}", "export --format merged")
+        arrays[gguf_name] = transform_for_gguf(config, gguf_name, tensor.detach().float().cpu().numpy())
+    arrays.update(extra_tensors(config))
+    return arrays
 
 
 def _gguf_qtype(gguf_type: str, shape: tuple[int, ...]) -> Any:
@@ -100,103 +201,81 @@ def _encode_tensor(array: Any, qtype: Any) -> Any:
     return quants.quantize(array.astype(np.float32), qtype)
 
 
-def _tokenizer_pre(tokenizer: Any) -> str:
-    """llama.cpp's pre-tokenizer name, read from the tokenizer.json structure."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
-    text = json.dumps(spec)
-    if '"Digits"' in text and '"individual_digits": true' in text:
-        return "smollm"
-    return "gpt-2"
+def add_model_metadata(writer: Any, config: Any) -> None:
+    """The hyperparameter keys llama.cpp's converter writes for each architecture."""
+    arch = GGUF_ARCHITECTURES[config.model_type]
+    rope = rope_parameters(config)
+    dim = head_dim(config)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_key_length(dim)
+    writer.add_value_length(dim)
+    writer.add_vocab_size(config.vocab_size)
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(_rope_scaling("LINEAR"))
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope["rope_type"] == "yarn":
+        writer.add_rope_scaling_type(_rope_scaling("YARN"))
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    if arch == "LLAMA":
+        writer.add_rope_dimension_count(dim)
+    elif arch == "PHI3":
+        rotary = getattr(config, "partial_rotary_factor", None) or rope.get("partial_rotary_factor", 1.0)
+        writer.add_rope_dimension_count(int(rotary * config.hidden_size) // config.num_attention_heads)
+        original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+        writer.add_rope_scaling_orig_ctx_len(int(original or config.max_position_embeddings))
+        writer.add_sliding_window(int(getattr(config, "sliding_window", None) or 0))
+        if rope["rope_type"] == "longrope":
+            import math
+
+            scale = config.max_position_embeddings / original
+            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0)
+    elif arch == "GEMMA3":
+        _add_gemma3_metadata(writer, config)
 
 
-def add_tokenizer_metadata(writer: Any, tokenizer: Any, vocab_size: int) -> None:
-    """Byte-level BPE vocab, merges, token types, special ids and the chat template."""
-    from gguf import TokenType
+def _rope_scaling(name: str) -> Any:
+    import gguf
 
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    bpe = spec.get("model") or {}
-    if bpe.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer") or spec.get("decoder") or {}):
-        raise UserError("GGUF export supports byte-level BPE tokenizers only", "export --format merged")
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = {t.content: t for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values()}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        token = by_id.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-        elif token in added:
-            tokens.append(token)
-            types.append(TokenType.CONTROL if added[token].special else TokenType.USER_DEFINED)
-        else:
-            tokens.append(token)
-            types.append(TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_tokenizer_pre(tokenizer))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for setter, value in (
-        (writer.add_bos_token_id, tokenizer.bos_token_id),
-        (writer.add_eos_token_id, tokenizer.eos_token_id),
-        (writer.add_pad_token_id, tokenizer.pad_token_id),
-        (writer.add_unk_token_id, tokenizer.unk_token_id),
-    ):
-        if value is not None:
-            setter(int(value))
-    writer.add_add_bos_token(False)  # the chat template writes every special token itself
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+    return getattr(gguf.RopeScalingType, name)
 
 
-def hf_to_gguf_arrays(model: Any) -> dict[str, Any]:
-    """HF Llama state dict -> {gguf name: float32 numpy array}, q/k permuted for llama.cpp."""
-    config = model.config
-    state = model.state_dict()
-    arrays = {}
-    for name, tensor in state.items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # llama.cpp reuses token_embd when output.weight is absent
-        gguf_name = gguf_tensor_name(name)
-        if gguf_name is None:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            raise UserError(f"GGUF export: no llama.cpp tensor for {name!r}", "export --format merged")
-        array = tensor.detach().float().cpu().numpy()
-        if gguf_name.endswith("attn_q.weight"):
-            array = permute_rows(array, config.num_attention_heads)
-        elif gguf_name.endswith("attn_k.weight"):
-            array = permute_rows(array, config.num_key_value_heads)
-        arrays[gguf_name] = array
-    return arrays
+def _add_gemma3_metadata(writer: Any, config: Any) -> None:
+    """Sliding window (and its pattern when not llama.cpp's default), local RoPE base, soft-capping."""
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    is_sliding = [t == "sliding_attention" for t in layer_types]
+    if any(is_sliding):
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_rope_freq_base_swa(float(rope_parameters(config, "sliding_attention")["rope_theta"]))
+        default = [(i % GEMMA3_SWA_PATTERN) < GEMMA3_SWA_PATTERN - 1 for i in range(len(is_sliding))]
+        if is_sliding != default:
+            writer.add_sliding_window_pattern(is_sliding)
 
 
 def write_gguf(model: Any, tokenizer: Any, path: Path, gguf_type: str, name: str) -> None:
-    """One GGUF file of a HF Llama model (merged weights), atomically."""
+    """One GGUF file of a HF model (merged weights), atomically."""
     import gguf
 
+    from tunesmith.gguf_vocab import add_tokenizer_metadata
+
     config = model.config
-    check_llama(config)
+    arch = check_gguf_supported(config)
     arrays = hf_to_gguf_arrays(model)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch)])
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_head_count_kv(config.num_key_value_heads)
-        writer.add_rope_freq_base(float(_rope_parameters(config)["rope_theta"]))
-        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+        add_model_metadata(writer, config)
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer_metadata(writer, tokenizer, config.vocab_size)
@@ -284,7 +363,7 @@ def write_gguf_lora(peft_model: Any, path: Path) -> dict[str, Any]:
     import gguf
 
     config = peft_model.base_model.model.config
-    check_llama(config)
+    arch = check_gguf_supported(config)
     peft_cfg = peft_model.peft_config[peft_model.active_adapter]
     if getattr(peft_cfg, "use_dora", False):
         raise UserError("GGUF LoRA export: DoRA adapters are not supported by llama.cpp", "export --format gguf uses the merged model; use that")
@@ -295,20 +374,17 @@ def write_gguf_lora(peft_model: Any, path: Path) -> dict[str, Any]:
     rank = ranks.pop()
     arrays = {}
     for hf_name, (lora_a, lora_b, scaling) in modules.items():
-        gguf_name = gguf_tensor_name(hf_name)
+        gguf_name = gguf_tensor_name(config, hf_name)
         if gguf_name is None or gguf_name in ("token_embd.weight", "output.weight"):
             raise UserError(f"GGUF LoRA export: llama.cpp cannot apply a LoRA to {hf_name}", "use the merged GGUF")
         a = lora_a.detach().float().cpu().numpy()
         b = lora_b.detach().float().cpu().numpy() * scaling
-        # Only B's rows (the output features) follow the q/k permutation: (B A) permuted = (B permuted) A.
-        if gguf_name.endswith("attn_q.weight"):
-            b = permute_rows(b, config.num_attention_heads)
-        elif gguf_name.endswith("attn_k.weight"):
-            b = permute_rows(b, config.num_key_value_heads)
+        # Only B's rows (the output features) follow the Llama q/k permutation: (B A) permuted = (B permuted) A.
+        b = transform_for_gguf(config, gguf_name, b)
         arrays[gguf_name + ".lora_a"] = a
         arrays[gguf_name + ".lora_b"] = b
     with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch)])
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank))
