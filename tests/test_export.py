@@ -158,6 +158,38 @@ def test_go_renderer_handles_ollama_syntax():
     assert out == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n<|im_start|>user\nok<|im_end|>\n<|im_start|>assistant\n"
 
 
+@pytest.mark.parametrize("name", ["gemma", "mistral"])
+def test_ollama_template_of_a_chat_template_without_a_system_turn(tiny_model_dir, name):
+    """Gemma's and Mistral's templates write <bos> first and put the system text at the start of
+    the first user turn (the gemma3-270m builtin has Gemma's): the TEMPLATE renders the same."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.templates import NAMED_TEMPLATES
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = NAMED_TEMPLATES[name]
+    fmt = ollama_modelfile.chat_format(tokenizer)
+    assert (fmt.lead, fmt.system_joiner) == (tokenizer.bos_token, "\n\n")
+    template = ollama_modelfile.ollama_template(fmt)
+    conversations = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"}],
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}, {"role": "user", "content": "3"}],
+    ]
+    for system in (None, "Answer spam or ham."):
+        assert ollama_modelfile.template_parity(tokenizer, template, system, conversations) == {"conversations": 3, "mismatches": []}
+    if name == "gemma":
+        rendered = ollama_modelfile.render_go_template(template, {"Messages": [{"Role": "system", "Content": "S"}, {"Role": "user", "Content": "U"}]})
+        assert rendered == f"{tokenizer.bos_token}<start_of_turn>user\nS\n\nU<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_go_renderer_assigns_an_outer_variable_from_a_range_as_go_does():
+    template = '{{ $seen := "" }}{{ range .Items }}{{ $inner := .X }}{{ $seen = .X }}{{ end }}[{{ $seen }}]'
+    assert ollama_modelfile.render_go_template(template, {"Items": [{"X": "a"}, {"X": "b"}]}) == "[b]"
+    with pytest.raises(ValueError, match="undefined variable"):
+        ollama_modelfile.render_go_template("{{ $nope = 1 }}", {})
+
+
 def test_gguf_refuses_other_architectures(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import ChainMap
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,10 @@ class ChatFormat:
     suffix: dict[str, str]
     generation_prompt: str
     default_system: str | None
+    # Templates with no system turn of their own (Gemma's, Mistral's) open the first user turn
+    # with the system text and this joiner; `lead` is what they write before any turn (<bos>).
+    system_joiner: str | None = None
+    lead: str = ""
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
@@ -47,6 +52,8 @@ def chat_format(tokenizer: Any) -> ChatFormat:
     with_gen = _render(tokenizer, [{"role": "system", "content": s}, {"role": "user", "content": u}], add_generation_prompt=True)
     user_only = _render(tokenizer, [{"role": "user", "content": u}])
     unfit = UserError("the chat template does not wrap messages in fixed text; Ollama TEMPLATE cannot be derived", "write the TEMPLATE of the Modelfile by hand")
+    if s not in sys_only:
+        return _folded_system_format(sys_user, full, with_gen, user_only, sys_only, (s, u, a), unfit)
     if not (sys_user.startswith(sys_only) and full.startswith(sys_user) and with_gen.startswith(sys_user)):
         raise unfit
     p_sys, _, s_sys = sys_only.partition(s)
@@ -64,11 +71,32 @@ def chat_format(tokenizer: Any) -> ChatFormat:
     return ChatFormat({"system": p_sys, "user": p_user, "assistant": p_asst}, {"system": s_sys, "user": s_user, "assistant": s_asst}, generation_prompt, default_system)
 
 
+def _folded_system_format(sys_user: str, full: str, with_gen: str, user_only: str, lead: str, markers: tuple[str, str, str], unfit: UserError) -> ChatFormat:
+    """A template that renders no system turn: the system text opens the first user turn.
+
+    The pieces are cut as for wrapped turns, and the whole is checked: the system-and-user
+    render must be the user-only render with `system + joiner` put before the user's text.
+    """
+    s, u, a = markers
+    if not user_only.startswith(lead) or u not in user_only:
+        raise unfit
+    p_user, _, s_user = user_only[len(lead) :].partition(u)
+    head = lead + p_user + s
+    joiner = sys_user[len(head) : sys_user.find(u, len(head))] if sys_user.startswith(head) else None
+    if joiner is None or sys_user != head + joiner + u + s_user or not (full.startswith(sys_user) and with_gen.startswith(sys_user)):
+        raise unfit
+    p_asst, _, s_asst = full[len(sys_user) :].partition(a)
+    prefix, suffix = {"system": "", "user": p_user, "assistant": p_asst}, {"system": "", "user": s_user, "assistant": s_asst}
+    return ChatFormat(prefix, suffix, with_gen[len(sys_user) :], None, system_joiner=joiner, lead=lead)
+
+
 def ollama_template(fmt: ChatFormat) -> str:
     """The Go template Ollama renders `.Messages` with (one line: no trim markers near text)."""
     for piece in [*fmt.prefix.values(), *fmt.suffix.values(), fmt.generation_prompt]:
         if "{{" in piece or "}}" in piece:
             raise UserError("the chat template's text contains '{{'; cannot write it as a Go template", "write TEMPLATE by hand")
+    if fmt.system_joiner is not None:
+        return _folded_system_template(fmt)
     parts = ["{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"]
     for n, role in enumerate(("system", "user", "assistant")):
         parts.append(f'{{{{ {"if" if n == 0 else "else if"} eq .Role "{role}" }}}}{fmt.prefix[role]}{{{{ .Content }}}}')
@@ -76,6 +104,24 @@ def ollama_template(fmt: ChatFormat) -> str:
     parts.append("{{ end }}")
     parts.append(f'{{{{ if and $last (ne .Role "assistant") }}}}{fmt.generation_prompt}{{{{ end }}}}{{{{ end }}}}')
     return "".join(parts)
+
+
+def _folded_system_template(fmt: ChatFormat) -> str:
+    """The Go template of a folded-system format: find the system text first, then put it in
+    the first user turn (Go's `=` assigns the variable declared outside the range)."""
+    for piece in (fmt.lead, str(fmt.system_joiner)):
+        if "{{" in piece or "}}" in piece:
+            raise UserError("the chat template's text contains '{{'; cannot write it as a Go template", "write TEMPLATE by hand")
+    return "".join(
+        [
+            f'{fmt.lead}{{{{ $system := "" }}}}{{{{ range .Messages }}}}{{{{ if eq .Role "system" }}}}{{{{ $system = .Content }}}}{{{{ end }}}}{{{{ end }}}}',
+            "{{ $first := true }}{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}",
+            f'{{{{ if eq .Role "user" }}}}{fmt.prefix["user"]}{{{{ if and $first $system }}}}{{{{ $system }}}}{fmt.system_joiner}{{{{ end }}}}{{{{ .Content }}}}{fmt.suffix["user"]}',
+            f'{{{{ else if eq .Role "assistant" }}}}{fmt.prefix["assistant"]}{{{{ .Content }}}}{{{{ if not $last }}}}{fmt.suffix["assistant"]}{{{{ end }}}}{{{{ end }}}}',
+            '{{ if ne .Role "system" }}{{ $first = false }}{{ end }}',
+            f'{{{{ if and $last (ne .Role "assistant") }}}}{fmt.generation_prompt}{{{{ end }}}}{{{{ end }}}}',
+        ]
+    )
 
 
 def _quote_modelfile(text: str) -> str:
@@ -137,7 +183,7 @@ def render_go_template(template: str, data: dict[str, Any]) -> str:
     if end != len(nodes):
         raise ValueError("unbalanced {{ end }}")
     out: list[str] = []
-    _exec(tree, {"$": data}, data, out)
+    _exec(tree, ChainMap({"$": data}), data, out)
     return "".join(out)
 
 
@@ -179,15 +225,24 @@ def _parse_branches(nodes: list[tuple[str, str]], i: int) -> tuple[list[tuple[st
         cond = rest[len("if") :].strip() if rest.startswith("if") else None
 
 
-def _exec(block: list[Any], scope: dict[str, Any], dot: Any, out: list[str]) -> None:
+def _exec(block: list[Any], scope: ChainMap, dot: Any, out: list[str]) -> None:
+    """Run a parsed block. A range body gets its own scope, as in Go: `$v := x` declares there,
+    `$v = x` assigns the variable where it was declared (an outer one too)."""
     for node in block:
         kind = node[0]
         if kind == "text":
             out.append(node[1])
         elif kind == "expr":
-            m = re.match(r"^(\$\w+)\s*:?=\s*(.*)$", node[1], re.S)
+            m = re.match(r"^(\$\w+)\s*(:?=)\s*(.*)$", node[1], re.S)
             if m:
-                scope[m.group(1)] = _eval(m.group(2), scope, dot)
+                value = _eval(m.group(3), scope, dot)
+                if m.group(2) == ":=":
+                    scope[m.group(1)] = value
+                else:
+                    owner = next((layer for layer in scope.maps if m.group(1) in layer), None)
+                    if owner is None:
+                        raise ValueError(f"undefined variable {m.group(1)}")
+                    owner[m.group(1)] = value
             else:
                 value = _eval(node[1], scope, dot)
                 out.append("" if value is None else str(value))
@@ -201,7 +256,7 @@ def _exec(block: list[Any], scope: dict[str, Any], dot: Any, out: list[str]) -> 
             m = re.match(r"^(?:(\$\w+)\s*,\s*(\$\w+)\s*:=\s*)?(.*)$", cond, re.S)
             items = _eval(m.group(3), scope, dot)
             for index, item in enumerate(items or []):
-                inner = dict(scope)
+                inner = scope.new_child()
                 if m.group(1):
                     inner[m.group(1)], inner[m.group(2)] = index, item
                 _exec(body, inner, item, out)
@@ -254,6 +309,8 @@ def _operand(token: str, scope: dict[str, Any], dot: Any) -> Any:
         return json.loads(token)
     if re.fullmatch(r"-?\d+", token):
         return int(token)
+    if token in ("true", "false"):
+        return token == "true"
     if token == ".":
         return dot
     root, fields = (dot, token[1:].split(".")) if token.startswith(".") else (scope[token.split(".")[0]], token.split(".")[1:])
