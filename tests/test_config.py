@@ -99,7 +99,7 @@ def test_config_reference_doc_is_current():
 
 
 def test_shipped_configs_load():
-    configs = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "examples").glob("*/config.yaml"))
+    configs = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "examples").glob("*/*.yaml"))
     assert configs
     for path in configs:
         load_config(path)

