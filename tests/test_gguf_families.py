@@ -64,6 +64,12 @@ def test_gguf_reads_back_with_the_familys_metadata_and_weights(name, family_mode
     import gguf
 
     model, tokenizer = family_model(name, family_model_dir)
+    # The reference holds the f16 file's own weights: a random model's top two logits can lie
+    # closer than f16 rounding moves them (Qwen2's 151k vocabulary: 0.04 apart), so comparing
+    # against the fp32 weights would test the rounding, not the conversion.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())
     path = tmp_path / f"{name}-f16.gguf"
     gguf_export.write_gguf(model, tokenizer, path, "f16", "run")
     reader = gguf.GGUFReader(str(path))
@@ -209,14 +215,37 @@ def test_llama_cpp_gives_the_same_greedy_tokens_as_transformers(name, family_mod
     if not export.llama_cpp_available():
         pytest.skip(f"llama.cpp parity not checked: {export.llama_cpp_problem()}")
     model, tokenizer = family_model(name, family_model_dir)
+    # The reference holds the f16 file's own weights: a random model's top two logits can lie
+    # closer than f16 rounding moves them (Qwen2's 151k vocabulary: 0.04 apart), so comparing
+    # against the fp32 weights would test the rounding, not the conversion.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())
     path = tmp_path / f"{name}-f16.gguf"
     gguf_export.write_gguf(model, tokenizer, path, "f16", "run")
     prompts = probe_prompts(tokenizer)
     stops = {tokenizer.convert_tokens_to_ids(FAMILIES[name].end_of_turn), tokenizer.eos_token_id}
     expected = greedy_tokens(model, prompts, stops, 16)
     got = export.llama_cpp_greedy(path, prompts, stops, 16)
-    print(f"llama.cpp parity {name}: {sum(len(t) for t in expected)} tokens over {len(prompts)} prompts, equal={got == expected}")
-    assert got == expected
+    ties = [_tie_at_divergence(model, p, e, g) for p, e, g in zip(prompts, expected, got) if e != g]
+    print(f"llama.cpp parity {name}: {sum(len(t) for t in expected)} tokens over {len(prompts)} prompts, "
+          f"equal={got == expected}, divergences at exact ties: {ties}")
+    # A random model can tie: Qwen2's fixture has two logits equal to 1e-5 (0.6667 and 0.6667).
+    # A divergence is accepted only where transformers' own top two are within f16 rounding and
+    # llama.cpp took the other of the two.
+    assert all(margin < 1e-3 for margin in ties), ties
+
+
+def _tie_at_divergence(model, prompt, expected, got):
+    """Transformers' top-two logit margin where llama.cpp's tokens first differ (inf when llama.cpp
+    picked a token that is not one of the two)."""
+    k = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), None)
+    if k is None:
+        return float("inf")  # one stopped where the other went on
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + expected[:k]])).logits[0, -1]
+    top = logits.topk(2)
+    return float(top.values[0] - top.values[1]) if got[k] in top.indices.tolist() else float("inf")
 
 
 # family -> (what opens every conversation, the Modelfile's stops)
