@@ -297,3 +297,14 @@ def test_parity_is_a_share_over_held_out_prompts_and_gates_the_exit_code(cli, ti
     result = cli("export", str(run_dir), "--format", "gguf", "--gguf-type", "q4_0")
     if not export.llama_cpp_available():
         assert result.returncode == 0 and "skipped: q4_0 skipped: " + export.llama_cpp_problem() in " ".join(result.stderr.split())
+    else:
+        assert result.returncode == 0, result.stderr
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        share = manifest["export"]["gguf"]["files"]["tiny-run-q4_0.gguf"]["parity"]["unchanged_share"]
+        print(f"q4_0 through llama.cpp: unchanged share {share}")
+        assert f"parity: tiny-run-q4_0.gguf {round(share * 10)}/10 probe prompts" in result.stdout
+        k_quant = cli("export", str(run_dir), "--format", "gguf", "--gguf-type", "q4_k_m", "--force")
+        assert k_quant.returncode == 0 and "parity: tiny-run-q4_k_m.gguf" in k_quant.stdout, k_quant.stderr[-2000:]
+        if share < 1.0:  # the gate, on a real quantized file that changed some answers
+            gated = cli("export", str(run_dir), "--format", "gguf", "--gguf-type", "q4_0", "--min-parity", "1.0", "--force")
+            assert gated.returncode == 3 and "parity" in gated.stderr, gated.stderr

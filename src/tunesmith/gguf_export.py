@@ -328,7 +328,23 @@ def gguf_tolerance(type_name: str, reference: Any) -> Any:
         blocks = ref.reshape(*ref.shape[:-1], -1, 32)
         step = blocks.max(axis=-1, keepdims=True) / 127.0
         return np.broadcast_to(step * (0.5 + 127 * 2.0**-11) + 1e-7, blocks.shape).reshape(ref.shape)
+    if type_name in LEGACY_QUANT_LEVELS:
+        # llama.cpp's q4_0/q5_0 scale a block of 32 by its signed extreme / -levels: the
+        # opposite extreme may clamp one whole step, so a step (plus the f16 scale) bounds it.
+        blocks = ref.reshape(*ref.shape[:-1], -1, 32)
+        step = blocks.max(axis=-1, keepdims=True) / LEGACY_QUANT_LEVELS[type_name]
+        return np.broadcast_to(step * (1 + 2.0**-9) + 1e-7, blocks.shape).reshape(ref.shape)
+    if type_name in K_QUANT_TYPES:
+        # k-quants (what q4_K_M writes: Q4_K, Q6_K) fit scales and minima per sub-block by search,
+        # with no closed-form bound: half the 256-block's extreme catches a tensor written in the
+        # wrong place or layout, not rounding, which the parity share judges.
+        blocks = ref.reshape(*ref.shape[:-1], -1, 256)
+        return np.broadcast_to(blocks.max(axis=-1, keepdims=True) * 0.5 + 1e-7, blocks.shape).reshape(ref.shape)
     raise ValueError(f"no tolerance for GGUF type {type_name}")
+
+
+LEGACY_QUANT_LEVELS = {"Q4_0": 8.0, "Q5_0": 16.0}
+K_QUANT_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 def gguf_tensor_report(path: Path, expected: dict[str, Any]) -> dict[str, Any]:
