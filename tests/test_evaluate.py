@@ -231,7 +231,7 @@ def test_eval_truncates_prompts_like_training_and_says_so(tmp_path, tiny_model_d
     pt = results["prompt_truncation"]
     assert pt["data_truncate"] and pt["max_length"] == 48 and pt["truncated_examples"] == pt["over_max_length"] == 3
     assert pt["cut_tokens"] > 0
-    assert "Prompt truncation as in training (data.truncate, max length 48): 3 prompt(s)" in (tmp_path / "runs/r/eval/report.md").read_text()
+    assert "Prompt truncation as in training (data.truncate, max length 48): 3 prompts" in (tmp_path / "runs/r/eval/report.md").read_text()
     assert artifacts.read_manifest(tmp_path / "runs/r")["eval"]["prompt_truncation"] == pt
     # Off: prompts stay whole, and the report counts the ones over the length.
     config.write_text(text.replace("truncate: true", "truncate: false"))

@@ -168,6 +168,7 @@ def test_gguf_refuses_a_family_llama_cpp_is_not_given(tmp_path):
     assert gguf_export.format_support(model.config) == {
         "merged": None,
         "adapter": None,
+        "hub": None,
         "gguf": gguf_export.gguf_unsupported(model.config),
         "ollama": gguf_export.gguf_unsupported(model.config),
     }

@@ -21,7 +21,6 @@ from tunesmith import artifacts, evaluate, export, formatting, inference, modeli
 from tunesmith.config import RunConfig, load_config
 from tunesmith.models import load_tokenizer
 from tunesmith.schema import Conversation
-from tunesmith.starter import support_tickets
 
 STEPS = 24
 MAX_NEW_TOKENS = 8
@@ -29,11 +28,13 @@ EVAL_EXAMPLES = 6
 
 
 def team_records(count: int = 40) -> list[dict]:
-    """Support tickets answered with the team alone (`billing`): a short answer, then the end of turn."""
-    records = support_tickets(count, seed=3)
-    for record in records:
-        record["messages"][-1]["content"] = json.loads(record["messages"][-1]["content"])["team"]
-    return records
+    """Support tickets answered with the team alone (`billing`): a short answer, then the end of turn.
+
+    Frozen in tests/data (40 tickets of the starter generator as it was when these tests were
+    written): a change to `tunesmith init`'s data must not change what the family matrix trains on
+    (Qwen2's 24 steps on the new tickets learned to answer with the end of turn alone)."""
+    records = json.loads((Path(__file__).parent / "data" / "family_team_records.json").read_text())
+    return records[:count]
 
 
 def conversations(records: list[dict]) -> list[Conversation]:

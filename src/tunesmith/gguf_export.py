@@ -77,7 +77,7 @@ def format_support(config: Any) -> dict[str, str | None]:
     any training, not after it.
     """
     gguf_reason = gguf_unsupported(config)
-    return {"merged": None, "adapter": None, "gguf": gguf_reason, "ollama": gguf_reason}
+    return {"merged": None, "adapter": None, "hub": None, "gguf": gguf_reason, "ollama": gguf_reason}
 
 
 def format_problems(config: Any, formats: list[str]) -> list[str]:
