@@ -124,7 +124,7 @@ def test_data_errors_stop_the_run_before_training(tiny_model_dir, tmp_path, cli)
     # `tunesmith runs` says where and why it stopped (it used to say "running check" for good).
     listed = cli("runs", "--json")
     status = json.loads(listed.stdout)[0]["status"]
-    assert status.startswith("failed at check: the data check found 1 error(s)") and "line 61" in status
+    assert status.startswith("failed at check: the data check found 1 error in") and "line 61" in status
 
 
 def test_unknown_stage_is_a_user_error(tiny_model_dir, tmp_path, cli):

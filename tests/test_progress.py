@@ -6,6 +6,8 @@ from pathlib import Path
 
 from tunesmith import progress
 from tunesmith.humanize import duration_text
+
+DURATION = r"(?:\d+ (?:min|h|d) )?[\d.]+ (?:s|min|h)"  # humanize.duration_text: `0.4 s`, `3 min 05 s`, `1 h 02 min`
 from tunesmith.starter import support_tickets
 
 
@@ -36,23 +38,23 @@ def test_piped_run_prints_periodic_progress_with_an_eta(tiny_model_dir, tmp_path
     lines = result.stderr.splitlines()
 
     training = [line for line in lines if re.fullmatch(r"train: step [1-5]/6 \(\d+%\), loss \d+\.\d{4}, \d+ tokens/s(, eval loss \d+\.\d{4})?, "
-                                                        r"[\d.]+s elapsed, ETA [\dmh.]+s?", line)]
+                                                        rf"{DURATION} elapsed, ETA {DURATION}", line)]
     assert len(training) == 5, result.stderr  # steps 1-5; step 6 ends the task with its own line
-    assert any(re.fullmatch(r"train: 6/6 steps in [\d.]+s \([\d.]+ s/step\), loss .*", line) for line in lines), result.stderr
+    assert any(re.fullmatch(rf"train: 6/6 steps in {DURATION} \([\d.]+ s/step\), loss .*", line) for line in lines), result.stderr
 
     # Generation: baselines (in the baseline stage) and the fine-tune (in the eval stage).
     for subject in ("base", "base-fewshot", "tuned"):
-        partial = [line for line in lines if re.fullmatch(rf"generate {subject}: [24]/6 examples \(\d+%\), [\d.]+ examples/s, [\d.]+s elapsed, ETA [\d.]+s", line)]
+        partial = [line for line in lines if re.fullmatch(rf"generate {subject}: [24]/6 examples \(\d+%\), [\d.]+ examples/s, {DURATION} elapsed, ETA {DURATION}", line)]
         assert len(partial) == 2, (subject, result.stderr)
-        assert any(re.fullmatch(rf"generate {subject}: 6/6 examples in [\d.]+s \([\d.]+ examples/s\)", line) for line in lines), subject
+        assert any(re.fullmatch(rf"generate {subject}: 6/6 examples in {DURATION} \([\d.]+ examples/s\)", line) for line in lines), subject
 
     # The in-training eval loss: on the capped sample, with its cost; about 10 evals per run
     # (here 6 steps: one per step) plus the base model's.
     evals = [line for line in lines if line.startswith("eval loss ")]
-    assert len(evals) == 7 and all(re.fullmatch(r"eval loss \d+\.\d{4} (of the base model|at step \d) \(5 held-out examples, [\d.]+s\)", e) for e in evals), evals
+    assert len(evals) == 7 and all(re.fullmatch(r"eval loss \d+\.\d{4} (of the base model|at step \d) \(5 held-out examples, " + DURATION + r"\)", e) for e in evals), evals
     # Every stage ends with its wall time.
     for stage in ("check", "split", "baseline", "train", "eval"):
-        assert any(re.fullmatch(rf"{stage}: done in [\d.]+s", line) for line in lines), stage
+        assert any(re.fullmatch(rf"{stage}: done in {DURATION}", line) for line in lines), stage
     # The record `tunesmith runs` reads: the last task, finished.
     record = progress.read_record(tmp_path / "run")
     assert record["finished"] and record["what"] == "generate tuned" and record["done"] == record["total"] == 6

@@ -209,15 +209,15 @@ def test_early_stopping(tiny_model_dir, tmp_path):
 
 
 def test_eval_loss_defaults_give_a_curve_and_early_stopping(tiny_model_dir, tmp_path):
-    # No eval_every: about 10 evals per run (here every 3rd of 30 steps), so patience alone stops
+    # No eval_every: about 10 evals per run (here every 6th of 60 steps), so patience alone stops
     # a diverging run; the eval loss runs on the capped, seeded sample (3 of the 8 held out).
-    cfg = make_cfg(tmp_path, tiny_model_dir, max_steps=30, early_stopping_patience=2, learning_rate=3.0, warmup_ratio=0,
+    cfg = make_cfg(tmp_path, tiny_model_dir, max_steps=60, early_stopping_patience=2, learning_rate=3.0, warmup_ratio=0,
                    eval_loss_examples=3, initial_eval=False)
     summary = train.run(cfg)
     rows = train.read_metrics(cfg.run_dir / artifacts.METRICS_FILE)
     eval_steps = [m["step"] for m in rows if "eval_loss" in m]
-    assert eval_steps[:2] == [3, 6] and rows[0]["step"] == 1  # no step-0 eval: initial_eval off
-    assert summary["stopped_early"] and summary["steps"] == eval_steps[-1] < 30
+    assert eval_steps[:2] == [6, 12] and rows[0]["step"] == 1  # no step-0 eval: initial_eval off
+    assert summary["stopped_early"] and summary["steps"] == eval_steps[-1] < 60
     assert summary["eval_loss_examples"] == 3 and summary["initial_eval_loss"] is None
     # The same seeded sample at every eval: its loss at the end is the loss of those 3 examples.
     sample = train.eval_loss_sample(list(range(8)), 3, seed=0)
