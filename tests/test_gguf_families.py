@@ -55,6 +55,20 @@ def dequantized(reader):
     return {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)]) for t in reader.tensors}
 
 
+def f16_family_gguf(name, family_model_dir, tmp_path):
+    """(model, tokenizer, path) of a family's f16 GGUF, the model holding the file's own weights:
+    a random model's top two logits can lie closer than f16 rounding moves them (Qwen2's 151k
+    vocabulary has two 1.2e-5 apart), so comparing against fp32 weights would test the rounding,
+    not the conversion."""
+    model, tokenizer = family_model(name, family_model_dir)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())
+    path = tmp_path / f"{name}-f16.gguf"
+    gguf_export.write_gguf(model, tokenizer, path, "f16", "run")
+    return model, tokenizer, path
+
+
 def probe_prompts(tokenizer):
     return [render_ids(tokenizer, c) for c in export.PROBE_CONVERSATIONS]
 
@@ -63,15 +77,7 @@ def probe_prompts(tokenizer):
 def test_gguf_reads_back_with_the_familys_metadata_and_weights(name, family_model_dir, tmp_path):
     import gguf
 
-    model, tokenizer = family_model(name, family_model_dir)
-    # The reference holds the f16 file's own weights: a random model's top two logits can lie
-    # closer than f16 rounding moves them (Qwen2's 151k vocabulary: 0.04 apart), so comparing
-    # against the fp32 weights would test the rounding, not the conversion.
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(param.half().float())
-    path = tmp_path / f"{name}-f16.gguf"
-    gguf_export.write_gguf(model, tokenizer, path, "f16", "run")
+    model, tokenizer, path = f16_family_gguf(name, family_model_dir, tmp_path)
     reader = gguf.GGUFReader(str(path))
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.") and k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")}
     arch, pre = EXPECTED[name]
@@ -214,15 +220,7 @@ def test_training_refuses_an_unsupported_format_before_training(tmp_path, family
 def test_llama_cpp_gives_the_same_greedy_tokens_as_transformers(name, family_model_dir, tmp_path):
     if not export.llama_cpp_available():
         pytest.skip(f"llama.cpp parity not checked: {export.llama_cpp_problem()}")
-    model, tokenizer = family_model(name, family_model_dir)
-    # The reference holds the f16 file's own weights: a random model's top two logits can lie
-    # closer than f16 rounding moves them (Qwen2's 151k vocabulary: 0.04 apart), so comparing
-    # against the fp32 weights would test the rounding, not the conversion.
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(param.half().float())
-    path = tmp_path / f"{name}-f16.gguf"
-    gguf_export.write_gguf(model, tokenizer, path, "f16", "run")
+    model, tokenizer, path = f16_family_gguf(name, family_model_dir, tmp_path)
     prompts = probe_prompts(tokenizer)
     stops = {tokenizer.convert_tokens_to_ids(FAMILIES[name].end_of_turn), tokenizer.eos_token_id}
     expected = greedy_tokens(model, prompts, stops, 16)
