@@ -190,3 +190,27 @@ def test_real_vllm_answers_like_the_torch_engine(tmp_path, tiny_model_dir, monke
     for name in results["subjects"]:
         same = sum(a["outputs"][name]["text"] == b["outputs"][name]["text"] for a, b in zip(predictions, torch_predictions))
         assert same >= 0.9 * len(predictions), name
+
+
+def test_offline_engine_takes_the_lint_rank_and_refuses_what_vllm_cannot_load(tiny_run, tmp_path, fake_vllm):
+    """The adapter rules serve --engine vllm uses: max_lora_rank from the serving lint (a rank 24
+    adapter needs 32), and an adapter vLLM cannot take refused in one line with its fix."""
+    import torch
+
+    from conftest import copy_run
+    from tunesmith.errors import UserError
+    from tunesmith.vllm_engine import start_offline_engine
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    adapter = run / artifacts.ADAPTER_DIR
+    lora_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    base_dir = Path(lora_cfg["base_model_name_or_path"])
+    engine = start_offline_engine(base_dir, base_dir, torch.float32, {"tuned": adapter}, seed=0, trust_remote_code=False)
+    assert "max_lora_rank" not in engine.kwargs and engine.kwargs["max_loras"] == 1  # r=4: vLLM's default 16 will do
+    (adapter / "adapter_config.json").write_text(json.dumps({**lora_cfg, "r": 24}))
+    engine = start_offline_engine(base_dir, base_dir, torch.float32, {"tuned": adapter}, seed=0, trust_remote_code=False)
+    assert engine.kwargs["max_lora_rank"] == 32
+    (adapter / "adapter_config.json").write_text(json.dumps({**lora_cfg, "use_dora": True}))
+    with pytest.raises(UserError, match="tuned: vLLM: DoRA adapters are not supported") as err:
+        start_offline_engine(base_dir, base_dir, torch.float32, {"tuned": adapter}, seed=0, trust_remote_code=False)
+    assert "export" in err.value.hint

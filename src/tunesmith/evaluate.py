@@ -15,7 +15,8 @@ decoding:
                  base-fewshot, base-prompted (endpoints.py); a run trained through a provider has
                  its hosted fine-tune answer as `tuned`.
 
-Stop ids, dtype, prompt rendering and batched greedy decoding are inference.py's; scores and
+Stop ids, dtype, prompt rendering and batched greedy decoding are inference.py's (with
+eval.engine: vllm, vLLM's offline engine answers the same prompt ids: vllm_engine.py); scores and
 statistics metrics.py's; the report files report.py's. This module reads top to bottom as the stage.
 """
 
