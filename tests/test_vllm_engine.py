@@ -214,3 +214,18 @@ def test_offline_engine_takes_the_lint_rank_and_refuses_what_vllm_cannot_load(ti
     with pytest.raises(UserError, match="tuned: vLLM: DoRA adapters are not supported") as err:
         start_offline_engine(base_dir, base_dir, torch.float32, {"tuned": adapter}, seed=0, trust_remote_code=False)
     assert "export" in err.value.hint
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "gemma3", "phi3"])
+def test_weightless_description_gives_the_stop_ids_of_the_loaded_model(family, family_model_dir):
+    """With vLLM the base's weights stay out of this process: its description (tokenizer and
+    configs only) must give the loaded model's stop ids, pad id, context and fingerprint."""
+    from tunesmith.models import load_model, load_model_description
+
+    folder = str(family_model_dir(family))
+    loaded, described = load_model(folder), load_model_description(folder)
+    stop_ids = inference.stop_token_ids(loaded.model, loaded.tokenizer)
+    assert inference.stop_token_ids(described.model, described.tokenizer) == stop_ids and len(stop_ids) >= 1
+    assert inference.pad_token_id(described.tokenizer, stop_ids) == inference.pad_token_id(loaded.tokenizer, stop_ids)
+    assert described.model.config.max_position_embeddings == loaded.model.config.max_position_embeddings
+    assert (described.fingerprint, described.path) == (loaded.fingerprint, loaded.path)
