@@ -176,6 +176,10 @@ def train(
     if nproc > 1:
         import subprocess
 
+        from tunesmith.distributed import check_processes_fit_devices
+
+        check_processes_fit_devices(nproc)  # before torchrun starts processes that would crash on a missing GPU
+
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "tunesmith", "train", str(config)]
         command += [arg for o in overrides for arg in ("--set", o)] + (["--resume"] if resume else []) + (["--force"] if force else [])
         sys.exit(subprocess.call(command))

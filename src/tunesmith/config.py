@@ -295,6 +295,12 @@ class EvalConfig(_Closed):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Inference precision. `auto`: bf16 on CUDA with bf16 and on CPUs with AMX/AVX512-BF16, else fp32."
     )
+    engine: Literal["torch", "vllm"] = Field(
+        "torch",
+        description="What generates the local subjects' answers: `torch` (tunesmith's batched greedy loop, CPU or GPU) or "
+        "`vllm` (vLLM's offline engine, the adapter as a LoRA request; needs vLLM installed and a GPU), for thousands of "
+        "prompts on GPUs. The prompts are the same token ids either way, so the scores compare.",
+    )
     bootstrap_samples: int = Field(1000, ge=10, le=1_000_000, description="Bootstrap resamples for intervals and paired tests.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the few-shot choice and of the bootstrap.")
     endpoints: list[EndpointConfig] = Field(
@@ -322,6 +328,13 @@ class EvalConfig(_Closed):
     @classmethod
     def _schema_path(cls, value: str | None) -> str | None:
         return _path_text(value, "a JSON Schema file")
+
+    @model_validator(mode="after")
+    def _vllm_subjects(self) -> "EvalConfig":
+        if self.engine == "vllm" and "base-constrained" in self.subjects:
+            raise ValueError("base-constrained decodes through tunesmith's own loop (xgrammar), not vLLM: "
+                             "remove it from eval.subjects, or set eval.engine: torch")
+        return self
 
 
 class ExportConfig(_Closed):
@@ -502,6 +515,13 @@ def missing_inputs(cfg: RunConfig) -> list[tuple[str, str]]:
                 problems.append((f"{key}: {path} not found", PATH_FIX))
         elif key == "eval.json_schema" and not path.is_file():
             problems.append((f"{key}: {path} is a folder, not a JSON Schema file", PATH_FIX))
+    if cfg.eval.engine == "vllm":
+        from tunesmith.vllm_engine import require_vllm
+
+        try:
+            require_vllm("eval.engine: vllm", "set eval.engine: torch")
+        except UserError as e:
+            problems.append((e.message, e.hint))
     return problems
 
 

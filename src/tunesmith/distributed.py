@@ -9,6 +9,29 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 
+from tunesmith.errors import UserError
+
+
+def check_processes_fit_devices(processes_per_node: int) -> None:
+    """Refuse more processes on this machine than it has GPUs, before any is started.
+
+    Each process takes cuda:LOCAL_RANK (init_distributed), so on a machine with CUDA the
+    process beyond the last GPU would ask for a device that does not exist and crash, after
+    the others started and while they wait for it. On CPU (no CUDA, or CUDA hidden) every
+    process runs on the CPU with gloo: any count works.
+    """
+    import torch
+
+    if processes_per_node <= 1 or not torch.cuda.is_available():
+        return
+    gpus = torch.cuda.device_count()
+    if processes_per_node > gpus:
+        raise UserError(
+            f"{processes_per_node} training processes on this machine but it has {gpus} CUDA GPU{'s' if gpus != 1 else ''}: "
+            "each process needs a GPU of its own",
+            f"pass --nproc {gpus} or fewer, or train on the CPU (gloo) with CUDA hidden: CUDA_VISIBLE_DEVICES= tunesmith train ...",
+        )
+
 
 def init_distributed():
     """(world, rank, local_rank, device) under torchrun; (1, 0, 0, device) otherwise."""
@@ -18,6 +41,9 @@ def init_distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # Under a torchrun started by hand, every process refuses alike (LOCAL_WORLD_SIZE is the
+    # same in each), before the process group would leave the others waiting.
+    check_processes_fit_devices(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -15,7 +15,8 @@ decoding:
                  base-fewshot, base-prompted (endpoints.py); a run trained through a provider has
                  its hosted fine-tune answer as `tuned`.
 
-Stop ids, dtype, prompt rendering and batched greedy decoding are inference.py's; scores and
+Stop ids, dtype, prompt rendering and batched greedy decoding are inference.py's (with
+eval.engine: vllm, vLLM's offline engine answers the same prompt ids: vllm_engine.py); scores and
 statistics metrics.py's; the report files report.py's. This module reads top to bottom as the stage.
 """
 
@@ -27,12 +28,13 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tunesmith import artifacts, endpoints, runs, tracking
+from tunesmith import artifacts, endpoints, runs, tracking, vllm_engine
 from tunesmith import metrics as M
 from tunesmith.config import RunConfig
 from tunesmith.errors import GateFailed, UserError
@@ -151,13 +153,18 @@ def truncate_prompts(tokenizer, prompts: list[list[int]], golds: list[str], data
 # --------------------------------------------------------------------------- models
 
 
-def load_tuned(run_dir: Path, dtype, device, allow_base_mismatch: bool) -> runs.RunModel:
-    """A run's fine-tune through runs.load_run_model (drift guard; LoRA unmerged, fp32 over the base)."""
+def require_trained_model(run_dir: Path) -> None:
+    """Refuse a run folder without a trained model, pointing at the baselines-only evaluation."""
     if not (run_dir / artifacts.ADAPTER_DIR / "adapter_config.json").exists() and not (run_dir / artifacts.FULL_MODEL_DIR / "config.json").exists():
         raise UserError(
             f"{run_dir} has no trained model ({artifacts.ADAPTER_DIR}/ or {artifacts.FULL_MODEL_DIR}/)",
             "run `tunesmith train` first, or evaluate the baselines only: --subjects base,base-fewshot",
         )
+
+
+def load_tuned(run_dir: Path, dtype, device, allow_base_mismatch: bool) -> runs.RunModel:
+    """A run's fine-tune through runs.load_run_model (drift guard; LoRA unmerged, fp32 over the base)."""
+    require_trained_model(run_dir)
     return runs.load_run_model(run_dir, allow_base_mismatch=allow_base_mismatch, dtype=dtype, device=device)
 
 
@@ -216,7 +223,7 @@ def run(
     import torch
 
     from tunesmith import report
-    from tunesmith.models import load_model
+    from tunesmith.models import load_model, load_model_description
 
     ec = cfg.eval
     run_dir = cfg.run_dir
@@ -227,6 +234,8 @@ def run(
     subjects = list(dict.fromkeys(subjects or ec.subjects)) + (["against"] if against is not None else [])
     if against is not None and not (Path(against) / artifacts.MANIFEST_FILE).exists():
         raise UserError(f"--against {against}: no {artifacts.MANIFEST_FILE} there", "pass the folder of another tunesmith run")
+    if ec.engine == "vllm":  # before the data is read and any model loads
+        vllm_engine.require_vllm("eval.engine: vllm", "set eval.engine: torch")
 
     # 1. Data: held-out examples with a reference answer; the training answers define the task,
     #    and the task which baselines apply.
@@ -242,9 +251,9 @@ def run(
     device = "cuda" if torch.cuda.is_available() else None
     m = cfg.model
     # The baselines render with the template the fine-tune was trained with (tokenizer_options).
-    base = load_model(
-        runs.base_model_ref(cfg), dtype=dtype, device=device, expected_fingerprint=m.expected_fingerprint, **runs.tokenizer_options(cfg, run_dir)
-    )
+    # vLLM loads the weights itself: here only the tokenizer and configs, for prompts and stop ids.
+    load = load_model_description if ec.engine == "vllm" else partial(load_model, dtype=dtype, device=device)
+    base = load(runs.base_model_ref(cfg), expected_fingerprint=m.expected_fingerprint, **runs.tokenizer_options(cfg, run_dir))
     stop_ids = stop_token_ids(base.model, base.tokenizer)
     pad_id = pad_token_id(base.tokenizer, stop_ids)
     decoding = Decoding(base.tokenizer, stop_ids, pad_id, dtype, device)
@@ -253,11 +262,15 @@ def run(
     context_tokens = int(getattr(base.model.config, "max_position_embeddings", 0) or 2048)
     wanted = list(dict.fromkeys(subjects + [r.prompts_of for r in remote]))
     prompts, prompt_info, few_shot_info, truncation, messages = build_prompts(cfg, data, wanted, base.tokenizer, context_tokens)
-    generations, subject_info = generate_baselines(cfg, data, local_subjects, prompts, base, decoding, out_dir)
-    del base
+    if ec.engine == "vllm":
+        generations, subject_info, warnings = generate_with_vllm(cfg, data, local_subjects, prompts, base, decoding, against,
+                                                                 allow_base_mismatch, out_dir)
+    else:
+        generations, subject_info = generate_baselines(cfg, data, local_subjects, prompts, base, decoding, out_dir)
+        del base
+        warnings = generate_finetunes(cfg, data, local_subjects, prompts, decoding, against, generations, subject_info, allow_base_mismatch)
     if "majority" in subjects:
         generations["majority"], subject_info["majority"], prompt_info["majority"] = majority_answers(data)
-    warnings = generate_finetunes(cfg, data, local_subjects, prompts, decoding, against, generations, subject_info, allow_base_mismatch)
     for r in remote:
         generations[r.name], subject_info[r.name] = endpoints.generate_endpoint(r, messages[r.prompts_of], cfg.eval)
         prompt_info[r.name] = prompt_info[r.prompts_of]
@@ -305,7 +318,7 @@ def setup_record(cfg: RunConfig, data: EvalData, decoding: Decoding, few_shot_in
         "examples": len(data.examples),
         "skipped_without_answer": data.skipped,
         "sources": data.sources,
-        "decoding": {"strategy": "greedy", "max_new_tokens": ec.max_new_tokens, "batch_size": ec.batch_size,
+        "decoding": {"strategy": "greedy", "engine": ec.engine, "max_new_tokens": ec.max_new_tokens, "batch_size": ec.batch_size,
                      "dtype": str(decoding.dtype).replace("torch.", ""), "stop_token_ids": sorted(decoding.stop_ids)},
         "confidence": 0.95,
         "bootstrap_samples": ec.bootstrap_samples,
@@ -516,6 +529,70 @@ def generate_finetunes(cfg, data, subjects, prompts, decoding: Decoding, against
     return warnings
 
 
+def generate_with_vllm(cfg: RunConfig, data: EvalData, subjects: list[str], prompts, base, decoding: Decoding, against,
+                       allow_base_mismatch: bool, out_dir: Path) -> tuple[dict[str, list[Generation]], dict[str, dict[str, Any]], list[str]]:
+    """(answers, what each subject is, the drift guard's warnings) of the local subjects, through
+    vLLM's offline engine (eval.engine: vllm).
+
+    One engine per model, one on the GPU at a time: the base answers the baselines and, as LoRA
+    requests, every adapter trained on it; a full model (or an adapter on another base) gets an
+    engine of its own. The prompts are the torch path's token ids, so the scores compare.
+    """
+    finetunes = {}
+    for name, folder in (("tuned", cfg.run_dir), ("against", against)):
+        if name in subjects:
+            require_trained_model(Path(folder))
+            finetunes[name] = runs.locate_run_model(Path(folder), allow_base_mismatch=allow_base_mismatch)
+    on_base = {n: f.adapter_dir for n, f in finetunes.items() if f.kind == "adapter" and f.model_dir == base.path}
+    start = partial(vllm_engine.start_offline_engine, dtype=decoding.dtype, seed=cfg.eval.seed, trust_remote_code=cfg.model.trust_remote_code)
+    generations: dict[str, list[Generation]] = {}
+    subject_info: dict[str, dict[str, Any]] = {}
+    engine = None
+    for name in [b for b in BASELINES if b in subjects]:
+        key = generation_key(base.fingerprint, prompts[name], cfg.eval, decoding.dtype, decoding.stop_ids)
+        subject_info[name] = {"model": cfg.model.name, "fingerprint": base.fingerprint, "generation_key": key,
+                              "dtype": vllm_engine.vllm_dtype(decoding.dtype), "engine": "vllm"}
+        previous = previous_generations(out_dir, name, key, len(data.examples))
+        if previous is not None:
+            generations[name] = previous
+            subject_info[name]["reused_from_previous_report"] = True
+            continue
+        if engine is None:
+            engine = start(base.path, base.path, adapters=on_base)
+        generations[name] = generate_subject_vllm(cfg, name, engine, prompts[name], decoding)
+    for number, (name, adapter_dir) in enumerate(on_base.items(), start=1):
+        if engine is None:
+            engine = start(base.path, base.path, adapters=on_base)
+        generations[name] = generate_subject_vllm(cfg, name, engine, prompts[name], decoding, vllm_engine.lora_request(name, number, adapter_dir))
+    del engine
+    vllm_engine.release_gpu_memory()
+    for name in [n for n in finetunes if n not in on_base]:
+        f = finetunes[name]
+        adapters = {name: f.adapter_dir} if f.adapter_dir is not None else {}
+        engine = start(f.model_dir, f.model_dir if adapters else base.path, adapters=adapters)
+        lora = vllm_engine.lora_request(name, 1, f.adapter_dir) if adapters else None
+        generations[name] = generate_subject_vllm(cfg, name, engine, prompts[name], decoding, lora)
+        del engine
+        vllm_engine.release_gpu_memory()
+    warnings = []
+    for name, f in finetunes.items():
+        subject_info[name] = {**f.info, "dtype": vllm_engine.vllm_dtype(decoding.dtype), "engine": "vllm",
+                              **({"run": str(Path(against).resolve())} if name == "against" else {})}
+        if f.warning:
+            warnings.append(f"{name}: {f.warning}")
+            _stderr().print(f"warning: {name}: {f.warning}", markup=False, highlight=False)
+    return generations, subject_info, warnings
+
+
+def generate_subject_vllm(cfg: RunConfig, name: str, engine, prompts: list[list[int]], decoding: Decoding, lora=None) -> list[Generation]:
+    """One subject's greedy answers from vLLM (all prompts in one call: vLLM schedules them)."""
+    with generation_progress(cfg, name, len(prompts)) as progress:
+        out = vllm_engine.generate_offline(engine, prompts, max_new_tokens=cfg.eval.max_new_tokens, stop_ids=decoding.stop_ids,
+                                           decode=decoding.decode, lora=lora)
+        progress.advance(len(prompts))
+    return out
+
+
 def generation_progress(cfg: RunConfig, name: str, count: int) -> Progress:
     """The progress of one subject's answers (a bar, or plain lines when not in a terminal)."""
     return Progress(f"generate {name}", count, "examples", console=_stderr(), run_dir=cfg.run_dir, transient=True)
@@ -683,7 +760,8 @@ def generation_key(fingerprint: str, prompts: list[list[int]], ec, dtype, stop_i
     """What a subject's greedy answers depend on: model, exact prompt tokens, decoding, batching
     (batch composition changes rounding in bf16)."""
 
-    digest = hashlib.sha256(json.dumps([fingerprint, ec.max_new_tokens, ec.batch_size, str(dtype), sorted(stop_ids)]).encode())
+    engine = [ec.engine] if ec.engine != "torch" else []  # another engine, other kernels; torch's keys as before
+    digest = hashlib.sha256(json.dumps([fingerprint, ec.max_new_tokens, ec.batch_size, str(dtype), sorted(stop_ids), *engine]).encode())
     for p in prompts:
         digest.update(json.dumps(p).encode())
     return digest.hexdigest()

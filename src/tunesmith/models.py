@@ -400,6 +400,45 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=fp, path=folder, reference=ref)
 
 
+@dataclass
+class WeightlessModel:
+    """A model's config and generation config, without its weights (see load_model_description)."""
+
+    config: Any
+    generation_config: Any
+
+
+def load_model_description(
+    ref: str,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    expected_fingerprint: str | None = None,
+    chat_template: Any = None,
+    config_dir: Any = None,
+) -> LoadedModel:
+    """load_model without the weights: folder, fingerprint, tokenizer, config, generation config.
+
+    For an engine that loads the weights itself (vLLM): the prompts, the stop ids and the context
+    length still come from our tokenizer and configs, read as load_model reads them, without a
+    copy of the weights in this process's memory.
+    """
+    from transformers import AutoConfig, GenerationConfig
+
+    folder = resolve_model_dir(ref, allow_pickle=allow_pickle)
+    fp = fingerprint(folder)
+    check_expected_fingerprint(ref, fp, expected_fingerprint)
+    tokenizer = load_tokenizer(
+        str(folder), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, chat_template=chat_template, config_dir=config_dir
+    )
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    try:
+        generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError:  # no generation_config.json: transformers derives one from the model config, as from_pretrained does
+        generation_config = GenerationConfig.from_model_config(config)
+    return LoadedModel(model=WeightlessModel(config, generation_config), tokenizer=tokenizer, fingerprint=fp, path=folder, reference=ref)
+
+
 def folder_size_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 

@@ -183,6 +183,10 @@ def run(
             raise UserError(f"unknown stage {name!r}", f"use one of: {', '.join(STAGES)}")
     first = STAGES.index(from_stage) if from_stage else 0
     last = STAGES.index(until_stage) if until_stage else len(STAGES) - 1
+    if cfg.eval.engine == "vllm" and any(first <= STAGES.index(s) <= last for s in ("baseline", "eval")):
+        from tunesmith.vllm_engine import require_vllm
+
+        require_vllm("eval.engine: vllm", "set eval.engine: torch")  # now, not after the training
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / artifacts.CONFIG_FILE, config_to_yaml(cfg))

@@ -426,6 +426,47 @@ def load_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, dtype: A
                     applied_template(base.tokenizer))
 
 
+@dataclass
+class RunModelFiles:
+    """Where a run's trained model lies, drift-guarded, not loaded: for an engine that loads
+    weights itself (vLLM). `model_dir` is the full model, or the base the adapter applies to."""
+
+    kind: str  # "adapter" or "full"
+    model_dir: Path
+    adapter_dir: Path | None
+    warning: str | None  # the drift guard's, when allow_base_mismatch let it through
+    info: dict[str, Any]  # for reports, the keys load_run_model's info has
+
+
+def locate_run_model(run_dir: Path, *, allow_base_mismatch: bool = False) -> RunModelFiles:
+    """The files of a run's trained model, with load_run_model's checks (the base's fingerprint
+    pinned and against the train record, safetensors adapter weights) and without its weights."""
+    from tunesmith.models import check_expected_fingerprint, fingerprint, resolve_model_dir
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    m = cfg.model
+    expected = trained_base_fingerprint(run_dir)
+    full_dir, adapter_dir = run_dir / artifacts.FULL_MODEL_DIR, run_dir / artifacts.ADAPTER_DIR
+    if (full_dir / "config.json").exists():
+        info = {"kind": "full", "path": str(full_dir), "fingerprint": fingerprint(full_dir), "base_fingerprint": expected}
+        return RunModelFiles("full", full_dir, None, None, info)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise UserError(
+            f"{run_dir} has no trained model ({artifacts.ADAPTER_DIR}/ or {artifacts.FULL_MODEL_DIR}/)",
+            "train it first: tunesmith train CONFIG",
+        )
+    check_adapter_weights(adapter_dir)
+    base_dir = resolve_model_dir(base_model_ref(cfg), allow_pickle=m.allow_pickle)
+    base_fp = fingerprint(base_dir)
+    check_expected_fingerprint(base_model_ref(cfg), base_fp, m.expected_fingerprint)
+    warning = check_base_fingerprint(expected, base_fp, base=m.name, allow_base_mismatch=allow_base_mismatch)
+    info = {"kind": "adapter", "path": str(adapter_dir), "base_fingerprint": base_fp, "trained_on_base_fingerprint": expected}
+    if warning:
+        info["warning"] = warning
+    return RunModelFiles("adapter", base_dir, adapter_dir, warning, info)
+
+
 # --------------------------------------------------------------------------- adapter lint
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16

@@ -7,27 +7,21 @@ with the serving lint, and starts vLLM with the flags that lint computes.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import sys
 from typing import Any
 
-from tunesmith.errors import UserError
-
-VLLM_MISSING = ("--engine vllm needs vLLM, which is not installed in this environment", "pip install vllm (Linux with a CUDA GPU), or serve with --engine tunesmith")
+from tunesmith.vllm_engine import adapter_rank_flag, require_vllm
 
 
 def check_vllm_installed() -> None:
     """Refuse in one line, naming the install, when vLLM cannot be imported."""
-    if importlib.util.find_spec("vllm") is None:
-        raise UserError(*VLLM_MISSING)
+    require_vllm("--engine vllm", "serve with --engine tunesmith")
 
 
 def vllm_command(settings: Any) -> list[str]:
     """The argv that starts vLLM's OpenAI server on the settings' base and adapters."""
     from tunesmith.models import resolve_model_dir
-    from tunesmith.runs import lint_adapter_config, vllm_max_lora_rank
     from tunesmith.serve.app import resolve_served
 
     served = resolve_served(settings.models)
@@ -40,17 +34,11 @@ def vllm_command(settings: Any) -> list[str]:
         argv += ["--api-key", settings.api_key]
     adapters = [m for m in served.models.values() if m.adapter_path is not None]
     if adapters:
-        ranks = []
-        for model in adapters:
-            lora_cfg = json.loads((model.adapter_path / "adapter_config.json").read_text(encoding="utf-8"))
-            problems = [p for p in lint_adapter_config(lora_cfg, "") if p.startswith("vLLM:") and "max_lora_rank" not in p]
-            if problems:
-                raise UserError(f"{model.id}: {problems[0]}", "serve it with --engine tunesmith, or export it as the lint says")
-            ranks.append(vllm_max_lora_rank(lora_cfg) or 0)
+        rank = adapter_rank_flag({m.id: m.adapter_path for m in adapters})
         argv += ["--enable-lora", "--max-loras", str(min(settings.max_adapters, len(adapters)))]
         argv += ["--lora-modules", *[f"{m.id}={m.adapter_path}" for m in adapters]]
-        if max(ranks):
-            argv += ["--max-lora-rank", str(max(ranks))]
+        if rank:
+            argv += ["--max-lora-rank", str(rank)]
     return argv
 
 
