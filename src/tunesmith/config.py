@@ -352,7 +352,7 @@ class ExportConfig(_Closed):
         None,
         ge=0.0,
         le=1.0,
-        description="Fail the export (exit code 1) when an exported file's share of probe prompts with an unchanged greedy answer is below this (e.g. 0.9); none: report only.",
+        description="Fail the export (exit code 3, after every file is written) when an exported file's share of probe prompts with an unchanged greedy answer is below this (e.g. 0.9); none: report only.",
     )
     license: str | None = Field(
         None,

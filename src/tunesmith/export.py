@@ -23,7 +23,7 @@ from typing import Any
 
 from tunesmith.artifacts import EXPORT_DIR, EXPORT_MANIFEST_FILE, atomic_path, guard_output, record_output
 from tunesmith.errors import GateFailed, UserError
-from tunesmith.gguf_export import check_gguf_supported, format_support, gguf_tensor_report, hf_to_gguf_arrays, write_gguf, write_gguf_lora
+from tunesmith.gguf_export import check_gguf_supported, f16_file_arrays, format_support, gguf_tensor_report, hf_to_gguf_arrays, write_gguf, write_gguf_lora
 from tunesmith.inference import greedy_tokens, render_ids, stop_token_ids, stop_token_list
 from tunesmith.model_card import write_card
 from tunesmith.ollama_modelfile import chat_format, modelfile_text, ollama_stops, ollama_template, template_parity
@@ -337,7 +337,8 @@ def export_gguf(run: RunModel, out_dir: Path, gguf_types: list[str], force: bool
             if skipped:
                 report["skipped"].append(skipped)
                 continue
-            report["files"][path.name] = {"tensors": gguf_tensor_report(path, expected), "parity": gguf_parity(path, run, reference_tokens, prompts, eos)}
+            reference = f16_file_arrays(expected) if gguf_type in QUANTIZER_TYPES else expected
+            report["files"][path.name] = {"tensors": gguf_tensor_report(path, reference), "parity": gguf_parity(path, run, reference_tokens, prompts, eos)}
         if run.kind == "adapter":
             path = tmp / f"{name}-lora-f32.gguf"
             lora_expected = write_gguf_lora(run.model, path)
@@ -367,7 +368,8 @@ def export_ollama(run: RunModel, out_dir: Path, gguf_type: str, force: bool = Fa
     with atomic_path(out_dir, force=force) as tmp:
         tmp.mkdir()
         write_gguf_type(merged, run.tokenizer, tmp / gguf_name, gguf_type, run.cfg.name)
-        tensors = gguf_tensor_report(tmp / gguf_name, hf_to_gguf_arrays(merged))
+        expected = hf_to_gguf_arrays(merged)
+        tensors = gguf_tensor_report(tmp / gguf_name, f16_file_arrays(expected) if gguf_type in QUANTIZER_TYPES else expected)
         (tmp / "Modelfile").write_text(modelfile_text(gguf_name, template, stops, system), encoding="utf-8")
         _write_tunesmith_manifest(tmp, run, "ollama", {"gguf": gguf_name})
     model_name = re.sub(r"[^a-z0-9._-]+", "-", run.cfg.name.lower()).strip("-") or "tunesmith"

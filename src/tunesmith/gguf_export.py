@@ -209,6 +209,18 @@ def _gguf_qtype(gguf_type: str, shape: tuple[int, ...]) -> Any:
     return {"f16": Q.F16, "bf16": Q.BF16}[gguf_type]
 
 
+def f16_file_arrays(expected: dict[str, Any]) -> dict[str, Any]:
+    """The arrays an f16 file of `expected` holds (weights rounded to f16, norms kept f32).
+
+    llama.cpp's quantizer (q4_0, q4_k_m) starts from our f16 file, not from the fp32 weights: its
+    output is checked against these, or the f16 rounding would count as quantization error.
+    """
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    return {name: array.astype(np.float16).astype(np.float32) if _gguf_qtype("f16", array.shape) == Q.F16 else array for name, array in expected.items()}
+
+
 def _encode_tensor(array: Any, qtype: Any) -> Any:
     import numpy as np
     from gguf import GGMLQuantizationType as Q

@@ -121,7 +121,15 @@ def tokenizer_kind(tokenizer: Any) -> str:
 
 
 def _add_space_prefix(spec: dict[str, Any]) -> bool:
-    """Whether SentencePiece adds "▁" before the first word (Llama 2 / Mistral / Phi-3 do, Gemma does not)."""
+    """llama.cpp's add_space_prefix: whether "▁" goes before the text after each special token.
+
+    llama.cpp prefixes the start of the text and every fragment after a special token. The HF
+    tokenizer does the same with a `Prepend("▁")` normalizer or Metaspace `always` (Llama 2,
+    Phi-3, legacy Mistral folders); with Metaspace `first` (a Mistral tokenizer.model converted by
+    transformers, legacy=False) only at the very start of the string, never after a special
+    token. A GGUF's prompts come from the chat template and open with a special token (bos), so
+    `first` is written as False: the prompt then splits as in training. Gemma prefixes nothing.
+    """
 
     def prepends(node: Any) -> bool:
         if isinstance(node, list):
@@ -130,8 +138,9 @@ def _add_space_prefix(spec: dict[str, Any]) -> bool:
             return False
         if node.get("type") == "Prepend" and node.get("prepend") == "\u2581":
             return True
-        if node.get("type") == "Metaspace" and (node.get("prepend_scheme") in ("first", "always") or node.get("add_prefix_space")):
-            return True
+        if node.get("type") == "Metaspace":
+            scheme = node.get("prepend_scheme") or ("always" if node.get("add_prefix_space") else "never")
+            return scheme == "always"
         return any(prepends(v) for v in node.values())
 
     return prepends([spec.get("normalizer"), spec.get("pre_tokenizer")])
@@ -173,15 +182,15 @@ def add_tokenizer_metadata(writer: Any, tokenizer: Any, vocab_size: int) -> None
         if token is None:
             tokens.append(f"[PAD{i}]")
             types.append(TokenType.UNUSED)
+        elif kind == "spm" and token == tokenizer.unk_token:  # an added token in HF, UNKNOWN in SentencePiece
+            tokens.append(token)
+            types.append(TokenType.UNKNOWN)
         elif token in added:
             tokens.append(token)
             types.append(TokenType.CONTROL if added[token].special else TokenType.USER_DEFINED)
         elif kind == "spm" and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
             tokens.append(token)
             types.append(TokenType.BYTE)
-        elif kind == "spm" and token == tokenizer.unk_token:
-            tokens.append(token)
-            types.append(TokenType.UNKNOWN)
         else:
             tokens.append(token)
             types.append(TokenType.NORMAL)
