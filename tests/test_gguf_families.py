@@ -347,3 +347,18 @@ def test_llama_cpp_quantizes_each_family_to_q4_0_and_q4_k_m(name, family_model_d
             report = gguf_export.gguf_tensor_report(path, expected)
             assert report["problems"] == [] and report["max_abs_err_by_type"]["Q4_0"] > 0, report
         assert len(export.llama_cpp_greedy(path, prompt, set(), 2)[0]) == 2
+
+
+@pytest.mark.parametrize("scale", [1e-1, 1e-3, 1e-4])
+def test_q8_0_tolerance_bounds_gguf_quants_rounding_small_blocks_included(scale):
+    """A block whose largest weight is under ~0.008 gets an f16-subnormal scale, rounded by an
+    absolute 2^-25 rather than a relative 2^-11: export once flagged Gemma 3 270M's own q8_0 as
+    "above tolerance" there (blk.17.attn_q.weight, block max 0.0056)."""
+    from gguf import GGMLQuantizationType, quants
+
+    weights = (np.random.default_rng(0).standard_normal((256, 256)) * scale).astype(np.float32)
+    got = quants.dequantize(quants.quantize(weights, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0).reshape(weights.shape)
+    tolerance = gguf_export.gguf_tolerance("Q8_0", weights)
+    assert (np.abs(got - weights) <= tolerance).all()
+    if scale >= 1e-3:  # the bound stays under one quantization step, so it can still catch a wrong weight
+        assert (tolerance < np.abs(weights).reshape(256, -1, 32).max(axis=-1).repeat(32, axis=-1) / 127).all()

@@ -325,7 +325,8 @@ def gguf_tolerance(type_name: str, reference: Any) -> Any:
 
     f16 keeps 11 significant bits (relative error 2^-11, plus subnormals); bf16 keeps 8; q8_0
     stores each block of 32 as int8 times an f16 scale absmax/127, so rounding is at most half
-    a step plus the scale's own f16 rounding.
+    a step plus the scale's own f16 rounding: relative 2^-11, or absolute 2^-25 where the scale
+    is an f16 subnormal (a block whose largest weight is under ~0.008), times up to 127 levels.
     """
     import numpy as np
 
@@ -339,7 +340,7 @@ def gguf_tolerance(type_name: str, reference: Any) -> Any:
     if type_name == "Q8_0":
         blocks = ref.reshape(*ref.shape[:-1], -1, 32)
         step = blocks.max(axis=-1, keepdims=True) / 127.0
-        return np.broadcast_to(step * (0.5 + 127 * 2.0**-11) + 1e-7, blocks.shape).reshape(ref.shape)
+        return np.broadcast_to(step * (0.5 + 127 * 2.0**-11) + 127 * 2.0**-25 + 1e-7, blocks.shape).reshape(ref.shape)
     if type_name in LEGACY_QUANT_LEVELS:
         # llama.cpp's q4_0/q5_0 scale a block of 32 by its signed extreme / -levels: the
         # opposite extreme may clamp one whole step, so a step (plus the f16 scale) bounds it.
