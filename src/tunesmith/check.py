@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from tunesmith import metrics as M
 from tunesmith.data import (
@@ -40,10 +41,11 @@ from tunesmith.minhash import (
     MINHASH_PERMUTATIONS,
     band_keys,
     minhash_signatures,
+    minhash_word_signatures,
     near_duplicates,
     rows_per_band,
 )
-from tunesmith.pii import PII_KINDS, find_pii, redact_text
+from tunesmith.pii import PII_KINDS, find_pii_batch, redact_text
 from tunesmith.schema import Conversation, Message
 
 # OpenAI refuses fewer than 10 examples; the guide's sizes for advice.
@@ -149,21 +151,58 @@ class _Findings:
 # Hashes (exact duplicates, conflicts, leakage) and what near-duplicates compare
 
 
-def _hash64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+def _hash64(text: str | bytes) -> int:
+    data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-def _conversation_key(conv: Conversation) -> str:
-    return json.dumps(conv.to_openai(), ensure_ascii=False, sort_keys=True)
+def _conversation_key(conv: Conversation) -> bytes:
+    """The conversation as canonical JSON (sorted keys): equal exactly when the examples are.
+
+    A conversation of plain strings (no extra fields) is written by orjson, several times
+    faster than `json`; any other by `json`, which keeps NaN apart from null. Equal
+    conversations are both plain or both not, so each pair is compared in one writer's form.
+    """
+    record = conv.to_openai()
+    if not conv.extra and not any(m.extra for m in conv.messages):
+        try:
+            return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:  # a lone surrogate: json writes it as an escape
+            pass
+    return json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass")
 
 
-def _prompt_key(conv: Conversation) -> str:
-    return "\x1e".join(f"{m.role}\x1f{normalize_text(m.content)}" for m in conv.prompt_messages)
+def _prompt_key(conv: Conversation, normalized: dict[str, str]) -> str:
+    """The prompt's roles and normalized texts; `normalized` caches the texts that repeat
+    (system prompts), each normalized once."""
+    parts = []
+    for m in conv.prompt_messages:
+        text = normalized.get(m.content) if m.role == "system" else None
+        if text is None:
+            text = normalize_text(m.content)
+            if m.role == "system" and len(normalized) < 1000:
+                normalized[m.content] = text
+        parts.append(f"{m.role}\x1f{text}")
+    return "\x1e".join(parts)
 
 
-def _dedup_text(conv: Conversation) -> str:
-    """What near-duplicates compare: every non-system turn (a shared system prompt is not content)."""
-    return "\n".join(m.content for m in conv.messages if m.role != "system")
+def _row_words(conv: Conversation) -> tuple[list[str], list[str], list[str]]:
+    """Casefolded words of the input (`input_text`), of the answer and of every non-system turn
+    (what near-duplicates compare: a shared system prompt is not content), each turn split once."""
+    last = conv.last_assistant_index()
+    prompt: list[str] = []
+    answer: list[str] = []
+    compared: list[str] = []
+    for i, m in enumerate(conv.messages):
+        if m.role == "system":
+            continue
+        words = _WORD.findall(m.content.casefold())
+        compared += words
+        if last is None or i < last:
+            prompt += words
+        elif i == last:
+            answer = words
+    return prompt, answer, compared
 
 
 def _percentiles(values: np.ndarray) -> dict[str, float] | None:
@@ -319,8 +358,8 @@ class _RowStats:
     overlap: array = field(default_factory=lambda: array("f"))
     signature_batches: list[np.ndarray] = field(default_factory=list)
     input_signature_batches: list[np.ndarray] = field(default_factory=list)
-    dedup_texts: list[str] = field(default_factory=list)
-    input_texts: list[str] = field(default_factory=list)
+    # Normalized system prompts, each normalized once for the prompt hashes.
+    normalized: dict[str, str] = field(default_factory=dict)
     # Shape of the task (metrics.task_kind's counts), for the label check and `advise`; labels is
     # None once the answers cannot be a label set.
     labels: Counter[str] | None = field(default_factory=Counter)
@@ -337,15 +376,6 @@ class _RowStats:
     pii_cache: dict[str, list[tuple[int, int, str]]] = field(default_factory=dict)
     redacted_rows: int = 0
 
-    def flush_signatures(self) -> None:
-        """MinHash the texts still pending (they are hashed in batches of MINHASH_BATCH)."""
-        if self.dedup_texts:
-            self.signature_batches.append(minhash_signatures(self.dedup_texts))
-            self.dedup_texts.clear()
-        if self.input_texts:
-            self.input_signature_batches.append(minhash_signatures(self.input_texts))
-            self.input_texts.clear()
-
     @staticmethod
     def _stack(batches: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(batches) if batches else np.zeros((0, MINHASH_PERMUTATIONS), np.uint16)
@@ -358,35 +388,31 @@ class _RowStats:
 
 
 def _add_hashes(stats: _RowStats, line: int, conv: Conversation, target: str, user_text: str) -> None:
-    """Hashes for duplicates, conflicts and leakage; texts for the near-duplicate signatures."""
+    """Hashes for duplicates, conflicts and leakage."""
     stats.lines.append(line)
     stats.conv_hash.append(_hash64(_conversation_key(conv)))
-    stats.prompt_hash.append(_hash64(_prompt_key(conv)))
+    stats.prompt_hash.append(_hash64(_prompt_key(conv, stats.normalized)))
     stats.target_hash.append(_hash64(target))
-    stats.dedup_texts.append(_dedup_text(conv))
-    if len(stats.dedup_texts) >= MINHASH_BATCH:
-        stats.signature_batches.append(minhash_signatures(stats.dedup_texts))
-        stats.dedup_texts.clear()
     if stats.want_input_signatures:
         stats.input_hash.append(_hash64(normalize_text(user_text)))
-        stats.input_texts.append(user_text)
-        if len(stats.input_texts) >= MINHASH_BATCH:
-            stats.input_signature_batches.append(minhash_signatures(stats.input_texts))
-            stats.input_texts.clear()
 
 
-def _add_shape(stats: _RowStats, findings: _Findings, line: int, conv: Conversation, target: str, user_text: str) -> None:
-    """Labels, JSON answers, word counts and overlap, questions, turns: the shape of the task."""
-    stats.json_answers += M.is_json_answer(target)
+def _add_shape(stats: _RowStats, findings: _Findings, line: int, conv: Conversation, target: str, user_text: str, words) -> None:
+    """Labels, JSON answers, word counts and overlap, questions, turns: the shape of the task.
+    `words` are `_row_words(conv)`'s input and answer words."""
+    looks_json, parsed = _json_answer(target)
+    # metrics.is_json_answer parses what looks like JSON or a code fence; nothing else can be.
+    stats.json_answers += (looks_json or target.startswith("```")) and M.is_json_answer(target)
     if stats.labels is not None:
-        if not M.is_label(target):
+        if target in stats.labels:  # seen: a label, already normalized
+            stats.labels[target] += 1
+        elif not M.is_label(target):
             stats.labels = None
         else:
             stats.labels[target] += 1
             stats.label_keys.add(M.normalize_label(target))
             if len(stats.label_keys) > M.LABEL_MAX_COUNT:
                 stats.labels = None
-    looks_json, parsed = _json_answer(target)
     if looks_json:
         stats.json_like += 1
         if parsed is None:
@@ -395,8 +421,7 @@ def _add_shape(stats: _RowStats, findings: _Findings, line: int, conv: Conversat
             stats.json_ok += 1
             if isinstance(parsed, dict) and len(stats.key_sets) < 1000:
                 stats.key_sets[",".join(sorted(parsed))] += 1
-    prompt_words = _WORD.findall(user_text.casefold())
-    target_words = _WORD.findall(target.casefold())
+    prompt_words, target_words = words
     stats.input_words.append(len(prompt_words))
     stats.answer_words.append(len(target_words))
     if target_words:
@@ -410,44 +435,89 @@ def _add_shape(stats: _RowStats, findings: _Findings, line: int, conv: Conversat
         stats.multi_turn += 1
 
 
-def _scan_pii(stats: _RowStats, line: int, conv: Conversation, redact: bool) -> list[Message]:
+def _batch_pii(stats: _RowStats, batch: list[tuple[int, Conversation]]) -> dict[str, list[tuple[int, int, str]]]:
+    """Personal-data spans of every message content of the batch, each distinct content scanned
+    once (`pii.find_pii_batch`); system prompts stay cached across batches."""
+    spans: dict[str, list[tuple[int, int, str]]] = {}
+    for _, conv in batch:
+        for m in conv.messages:
+            if m.content not in spans:
+                cached = stats.pii_cache.get(m.content)
+                spans[m.content] = cached  # type: ignore[assignment]  # None: to scan
+    todo = [text for text, found in spans.items() if found is None]
+    spans.update(zip(todo, find_pii_batch(todo)))
+    for _, conv in batch:
+        for m in conv.messages:
+            if m.role == "system" and len(stats.pii_cache) < 1000:
+                stats.pii_cache[m.content] = spans[m.content]
+    return spans
+
+
+def _add_pii(stats: _RowStats, line: int, conv: Conversation, spans: dict, redact: bool) -> list[Message]:
     """Count personal data per kind (with up to 20 lines each); the redacted messages when asked."""
     redacted_messages = []
     for m in conv.messages:
-        spans = stats.pii_cache.get(m.content)
-        if spans is None:
-            spans = find_pii(m.content)
-            if m.role == "system" and len(stats.pii_cache) < 1000:
-                stats.pii_cache[m.content] = spans
-        for _, _, kind in spans:
+        found = spans[m.content]
+        for _, _, kind in found:
             stats.pii_counts[kind] += 1
             seen = stats.pii_lines.setdefault(kind, [])
             if len(seen) < 20 and (not seen or seen[-1] != line):
                 seen.append(line)
         if redact:
-            redacted_messages.append(Message(m.role, redact_text(m.content, spans) if spans else m.content, m.weight, m.name, m.extra))
+            redacted_messages.append(Message(m.role, redact_text(m.content, found) if found else m.content, m.weight, m.name, m.extra))
     return redacted_messages
 
 
-def _consume(rows, report: CheckReport, findings: _Findings, stats: _RowStats, counter: "_TokenCounter | None", out) -> None:
-    """The one pass: each row's problems, then every per-example statistic of a valid example."""
-    for row in rows:
-        report.rows += 1
-        for p in row.problems:
-            findings.add(p.code, p.severity, p.message, p.fix, p.line)
-        conv = row.conversation
-        if conv is None or any(p.severity == "error" for p in row.problems):
-            continue
-        report.examples += 1
+# Examples per batch of the pass: MinHash and the personal-data search run over whole batches.
+BATCH_ROWS = MINHASH_BATCH
+
+
+def _add_batch(stats: _RowStats, findings: _Findings, batch: list[tuple[int, Conversation]], counter, out) -> None:
+    """Every per-example statistic of a batch of valid examples, in file order."""
+    if not batch:
+        return
+    compared, inputs = [], []
+    for line, conv in batch:
         target, user_text = (conv.target or "").strip(), conv.input_text
-        _add_hashes(stats, row.line, conv, target, user_text)
-        _add_shape(stats, findings, row.line, conv, target, user_text)
-        redacted = _scan_pii(stats, row.line, conv, out is not None)
+        prompt_words, target_words, compared_words = _row_words(conv)
+        compared.append(compared_words)
+        inputs.append(prompt_words)
+        _add_hashes(stats, line, conv, target, user_text)
+        _add_shape(stats, findings, line, conv, target, user_text, (prompt_words, target_words))
+    stats.signature_batches.append(minhash_word_signatures(compared))
+    if stats.want_input_signatures:
+        stats.input_signature_batches.append(minhash_word_signatures(inputs))
+    spans = _batch_pii(stats, batch)
+    for line, conv in batch:
+        redacted = _add_pii(stats, line, conv, spans, out is not None)
         if out is not None:
             out.write(conversation_line(Conversation(redacted, conv.source_line, conv.extra)) + "\n")
             stats.redacted_rows += 1
         if counter is not None:
-            counter.add(row.line, conv)
+            counter.add(line, conv)
+
+
+def _consume(rows, report: CheckReport, findings: _Findings, stats: _RowStats, counter: "_TokenCounter | None", out) -> None:
+    """The one pass: each row's problems, then every per-example statistic of a valid example
+    (in batches); a reader that cannot go on still has the rows before it counted."""
+    batch: list[tuple[int, Conversation]] = []
+    try:
+        for row in rows:
+            report.rows += 1
+            for p in row.problems:
+                findings.add(p.code, p.severity, p.message, p.fix, p.line)
+            conv = row.conversation
+            if conv is None or any(p.severity == "error" for p in row.problems):
+                continue
+            report.examples += 1
+            batch.append((row.line, conv))
+            if len(batch) >= BATCH_ROWS:
+                _add_batch(stats, findings, batch, counter, out)
+                batch = []
+    except UserError:
+        _add_batch(stats, findings, batch, counter, out)
+        raise
+    _add_batch(stats, findings, batch, counter, out)
 
 
 def _read_rows(report, findings, stats, counter, rows, redact_path, inputs, force) -> None:
@@ -464,7 +534,6 @@ def _read_rows(report, findings, stats, counter, rows, redact_path, inputs, forc
             _consume(rows, report, findings, stats, counter, None)
     except UserError as e:
         findings.add("unreadable", "error", e.message, e.hint or "", None)
-    stats.flush_signatures()
     if counter is not None:
         counter.flush()
 

@@ -31,19 +31,31 @@ def minhash_signatures(texts: list[str]) -> np.ndarray:
     """(len(texts), 64) uint16 b-bit MinHash signatures over word 3-gram shingles.
 
     A text with fewer than three words is one shingle; an empty text gets all-0xFFFF (and is
-    never called a near-duplicate). Words are hashed with crc32, shingles combined in numpy,
-    and rows processed in chunks of bounded shingle count, so long documents stay small.
+    never called a near-duplicate). Words are casefolded `\\w+` runs.
     """
-    out = np.full((len(texts), MINHASH_PERMUTATIONS), 0xFFFF, dtype=np.uint16)
+    return minhash_word_signatures([_WORD.findall(text.casefold()) for text in texts])
+
+
+def minhash_word_signatures(rows_words: list[list[str]]) -> np.ndarray:
+    """`minhash_signatures` of texts already split into casefolded words (a caller that needs
+    the words anyway splits each text once).
+
+    Words are hashed with crc32, shingles combined in numpy, and rows processed in chunks of
+    bounded shingle count, so long documents stay small.
+    """
+    out = np.full((len(rows_words), MINHASH_PERMUTATIONS), 0xFFFF, dtype=np.uint16)
     chunk_rows: list[int] = []
     chunk_hashes: list[list[int]] = []
     chunk_words = 0
-    for i, text in enumerate(texts):
-        words = _WORD.findall(text.casefold())
+    for i, words in enumerate(rows_words):
         if not words:
             continue
         chunk_rows.append(i)
-        chunk_hashes.append([zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in words])
+        try:
+            hashes = list(map(zlib.crc32, map(str.encode, words)))  # map: no bytecode per word
+        except UnicodeEncodeError:  # a lone surrogate
+            hashes = [zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in words]
+        chunk_hashes.append(hashes)
         chunk_words += len(words)
         if chunk_words >= 32768:
             out[chunk_rows] = _signatures(chunk_hashes)

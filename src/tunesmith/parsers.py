@@ -221,6 +221,37 @@ def parse_openai(record: Any, line: int) -> tuple[Conversation | None, list[Prob
     return conv, conversation_problems(conv, line)
 
 
+def parse_openai_plain(record: Any, line: int) -> tuple[Conversation, int] | None:
+    """`parse_openai`'s conversation of a plain record, and how many keys the record holds;
+    None for any other record.
+
+    Plain: only "messages", each message only a known role and string content (and a 0/1 weight
+    on an assistant turn). Such a record has no problem `parse_openai` could find, so the many
+    rows of a large file skip its field-by-field walk; every other record takes that walk.
+    """
+    if type(record) is not dict or len(record) != 1:
+        return None
+    messages = record.get("messages")
+    if type(messages) is not list or not messages:
+        return None
+    out = []
+    keys = 1
+    for m in messages:
+        if type(m) is not dict:
+            return None
+        role, content, n = m.get("role"), m.get("content"), len(m)
+        if type(content) is not str or type(role) is not str or role not in ROLES:
+            return None
+        if n == 2:
+            out.append(Message(role, content))
+        elif n == 3 and role == "assistant" and type(m.get("weight")) is int and m["weight"] in (0, 1):
+            out.append(Message(role, content, m["weight"]))
+        else:
+            return None
+        keys += n
+    return Conversation(out, source_line=line), keys
+
+
 def _string_field(record: dict, key: str, line: int, required: bool, problems: list[Problem]) -> str:
     value = record.get(key)
     if value is None:
