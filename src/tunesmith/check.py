@@ -15,7 +15,6 @@ LSH banding in `minhash.py`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from tunesmith import metrics as M
 from tunesmith.data import (
@@ -151,45 +149,44 @@ class _Findings:
 # Hashes (exact duplicates, conflicts, leakage) and what near-duplicates compare
 
 
-def _hash64(text: str | bytes) -> int:
-    data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+def _hash64(key: str | tuple) -> int:
+    """A 64-bit hash of a text or a tuple of texts, equal within this process only: Python's
+    own keyed SipHash, computed in C and cached by each str. Nothing outside the check ever
+    sees these numbers."""
+    return hash(key) & 0xFFFFFFFFFFFFFFFF
 
 
-def _conversation_key(conv: Conversation) -> bytes:
-    """The conversation as canonical JSON (sorted keys): equal exactly when the examples are.
+def _conversation_key(conv: Conversation) -> tuple | str:
+    """What makes two examples the same (for `_hash64`): the fields `to_openai` writes.
 
-    A conversation of plain strings (no extra fields) is written by orjson, several times
-    faster than `json`; any other by `json`, which keeps NaN apart from null. Equal
-    conversations are both plain or both not, so each pair is compared in one writer's form.
+    A conversation without extra fields is a tuple of (role, content, name, an answer's
+    weight), which Python hashes in C from the strings' cached hashes; any other is its
+    canonical JSON (sorted keys). Equal conversations are both of one kind.
     """
-    record = conv.to_openai()
-    if not conv.extra and not any(m.extra for m in conv.messages):
-        try:
-            return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
-        except orjson.JSONEncodeError:  # a lone surrogate: json writes it as an escape
-            pass
-    return json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass")
+    messages = conv.messages
+    if not conv.extra and not any([m.extra for m in messages]):
+        return tuple([(m.role, m.content, m.name, m.weight if m.role == "assistant" else 1) for m in messages])
+    return json.dumps(conv.to_openai(), ensure_ascii=False, sort_keys=True)
 
 
-def _prompt_key(conv: Conversation, normalized: dict[str, str]) -> str:
+def _prompt_key(prompt_messages: list[Message], normalized: dict[str, str]) -> tuple[tuple[str, str], ...]:
     """The prompt's roles and normalized texts; `normalized` caches the texts that repeat
     (system prompts), each normalized once."""
     parts = []
-    for m in conv.prompt_messages:
+    for m in prompt_messages:
         text = normalized.get(m.content) if m.role == "system" else None
         if text is None:
             text = normalize_text(m.content)
             if m.role == "system" and len(normalized) < 1000:
                 normalized[m.content] = text
-        parts.append(f"{m.role}\x1f{text}")
-    return "\x1e".join(parts)
+        parts.append((m.role, text))
+    return tuple(parts)
 
 
-def _row_words(conv: Conversation) -> tuple[list[str], list[str], list[str]]:
+def _row_words(conv: Conversation, last: int | None) -> tuple[list[str], list[str], list[str]]:
     """Casefolded words of the input (`input_text`), of the answer and of every non-system turn
-    (what near-duplicates compare: a shared system prompt is not content), each turn split once."""
-    last = conv.last_assistant_index()
+    (what near-duplicates compare: a shared system prompt is not content), each turn split once.
+    `last`: the index of the last assistant turn."""
     prompt: list[str] = []
     answer: list[str] = []
     compared: list[str] = []
@@ -387,11 +384,11 @@ class _RowStats:
         return self._stack(self.input_signature_batches)
 
 
-def _add_hashes(stats: _RowStats, line: int, conv: Conversation, target: str, user_text: str) -> None:
+def _add_hashes(stats: _RowStats, line: int, conv: Conversation, prompt: list[Message], target: str, user_text: str) -> None:
     """Hashes for duplicates, conflicts and leakage."""
     stats.lines.append(line)
     stats.conv_hash.append(_hash64(_conversation_key(conv)))
-    stats.prompt_hash.append(_hash64(_prompt_key(conv, stats.normalized)))
+    stats.prompt_hash.append(_hash64(_prompt_key(prompt, stats.normalized)))
     stats.target_hash.append(_hash64(target))
     if stats.want_input_signatures:
         stats.input_hash.append(_hash64(normalize_text(user_text)))
@@ -426,12 +423,12 @@ def _add_shape(stats: _RowStats, findings: _Findings, line: int, conv: Conversat
     stats.answer_words.append(len(target_words))
     if target_words:
         prompt_set = set(prompt_words)
-        stats.overlap.append(sum(w in prompt_set for w in target_words) / len(target_words))
+        stats.overlap.append(sum(map(prompt_set.__contains__, target_words)) / len(target_words))
     else:
         stats.overlap.append(0.0)
     if "?" in user_text:
         stats.questions += 1
-    if sum(m.role == "user" for m in conv.messages) > 1:
+    if [m.role for m in conv.messages].count("user") > 1:
         stats.multi_turn += 1
 
 
@@ -478,11 +475,15 @@ def _add_batch(stats: _RowStats, findings: _Findings, batch: list[tuple[int, Con
         return
     compared, inputs = [], []
     for line, conv in batch:
-        target, user_text = (conv.target or "").strip(), conv.input_text
-        prompt_words, target_words, compared_words = _row_words(conv)
+        # conv.prompt_messages, conv.target and conv.input_text, finding the last answer once.
+        last = conv.last_assistant_index()
+        prompt = conv.messages if last is None else conv.messages[:last]
+        target = "" if last is None else conv.messages[last].content.strip()
+        user_text = "\n".join([m.content for m in prompt if m.role != "system"])
+        prompt_words, target_words, compared_words = _row_words(conv, last)
         compared.append(compared_words)
         inputs.append(prompt_words)
-        _add_hashes(stats, line, conv, target, user_text)
+        _add_hashes(stats, line, conv, prompt, target, user_text)
         _add_shape(stats, findings, line, conv, target, user_text, (prompt_words, target_words))
     stats.signature_batches.append(minhash_word_signatures(compared))
     if stats.want_input_signatures:

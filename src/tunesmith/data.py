@@ -39,8 +39,8 @@ from tunesmith.parsers import (
     ParsedRow,
     Problem,
     _with_system,
-    conversation_problems,
     parse_openai_plain,
+    plain_exchange_problems,
     parse_rows,
 )
 from tunesmith.schema import Conversation
@@ -490,7 +490,7 @@ def _iter_openai_lines(path: Path, system_prompt: str | None) -> Iterator[Parsed
             raw = raw.rstrip(b"\r\n")
             conv = _plain_openai_line(raw, number)
             if conv is not None:
-                problems = conversation_problems(conv, number)
+                problems = plain_exchange_problems(conv, number)
                 yield ParsedRow(number, _with_system(conv, system_prompt), problems)
                 continue
             row = _json_line(reader, number, *_text_line(number, raw))

@@ -140,6 +140,21 @@ def conversation_problems(conv: Conversation, line: int | None) -> list[Problem]
     return problems
 
 
+def plain_exchange_problems(conv: Conversation, line: int | None) -> list[Problem]:
+    """`conversation_problems`, answered at once for the commonest example: an optional system
+    turn, a user turn and a trained assistant turn, neither empty (none of the problems)."""
+    messages = conv.messages
+    first = 1 if len(messages) == 3 and messages[0].role == "system" else 0
+    if len(messages) - first == 2:
+        user, answer = messages[first], messages[first + 1]
+        if (
+            user.role == "user" and answer.role == "assistant" and answer.weight == 1 and not answer.extra
+            and user.content.strip() and answer.content.strip()
+        ):
+            return []
+    return conversation_problems(conv, line)
+
+
 def _with_system(conv: Conversation, system_prompt: str | None) -> Conversation:
     if system_prompt and not any(m.role == "system" for m in conv.messages):
         conv.messages.insert(0, Message(role="system", content=system_prompt))

@@ -157,15 +157,19 @@ _PII_SKELETON_GATES = [
         r"\+0", r"000\)?[ .-]000[ .-]0000", r"0000000000", r"000{1,3}[ -]000",  # phone, its four forms
     )
 ]
-_skeleton_table: dict[int, str] = {}
+_ASCII_SKELETON = str.maketrans("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", "0" * 10 + "A" * 26)
+_unicode_skeleton: dict[int, str] = {}
 
 
 def _skeleton(text: str) -> str:
     """`text` with every decimal digit (what `\\d` matches, any script) as 0 and every A-Z as A."""
-    if not _skeleton_table:
-        _skeleton_table.update({c: "0" for c in range(0x110000) if chr(c).isdecimal()})
-        _skeleton_table.update({c: "A" for c in range(ord("A"), ord("Z") + 1)})
-    return text.translate(_skeleton_table)
+    if text.isascii():
+        return text.translate(_ASCII_SKELETON)
+    if not _unicode_skeleton:  # once, on the first text beyond ASCII
+        every_character = "".join(map(chr, range(0x110000)))
+        _unicode_skeleton.update(_ASCII_SKELETON)
+        _unicode_skeleton.update({ord(c): "0" for c in re.findall(r"\d", every_character)})
+    return text.translate(_unicode_skeleton)
 
 
 def find_pii_batch(texts: list[str]) -> list[list[tuple[int, int, str]]]:
