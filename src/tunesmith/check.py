@@ -15,6 +15,7 @@ LSH banding in `minhash.py`.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
@@ -183,17 +184,23 @@ def _prompt_key(prompt_messages: list[Message], normalized: dict[str, str]) -> t
     return tuple(parts)
 
 
-def _row_words(conv: Conversation, last: int | None) -> tuple[list[str], list[str], list[str]]:
+def _row_words(conv: Conversation, last: int | None, cache: dict[str, list[str]]) -> tuple[list[str], list[str], list[str]]:
     """Casefolded words of the input (`input_text`), of the answer and of every non-system turn
     (what near-duplicates compare: a shared system prompt is not content), each turn split once.
-    `last`: the index of the last assistant turn."""
+    `last`: the index of the last assistant turn; `cache`: answers' words (answers repeat)."""
     prompt: list[str] = []
     answer: list[str] = []
     compared: list[str] = []
     for i, m in enumerate(conv.messages):
         if m.role == "system":
             continue
-        words = _WORD.findall(m.content.casefold())
+        words = cache.get(m.content) if m.role == "assistant" else None
+        if words is None:
+            words = _WORD.findall(m.content.casefold())
+            if m.role == "assistant":
+                if len(cache) >= 4096:
+                    cache.clear()
+                cache[m.content] = words
         compared += words
         if last is None or i < last:
             prompt += words
@@ -355,8 +362,9 @@ class _RowStats:
     overlap: array = field(default_factory=lambda: array("f"))
     signature_batches: list[np.ndarray] = field(default_factory=list)
     input_signature_batches: list[np.ndarray] = field(default_factory=list)
-    # Normalized system prompts, each normalized once for the prompt hashes.
+    # Normalized system prompts, each normalized once for the prompt hashes; answers' words.
     normalized: dict[str, str] = field(default_factory=dict)
+    answer_words_cache: dict[str, list[str]] = field(default_factory=dict)
     # Shape of the task (metrics.task_kind's counts), for the label check and `advise`; labels is
     # None once the answers cannot be a label set.
     labels: Counter[str] | None = field(default_factory=Counter)
@@ -397,8 +405,8 @@ def _add_hashes(stats: _RowStats, line: int, conv: Conversation, prompt: list[Me
 def _add_shape(stats: _RowStats, findings: _Findings, line: int, conv: Conversation, target: str, user_text: str, words) -> None:
     """Labels, JSON answers, word counts and overlap, questions, turns: the shape of the task.
     `words` are `_row_words(conv)`'s input and answer words."""
-    looks_json, parsed = _json_answer(target)
-    # metrics.is_json_answer parses what looks like JSON or a code fence; nothing else can be.
+    # Only an answer starting with {, [ or a code fence can be JSON (or look like it).
+    looks_json, parsed = _json_answer(target) if target.startswith(("{", "[", "```")) else (False, None)
     stats.json_answers += (looks_json or target.startswith("```")) and M.is_json_answer(target)
     if stats.labels is not None:
         if target in stats.labels:  # seen: a label, already normalized
@@ -435,19 +443,21 @@ def _add_shape(stats: _RowStats, findings: _Findings, line: int, conv: Conversat
 def _batch_pii(stats: _RowStats, batch: list[tuple[int, Conversation]]) -> dict[str, list[tuple[int, int, str]]]:
     """Personal-data spans of every message content of the batch, each distinct content scanned
     once (`pii.find_pii_batch`); system prompts stay cached across batches."""
-    spans: dict[str, list[tuple[int, int, str]]] = {}
+    spans: dict[str, list[tuple[int, int, str]] | None] = {}
+    cache = stats.pii_cache
+    systems = []
     for _, conv in batch:
         for m in conv.messages:
             if m.content not in spans:
-                cached = stats.pii_cache.get(m.content)
-                spans[m.content] = cached  # type: ignore[assignment]  # None: to scan
+                spans[m.content] = cache.get(m.content)  # None: to scan
+                if m.role == "system":
+                    systems.append(m.content)
     todo = [text for text, found in spans.items() if found is None]
     spans.update(zip(todo, find_pii_batch(todo)))
-    for _, conv in batch:
-        for m in conv.messages:
-            if m.role == "system" and len(stats.pii_cache) < 1000:
-                stats.pii_cache[m.content] = spans[m.content]
-    return spans
+    for text in systems:
+        if len(cache) < 1000:
+            cache[text] = spans[text]  # type: ignore[assignment]
+    return spans  # type: ignore[return-value]
 
 
 def _add_pii(stats: _RowStats, line: int, conv: Conversation, spans: dict, redact: bool) -> list[Message]:
@@ -480,7 +490,7 @@ def _add_batch(stats: _RowStats, findings: _Findings, batch: list[tuple[int, Con
         prompt = conv.messages if last is None else conv.messages[:last]
         target = "" if last is None else conv.messages[last].content.strip()
         user_text = "\n".join([m.content for m in prompt if m.role != "system"])
-        prompt_words, target_words, compared_words = _row_words(conv, last)
+        prompt_words, target_words, compared_words = _row_words(conv, last, stats.answer_words_cache)
         compared.append(compared_words)
         inputs.append(prompt_words)
         _add_hashes(stats, line, conv, prompt, target, user_text)
@@ -502,6 +512,8 @@ def _consume(rows, report: CheckReport, findings: _Findings, stats: _RowStats, c
     """The one pass: each row's problems, then every per-example statistic of a valid example
     (in batches); a reader that cannot go on still has the rows before it counted."""
     batch: list[tuple[int, Conversation]] = []
+    collecting = gc.isenabled()
+    gc.disable()  # the pass makes no reference cycles: collections would only walk its objects
     try:
         for row in rows:
             report.rows += 1
@@ -518,6 +530,9 @@ def _consume(rows, report: CheckReport, findings: _Findings, stats: _RowStats, c
     except UserError:
         _add_batch(stats, findings, batch, counter, out)
         raise
+    finally:
+        if collecting:
+            gc.enable()
     _add_batch(stats, findings, batch, counter, out)
 
 

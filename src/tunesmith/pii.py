@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import itertools
 import re
 from typing import Any
 
@@ -182,11 +183,7 @@ def find_pii_batch(texts: list[str]) -> list[list[tuple[int, int, str]]]:
     if not texts:
         return out
     joined = "\n".join(texts)
-    starts = []  # offset of each text in `joined`
-    offset = 0
-    for text in texts:
-        starts.append(offset)
-        offset += len(text) + 1
+    starts = [0, *itertools.accumulate(len(text) + 1 for text in texts)]  # offset of each text in `joined`
     candidates: set[int] = set()
     skeleton = _skeleton(joined)
     for gates, where in ((_PII_TEXT_GATES, joined), (_PII_SKELETON_GATES, skeleton)):
