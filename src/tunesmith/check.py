@@ -39,6 +39,7 @@ from tunesmith.minhash import (
     MINHASH_BATCH,
     MINHASH_PERMUTATIONS,
     band_keys,
+    casefold_words,
     minhash_signatures,
     minhash_word_signatures,
     near_duplicates,
@@ -54,9 +55,6 @@ SWEET_SPOT = (500, 5000)
 IMBALANCE_RATIO = 10.0  # largest label / smallest label above which the set is called imbalanced
 # Findings kept per code (their count is always exact): a file broken on every line stays small.
 MAX_FINDINGS_PER_CODE = 1000
-
-# Words, for the shape statistics (input and answer lengths, answer words found in the prompt).
-_WORD = re.compile(r"\w+")
 
 FIXES = {
     "too_few_examples": f"collect at least {MIN_EXAMPLES} examples (OpenAI's minimum); a few hundred reviewed ones to fine-tune well",
@@ -170,33 +168,34 @@ def _conversation_key(conv: Conversation) -> tuple | str:
     return json.dumps(conv.to_openai(), ensure_ascii=False, sort_keys=True)
 
 
-def _prompt_key(prompt_messages: list[Message], normalized: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    """The prompt's roles and normalized texts; `normalized` caches the texts that repeat
-    (system prompts), each normalized once."""
+def _prompt_key(prompt_messages: list[Message], normalized: dict[str, tuple[str, ...]]) -> tuple:
+    """The prompt's roles and texts as `normalize_text` sees them (the casefolded whitespace-split
+    words, equal exactly when the normalized texts are); `normalized` caches the texts that
+    repeat (system prompts), each split once."""
     parts = []
     for m in prompt_messages:
-        text = normalized.get(m.content) if m.role == "system" else None
-        if text is None:
-            text = normalize_text(m.content)
+        words = normalized.get(m.content) if m.role == "system" else None
+        if words is None:
+            words = tuple(m.content.casefold().split())
             if m.role == "system" and len(normalized) < 1000:
-                normalized[m.content] = text
-        parts.append((m.role, text))
+                normalized[m.content] = words
+        parts.append((m.role, words))
     return tuple(parts)
 
 
-def _row_words(conv: Conversation, last: int | None, cache: dict[str, list[str]]) -> tuple[list[str], list[str], list[str]]:
-    """Casefolded words of the input (`input_text`), of the answer and of every non-system turn
+def _row_words(conv: Conversation, last: int | None, cache: dict[str, list[bytes]]) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """`casefold_words` of the input (`input_text`), of the answer and of every non-system turn
     (what near-duplicates compare: a shared system prompt is not content), each turn split once.
     `last`: the index of the last assistant turn; `cache`: answers' words (answers repeat)."""
-    prompt: list[str] = []
-    answer: list[str] = []
-    compared: list[str] = []
+    prompt: list[bytes] = []
+    answer: list[bytes] = []
+    compared: list[bytes] = []
     for i, m in enumerate(conv.messages):
         if m.role == "system":
             continue
         words = cache.get(m.content) if m.role == "assistant" else None
         if words is None:
-            words = _WORD.findall(m.content.casefold())
+            words = casefold_words(m.content)
             if m.role == "assistant":
                 if len(cache) >= 4096:
                     cache.clear()
@@ -363,8 +362,8 @@ class _RowStats:
     signature_batches: list[np.ndarray] = field(default_factory=list)
     input_signature_batches: list[np.ndarray] = field(default_factory=list)
     # Normalized system prompts, each normalized once for the prompt hashes; answers' words.
-    normalized: dict[str, str] = field(default_factory=dict)
-    answer_words_cache: dict[str, list[str]] = field(default_factory=dict)
+    normalized: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    answer_words_cache: dict[str, list[bytes]] = field(default_factory=dict)
     # Shape of the task (metrics.task_kind's counts), for the label check and `advise`; labels is
     # None once the answers cannot be a label set.
     labels: Counter[str] | None = field(default_factory=Counter)

@@ -474,6 +474,11 @@ def _plain_openai_line(raw: bytes, number: int) -> Conversation | None:
     if plain is None:
         return None
     conv, keys = plain
+    # Every quote outside a string's escapes opens or closes a key or a string value; a plain
+    # record's strings are its keys and two values a message. As many quotes as those need:
+    # no escaped quote and no string beyond them, so no repeated key.
+    if raw.count(b'"') == 2 * (keys + 2 * len(conv.messages)):
+        return conv
     spaced = b'" ' in raw or b'"\t' in raw or b'"\r' in raw
     key_ends = len(_KEY_END.findall(raw)) if spaced else raw.count(b'":')
     return conv if key_ends == keys else None

@@ -28,17 +28,31 @@ _MINHASH_B = _rng.integers(0, 2**63, MINHASH_PERMUTATIONS, dtype=np.uint64)
 _WORD = re.compile(r"\w+")
 
 
+_WORD_ASCII = re.compile(rb"\w+")
+
+
+def casefold_words(text: str) -> list[bytes]:
+    """The casefolded `\\w+` words of `text`, each UTF-8 encoded (what MinHash hashes).
+
+    An ASCII text (most) is split as bytes, where lower() is casefold() and `\\w` matches what
+    it matches in str, a third faster and without encoding each word afterwards.
+    """
+    if text.isascii():
+        return _WORD_ASCII.findall(text.encode("ascii").lower())
+    return [w.encode("utf-8", "surrogatepass") for w in _WORD.findall(text.casefold())]
+
+
 def minhash_signatures(texts: list[str]) -> np.ndarray:
     """(len(texts), 64) uint16 b-bit MinHash signatures over word 3-gram shingles.
 
     A text with fewer than three words is one shingle; an empty text gets all-0xFFFF (and is
-    never called a near-duplicate). Words are casefolded `\\w+` runs.
+    never called a near-duplicate). Words are `casefold_words`.
     """
-    return minhash_word_signatures([_WORD.findall(text.casefold()) for text in texts])
+    return minhash_word_signatures([casefold_words(text) for text in texts])
 
 
-def minhash_word_signatures(rows_words: list[list[str]]) -> np.ndarray:
-    """`minhash_signatures` of texts already split into casefolded words (a caller that needs
+def minhash_word_signatures(rows_words: list[list[bytes]]) -> np.ndarray:
+    """`minhash_signatures` of texts already split by `casefold_words` (a caller that needs
     the words anyway splits each text once).
 
     Words are hashed with crc32, shingles combined in numpy, and rows processed in chunks of
@@ -54,11 +68,7 @@ def minhash_word_signatures(rows_words: list[list[str]]) -> np.ndarray:
             end += 1
         chunk = [rows_words[i] for i in rows[begin:end]]
         words = itertools.chain.from_iterable(chunk)
-        try:
-            hashes = np.fromiter(map(zlib.crc32, map(str.encode, words)), dtype=np.uint64, count=chunk_words)
-        except UnicodeEncodeError:  # a lone surrogate
-            words = itertools.chain.from_iterable(chunk)
-            hashes = np.fromiter((zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in words), dtype=np.uint64, count=chunk_words)
+        hashes = np.fromiter(map(zlib.crc32, words), dtype=np.uint64, count=chunk_words)
         out[rows[begin:end]] = _signatures(hashes, np.fromiter(map(len, chunk), dtype=np.int64, count=len(chunk)))
         begin = end
     return out
