@@ -254,15 +254,18 @@ def size_advice(examples: int) -> str:
 
 
 class _TokenCounter:
-    """Counts total / prompt / answer tokens per example, rendering in batches for speed."""
+    """Counts total / prompt / answer tokens per example, in batches (`token_counts`: each
+    distinct system prompt and structure rendered and tokenised once)."""
 
-    def __init__(self, tokenizer, findings: _Findings, batch: int = 256, max_length: int | None = None):
+    def __init__(self, tokenizer, findings: _Findings, batch: int = 1024, max_length: int | None = None):
+        from tunesmith.token_counts import TokenCounts
+
         self.tokenizer = tokenizer
+        self.counts = TokenCounts(tokenizer)
         self.findings = findings
         self.batch = batch
         self.max_length = max_length
         self.pending: list[tuple[int, Conversation]] = []
-        self.pending_done: list[tuple[int, Conversation]] = []
         self.total, self.prompt, self.answer = array("I"), array("I"), array("I")
         self.lines = array("I")
         # Per example over max_length: does training's data.truncate keep the final answer?
@@ -270,48 +273,23 @@ class _TokenCounter:
         # few rows that are too long.
         self.answer_kept: dict[int, bool] = {}
 
-    @staticmethod
-    def _messages(messages: list[Message]) -> list[dict[str, Any]]:
-        out = []
-        for m in messages:
-            d: dict[str, Any] = {"role": m.role, "content": m.content}
-            if "tool_calls" in m.extra:
-                d["tool_calls"] = m.extra["tool_calls"]
-            out.append(d)
-        return out
-
     def add(self, line: int, conv: Conversation) -> None:
         self.pending.append((line, conv))
         if len(self.pending) >= self.batch:
             self.flush()
 
     def flush(self) -> None:
-        full_texts, prompt_texts, lines = [], [], []
-        for line, conv in self.pending:
-            try:
-                full = self.tokenizer.apply_chat_template(self._messages(conv.messages), tokenize=False)
-                prompt = self.tokenizer.apply_chat_template(
-                    self._messages(conv.prompt_messages), tokenize=False, add_generation_prompt=True
-                )
-            except Exception as e:  # jinja raises from inside the template; the template is data here
-                self.findings.add("template_error", "error", f"the chat template refuses this example ({e})", FIXES["template_error"], line)
+        pending, self.pending = self.pending, []
+        counted = self.counts.counts([conv.messages for _, conv in pending])
+        for (line, conv), result in zip(pending, counted):
+            if isinstance(result, Exception):
+                self.findings.add("template_error", "error", f"the chat template refuses this example ({result})", FIXES["template_error"], line)
                 continue
-            full_texts.append(full)
-            prompt_texts.append(prompt)
-            lines.append(line)
-        self.pending_done, self.pending = self.pending, []
-        if not full_texts:
-            return
-        full_ids = self.tokenizer(full_texts, add_special_tokens=False)["input_ids"]
-        prompt_ids = self.tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
-        convs = {line: conv for line, conv in self.pending_done}
-        self.pending_done = []
-        for line, f, p in zip(lines, full_ids, prompt_ids):
-            total, prompt = len(f), min(len(p), len(f))
+            total, prompt = result[0], min(result[1], result[0])
             if self.max_length is not None and total > self.max_length:
                 from tunesmith.formatting import tokenize_conversation
 
-                _, problems = tokenize_conversation(self.tokenizer, convs[line], max_length=self.max_length, truncate=True)
+                _, problems = tokenize_conversation(self.tokenizer, conv, max_length=self.max_length, truncate=True)
                 self.answer_kept[len(self.total)] = "final_answer_too_long" not in problems
             self.total.append(total)
             self.prompt.append(prompt)
