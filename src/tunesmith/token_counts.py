@@ -5,14 +5,14 @@ prompt render (with the generation prompt). Rendering jinja and tokenising a lon
 prompt for every row costs milliseconds; this module renders each distinct structure (the
 system prompt and the roles) once with placeholder contents, so a row's render is the skeleton
 filled with its contents, and tokenises the shared prefix once. Only each row's own part is
-tokenised, many rows in one call.
+tokenised, many rows in one call, and a piece that recurs (a label answer) only once.
 
 Why the counts add up: a fast tokenizer cuts its text at added tokens (`<|im_start|>`, ...) and
-tokenises the pieces between them apart, so a render split just before an added token has as
-many tokens as its two sides. The split is placed there, and every structure is checked against
-full renders of its first rows (text and token count) before its skeleton is trusted; a template
-that trims, tests or rewrites contents, a tokenizer whose added tokens strip spaces, or any
-mismatch sends those rows to the full render, row by row.
+tokenises the pieces between them apart, so a render has one token per added token plus the
+tokens of each piece between them; the prefix ends just before an added token. Every structure
+is checked against full renders of its first rows (text and token count) before its skeleton is
+trusted; a template that trims, tests or rewrites contents, a tokenizer whose added tokens strip
+spaces or are normalized, or any mismatch sends those rows to the full render, row by row.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from tunesmith.schema import Message
 
 # Rows of each structure compared with their full render before its skeleton is trusted.
 VERIFY_ROWS = 8
 # Distinct structures given a skeleton; rows of further ones take the full render.
 MAX_STRUCTURES = 256
+# Token counts of text pieces kept (then forgotten at once): a user turn rarely recurs.
+MAX_PIECES = 65536
 # A placeholder content: private-use characters, with spaces a trimming template would drop.
 _HOLE = " \ue000{}\ue001 "
 # Templates that look into a message's content (a test, a filter, a split) rather than only
@@ -73,14 +73,14 @@ class TokenCounts:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         template = getattr(self.tokenizer, "chat_template", None)
         added = backend.get_added_tokens_decoder() if backend is not None else {}
-        # Added tokens that eat spaces around them join their neighbours: no clean split there.
-        self.added = sorted(
-            (t.content for t in added.values() if not (t.lstrip or t.rstrip or t.single_word or t.normalized)),
-            key=len, reverse=True,
-        )
-        self.ids = {t.content: i for i, t in added.items()}
+        # Longest first, as the tokenizer matches them. One that eats the spaces around it, or
+        # is matched after normalization, has no clean edge: no skeleton then.
+        self.added = sorted((t.content for t in added.values()), key=len, reverse=True)
+        clean = not any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in added.values())
+        self.added_pattern = re.compile("|".join(map(re.escape, self.added))) if self.added else None
+        self.piece_tokens: dict[str, int] = {}
         self.usable = bool(
-            backend is not None and isinstance(template, str) and self.added and not _CONTENT_LOOKED_INTO.search(template)
+            backend is not None and clean and self.added and isinstance(template, str) and not _CONTENT_LOOKED_INTO.search(template)
         )
         self.backend = backend
 
@@ -153,7 +153,7 @@ class TokenCounts:
             parts.append(_fill(skeleton.full, contents)[skeleton.prefix_chars :])
             parts.append(_fill(skeleton.prompt, contents)[skeleton.prefix_chars :])
             owners.append((i, skeleton))
-        part_tokens = self._count_joined(parts) if parts else []
+        part_tokens = self._count_parts(parts) if parts else []
         for k, (i, skeleton) in enumerate(owners):
             out[i] = (skeleton.prefix_tokens + part_tokens[2 * k], skeleton.prefix_tokens + part_tokens[2 * k + 1])
         self._render_rows(batch, slow, out)
@@ -193,7 +193,7 @@ class TokenCounts:
     def _verify(self, skeleton: _Skeleton, messages, full: str, prompt: str, full_tokens: int, prompt_tokens: int) -> None:
         contents = [m.content for m in messages if m.role != "system"]
         filled_full, filled_prompt = _fill(skeleton.full, contents), _fill(skeleton.prompt, contents)
-        parts = self._count_joined([filled_full[skeleton.prefix_chars :], filled_prompt[skeleton.prefix_chars :]])
+        parts = self._count_parts([filled_full[skeleton.prefix_chars :], filled_prompt[skeleton.prefix_chars :]])
         if (
             filled_full != full or filled_prompt != prompt
             or skeleton.prefix_tokens + parts[0] != full_tokens or skeleton.prefix_tokens + parts[1] != prompt_tokens
@@ -202,22 +202,19 @@ class TokenCounts:
         else:
             skeleton.verified += 1
 
-    def _count_joined(self, parts: list[str]) -> list[int]:
-        """Tokens of each part (each starts with an added token), in one call: the parts joined
-        by an added token they do not hold, counted between its ids."""
-        joined = None
-        for separator in self.added:
-            candidate = separator + separator.join(parts) + separator
-            if candidate.count(separator) == len(parts) + 1:
-                joined = candidate
-                break
-        if joined is None:
-            return self.count(parts)
-        ids = np.asarray(self.backend.encode(joined, add_special_tokens=False).ids)
-        at = np.flatnonzero(ids == self.ids[separator])
-        if len(at) != len(parts) + 1:
-            return self.count(parts)
-        return (np.diff(at) - 1).tolist()
+    def _count_parts(self, parts: list[str]) -> list[int]:
+        """Tokens of each part: one per added token in it, plus the tokens of each piece between
+        them, each distinct piece tokenised once (a label answer or the generation prompt
+        recurs on every row) and the new ones in one call."""
+        split = [self.added_pattern.split(part) for part in parts]
+        new = list({piece for pieces in split for piece in pieces if piece and piece not in self.piece_tokens})
+        if new:
+            if len(self.piece_tokens) + len(new) > MAX_PIECES:
+                self.piece_tokens.clear()
+            encoded = self.backend.encode_batch_fast(new, add_special_tokens=False)
+            self.piece_tokens.update(zip(new, map(len, encoded)))
+        tokens = self.piece_tokens
+        return [len(pieces) - 1 + sum([tokens[piece] for piece in pieces if piece]) for pieces in split]
 
 
 def _fill(pieces: list[str], contents: list[str]) -> str:
