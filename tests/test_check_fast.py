@@ -83,7 +83,7 @@ BAD_BYTES = b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "as
 def test_plain_reader_gives_the_exact_readers_rows(tmp_path, monkeypatch):
     path = write(tmp_path, mixed_lines(), BAD_BYTES)
     fast = list(open_source(path, system_prompt="Be brief.")[1])
-    monkeypatch.setattr(data, "_plain_openai_line", lambda raw, number: None)
+    monkeypatch.setattr(data, "_plain_openai_line", lambda raw, number, shared=None: None)
     exact = list(open_source(path, system_prompt="Be brief.")[1])
     assert fast == exact
     codes = {p.code for row in exact for p in row.problems}
@@ -106,7 +106,7 @@ def test_fast_check_reports_what_the_slow_paths_report(tmp_path, monkeypatch):
     kwargs = dict(eval_path=eval_path, redact_path=tmp_path / "fast_redacted.jsonl")
     fast = _report(path, **kwargs)
 
-    monkeypatch.setattr(data, "_plain_openai_line", lambda raw, number: None)
+    monkeypatch.setattr(data, "_plain_openai_line", lambda raw, number, shared=None: None)
     monkeypatch.setattr(check, "find_pii_batch", lambda texts: [find_pii(t) for t in texts])
     word = re.compile(r"\w+")
     monkeypatch.setattr(check, "casefold_words", lambda text: [w.encode("utf-8", "surrogatepass") for w in word.findall(text.casefold())])

@@ -455,7 +455,7 @@ _KEY_END = re.compile(rb'"[ \t\r]*:')
 _SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _plain_openai_line(raw: bytes, number: int) -> Conversation | None:
+def _plain_openai_line(raw: bytes, number: int, shared: dict[str, str] | None = None) -> Conversation | None:
     """The conversation of a plain OpenAI chat line read with orjson; None when the line needs
     the exact reader (`_json_line` then `parse_openai`) to say what it is.
 
@@ -470,7 +470,7 @@ def _plain_openai_line(raw: bytes, number: int) -> Conversation | None:
         record = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
-    plain = parse_openai_plain(record, number)
+    plain = parse_openai_plain(record, number, shared)
     if plain is None:
         return None
     conv, keys = plain
@@ -488,12 +488,13 @@ def _iter_openai_lines(path: Path, system_prompt: str | None) -> Iterator[Parsed
     """Parsed rows of an OpenAI chat JSONL file: plain lines through `_plain_openai_line`, every
     other line through the exact reader; the same rows `parse_rows(_iter_json_lines(...))` gives."""
     reader = _JsonReader()
+    system_prompts: dict[str, str] = {}
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             raw = raw.rstrip(b"\r\n")
-            conv = _plain_openai_line(raw, number)
+            conv = _plain_openai_line(raw, number, system_prompts)
             if conv is not None:
                 problems = plain_exchange_problems(conv, number)
                 yield ParsedRow(number, _with_system(conv, system_prompt), problems)
