@@ -476,12 +476,14 @@ def _add_batch(stats: _RowStats, findings: _Findings, batch: list[tuple[int, Con
     if stats.want_input_signatures:
         stats.input_signature_batches.append(minhash_word_signatures(inputs))
     spans = _batch_pii(stats, batch)
-    for line, conv in batch:
-        redacted = _add_pii(stats, line, conv, spans, out is not None)
-        if out is not None:
-            out.write(conversation_line(Conversation(redacted, conv.source_line, conv.extra)) + "\n")
-            stats.redacted_rows += 1
-        if counter is not None:
+    if out is not None or any(spans.values()):  # most batches hold no personal data at all
+        for line, conv in batch:
+            redacted = _add_pii(stats, line, conv, spans, out is not None)
+            if out is not None:
+                out.write(conversation_line(Conversation(redacted, conv.source_line, conv.extra)) + "\n")
+                stats.redacted_rows += 1
+    if counter is not None:
+        for line, conv in batch:
             counter.add(line, conv)
 
 
