@@ -499,7 +499,7 @@ def _consume(rows, report: CheckReport, findings: _Findings, stats: _RowStats, c
             for p in row.problems:
                 findings.add(p.code, p.severity, p.message, p.fix, p.line)
             conv = row.conversation
-            if conv is None or any(p.severity == "error" for p in row.problems):
+            if conv is None or (row.problems and any(p.severity == "error" for p in row.problems)):
                 continue
             report.examples += 1
             batch.append((row.line, conv))

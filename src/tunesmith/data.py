@@ -497,7 +497,7 @@ def _iter_openai_lines(path: Path, system_prompt: str | None) -> Iterator[Parsed
             conv = _plain_openai_line(raw, number, system_prompts)
             if conv is not None:
                 problems = plain_exchange_problems(conv, number)
-                yield ParsedRow(number, _with_system(conv, system_prompt), problems)
+                yield ParsedRow(number, _with_system(conv, system_prompt) if system_prompt else conv, problems)
                 continue
             row = _json_line(reader, number, *_text_line(number, raw))
             if row is not None:
