@@ -4,8 +4,9 @@ The check streams the file once. Per-row problems (format, roles, weights) come 
 readers in `data.py` and `parsers.py`, each with its line. Everything that needs the whole file
 (duplicates, conflicting answers, near-duplicates, leakage, label balance) is kept as
 fixed-size numbers per row in compact arrays and worked out with numpy at the end: a million
-rows stay well under a GiB. Token counts only run with a model, because loading its tokenizer
-costs seconds.
+rows stay well under a GiB. Valid examples are worked on in batches of BATCH_ROWS, so MinHash
+and the personal-data search run over whole batches. Token counts only run with a model, because
+loading its tokenizer costs seconds; `token_counts.py` renders each distinct system prompt once.
 
 The detectors it runs per row live apart: personal data in `pii.py`, MinHash signatures and
 LSH banding in `minhash.py`.

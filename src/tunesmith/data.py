@@ -14,7 +14,8 @@ consumes the stream to report every problem with its line; `read_conversations` 
 with any problem, because training on half-understood data is worse than not training.
 
 This module finds the records (format detection, containers, columns); `parsers.py` turns each
-one into a `Conversation` and lists its problems.
+one into a `Conversation` and lists its problems. Plain OpenAI chat lines (the bulk of a large
+file) are read with orjson; any other line takes the exact reader, which names its problem.
 """
 
 from __future__ import annotations
