@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import json
-import re
 import time
 from array import array
 from collections import Counter

@@ -102,7 +102,7 @@ class TokenCounts:
             return None
         return tuple((m.role, m.content if m.role == "system" else None) for m in messages)
 
-    def _skeleton(self, key: tuple, messages: list[Message]) -> _Skeleton | None:
+    def _skeleton(self, messages: list[Message]) -> _Skeleton | None:
         """Render the structure once with placeholders and cut it into pieces; None when the
         template does not print each content once, as is."""
         holes = [_HOLE.format(i) for i in range(len(messages))]
@@ -166,7 +166,7 @@ class TokenCounts:
         if key not in self.skeletons:
             if len(self.skeletons) >= MAX_STRUCTURES:
                 return None
-            self.skeletons[key] = self._skeleton(key, messages)
+            self.skeletons[key] = self._skeleton(messages)
         skeleton = self.skeletons[key]
         return None if skeleton is None or skeleton.broken else skeleton
 
