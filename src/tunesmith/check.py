@@ -4,8 +4,9 @@ The check streams the file once. Per-row problems (format, roles, weights) come 
 readers in `data.py` and `parsers.py`, each with its line. Everything that needs the whole file
 (duplicates, conflicting answers, near-duplicates, leakage, label balance) is kept as
 fixed-size numbers per row in compact arrays and worked out with numpy at the end: a million
-rows stay well under a GiB. Token counts only run with a model, because loading its tokenizer
-costs seconds.
+rows stay well under a GiB. Valid examples are worked on in batches of BATCH_ROWS, so MinHash
+and the personal-data search run over whole batches. Token counts only run with a model, because
+loading its tokenizer costs seconds; `token_counts.py` renders each distinct system prompt once.
 
 The detectors it runs per row live apart: personal data in `pii.py`, MinHash signatures and
 LSH banding in `minhash.py`.
@@ -15,9 +16,8 @@ LSH banding in `minhash.py`.
 
 from __future__ import annotations
 
-import hashlib
+import gc
 import json
-import re
 import time
 from array import array
 from collections import Counter
@@ -39,11 +39,13 @@ from tunesmith.minhash import (
     MINHASH_BATCH,
     MINHASH_PERMUTATIONS,
     band_keys,
+    casefold_words,
     minhash_signatures,
+    minhash_word_signatures,
     near_duplicates,
     rows_per_band,
 )
-from tunesmith.pii import PII_KINDS, find_pii, redact_text
+from tunesmith.pii import PII_KINDS, find_pii_batch, redact_text
 from tunesmith.schema import Conversation, Message
 
 # OpenAI refuses fewer than 10 examples; the guide's sizes for advice.
@@ -53,9 +55,6 @@ SWEET_SPOT = (500, 5000)
 IMBALANCE_RATIO = 10.0  # largest label / smallest label above which the set is called imbalanced
 # Findings kept per code (their count is always exact): a file broken on every line stays small.
 MAX_FINDINGS_PER_CODE = 1000
-
-# Words, for the shape statistics (input and answer lengths, answer words found in the prompt).
-_WORD = re.compile(r"\w+")
 
 FIXES = {
     "too_few_examples": f"collect at least {MIN_EXAMPLES} examples (OpenAI's minimum); a few hundred reviewed ones to fine-tune well",
@@ -149,21 +148,64 @@ class _Findings:
 # Hashes (exact duplicates, conflicts, leakage) and what near-duplicates compare
 
 
-def _hash64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+def _hash64(key: str | tuple) -> int:
+    """A 64-bit hash of a text or a tuple of texts, equal within this process only: Python's
+    own keyed SipHash, computed in C and cached by each str. Nothing outside the check ever
+    sees these numbers."""
+    return hash(key) & 0xFFFFFFFFFFFFFFFF
 
 
-def _conversation_key(conv: Conversation) -> str:
+def _conversation_key(conv: Conversation) -> tuple | str:
+    """What makes two examples the same (for `_hash64`): the fields `to_openai` writes.
+
+    A conversation without extra fields is a tuple of (role, content, name, an answer's
+    weight), which Python hashes in C from the strings' cached hashes; any other is its
+    canonical JSON (sorted keys). Equal conversations are both of one kind.
+    """
+    messages = conv.messages
+    if not conv.extra and not any([m.extra for m in messages]):
+        return tuple([(m.role, m.content, m.name, m.weight if m.role == "assistant" else 1) for m in messages])
     return json.dumps(conv.to_openai(), ensure_ascii=False, sort_keys=True)
 
 
-def _prompt_key(conv: Conversation) -> str:
-    return "\x1e".join(f"{m.role}\x1f{normalize_text(m.content)}" for m in conv.prompt_messages)
+def _prompt_key(prompt_messages: list[Message], normalized: dict[str, tuple[str, ...]]) -> tuple:
+    """The prompt's roles and texts as `normalize_text` sees them (the casefolded whitespace-split
+    words, equal exactly when the normalized texts are); `normalized` caches the texts that
+    repeat (system prompts), each split once."""
+    parts = []
+    for m in prompt_messages:
+        words = normalized.get(m.content) if m.role == "system" else None
+        if words is None:
+            words = tuple(m.content.casefold().split())
+            if m.role == "system" and len(normalized) < 1000:
+                normalized[m.content] = words
+        parts.append((m.role, words))
+    return tuple(parts)
 
 
-def _dedup_text(conv: Conversation) -> str:
-    """What near-duplicates compare: every non-system turn (a shared system prompt is not content)."""
-    return "\n".join(m.content for m in conv.messages if m.role != "system")
+def _row_words(conv: Conversation, last: int | None, cache: dict[str, list[bytes]]) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """`casefold_words` of the input (`input_text`), of the answer and of every non-system turn
+    (what near-duplicates compare: a shared system prompt is not content), each turn split once.
+    `last`: the index of the last assistant turn; `cache`: answers' words (answers repeat)."""
+    prompt: list[bytes] = []
+    answer: list[bytes] = []
+    compared: list[bytes] = []
+    for i, m in enumerate(conv.messages):
+        if m.role == "system":
+            continue
+        words = cache.get(m.content) if m.role == "assistant" else None
+        if words is None:
+            words = casefold_words(m.content)
+            if m.role == "assistant":
+                if len(cache) >= 4096:
+                    cache.clear()
+                cache[m.content] = words
+        compared += words
+        if last is None or i < last:
+            prompt += words
+        elif i == last:
+            answer = words
+    return prompt, answer, compared
 
 
 def _percentiles(values: np.ndarray) -> dict[str, float] | None:
@@ -212,15 +254,18 @@ def size_advice(examples: int) -> str:
 
 
 class _TokenCounter:
-    """Counts total / prompt / answer tokens per example, rendering in batches for speed."""
+    """Counts total / prompt / answer tokens per example, in batches (`token_counts`: each
+    distinct system prompt and structure rendered and tokenised once)."""
 
-    def __init__(self, tokenizer, findings: _Findings, batch: int = 256, max_length: int | None = None):
+    def __init__(self, tokenizer, findings: _Findings, batch: int = 1024, max_length: int | None = None):
+        from tunesmith.token_counts import TokenCounts
+
         self.tokenizer = tokenizer
+        self.counts = TokenCounts(tokenizer)
         self.findings = findings
         self.batch = batch
         self.max_length = max_length
         self.pending: list[tuple[int, Conversation]] = []
-        self.pending_done: list[tuple[int, Conversation]] = []
         self.total, self.prompt, self.answer = array("I"), array("I"), array("I")
         self.lines = array("I")
         # Per example over max_length: does training's data.truncate keep the final answer?
@@ -228,48 +273,23 @@ class _TokenCounter:
         # few rows that are too long.
         self.answer_kept: dict[int, bool] = {}
 
-    @staticmethod
-    def _messages(messages: list[Message]) -> list[dict[str, Any]]:
-        out = []
-        for m in messages:
-            d: dict[str, Any] = {"role": m.role, "content": m.content}
-            if "tool_calls" in m.extra:
-                d["tool_calls"] = m.extra["tool_calls"]
-            out.append(d)
-        return out
-
     def add(self, line: int, conv: Conversation) -> None:
         self.pending.append((line, conv))
         if len(self.pending) >= self.batch:
             self.flush()
 
     def flush(self) -> None:
-        full_texts, prompt_texts, lines = [], [], []
-        for line, conv in self.pending:
-            try:
-                full = self.tokenizer.apply_chat_template(self._messages(conv.messages), tokenize=False)
-                prompt = self.tokenizer.apply_chat_template(
-                    self._messages(conv.prompt_messages), tokenize=False, add_generation_prompt=True
-                )
-            except Exception as e:  # jinja raises from inside the template; the template is data here
-                self.findings.add("template_error", "error", f"the chat template refuses this example ({e})", FIXES["template_error"], line)
+        pending, self.pending = self.pending, []
+        counted = self.counts.counts([conv.messages for _, conv in pending])
+        for (line, conv), result in zip(pending, counted):
+            if isinstance(result, Exception):
+                self.findings.add("template_error", "error", f"the chat template refuses this example ({result})", FIXES["template_error"], line)
                 continue
-            full_texts.append(full)
-            prompt_texts.append(prompt)
-            lines.append(line)
-        self.pending_done, self.pending = self.pending, []
-        if not full_texts:
-            return
-        full_ids = self.tokenizer(full_texts, add_special_tokens=False)["input_ids"]
-        prompt_ids = self.tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
-        convs = {line: conv for line, conv in self.pending_done}
-        self.pending_done = []
-        for line, f, p in zip(lines, full_ids, prompt_ids):
-            total, prompt = len(f), min(len(p), len(f))
+            total, prompt = result[0], min(result[1], result[0])
             if self.max_length is not None and total > self.max_length:
                 from tunesmith.formatting import tokenize_conversation
 
-                _, problems = tokenize_conversation(self.tokenizer, convs[line], max_length=self.max_length, truncate=True)
+                _, problems = tokenize_conversation(self.tokenizer, conv, max_length=self.max_length, truncate=True)
                 self.answer_kept[len(self.total)] = "final_answer_too_long" not in problems
             self.total.append(total)
             self.prompt.append(prompt)
@@ -319,8 +339,9 @@ class _RowStats:
     overlap: array = field(default_factory=lambda: array("f"))
     signature_batches: list[np.ndarray] = field(default_factory=list)
     input_signature_batches: list[np.ndarray] = field(default_factory=list)
-    dedup_texts: list[str] = field(default_factory=list)
-    input_texts: list[str] = field(default_factory=list)
+    # Normalized system prompts, each normalized once for the prompt hashes; answers' words.
+    normalized: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    answer_words_cache: dict[str, list[bytes]] = field(default_factory=dict)
     # Shape of the task (metrics.task_kind's counts), for the label check and `advise`; labels is
     # None once the answers cannot be a label set.
     labels: Counter[str] | None = field(default_factory=Counter)
@@ -337,15 +358,6 @@ class _RowStats:
     pii_cache: dict[str, list[tuple[int, int, str]]] = field(default_factory=dict)
     redacted_rows: int = 0
 
-    def flush_signatures(self) -> None:
-        """MinHash the texts still pending (they are hashed in batches of MINHASH_BATCH)."""
-        if self.dedup_texts:
-            self.signature_batches.append(minhash_signatures(self.dedup_texts))
-            self.dedup_texts.clear()
-        if self.input_texts:
-            self.input_signature_batches.append(minhash_signatures(self.input_texts))
-            self.input_texts.clear()
-
     @staticmethod
     def _stack(batches: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(batches) if batches else np.zeros((0, MINHASH_PERMUTATIONS), np.uint16)
@@ -357,36 +369,32 @@ class _RowStats:
         return self._stack(self.input_signature_batches)
 
 
-def _add_hashes(stats: _RowStats, line: int, conv: Conversation, target: str, user_text: str) -> None:
-    """Hashes for duplicates, conflicts and leakage; texts for the near-duplicate signatures."""
+def _add_hashes(stats: _RowStats, line: int, conv: Conversation, prompt: list[Message], target: str, user_text: str) -> None:
+    """Hashes for duplicates, conflicts and leakage."""
     stats.lines.append(line)
     stats.conv_hash.append(_hash64(_conversation_key(conv)))
-    stats.prompt_hash.append(_hash64(_prompt_key(conv)))
+    stats.prompt_hash.append(_hash64(_prompt_key(prompt, stats.normalized)))
     stats.target_hash.append(_hash64(target))
-    stats.dedup_texts.append(_dedup_text(conv))
-    if len(stats.dedup_texts) >= MINHASH_BATCH:
-        stats.signature_batches.append(minhash_signatures(stats.dedup_texts))
-        stats.dedup_texts.clear()
     if stats.want_input_signatures:
         stats.input_hash.append(_hash64(normalize_text(user_text)))
-        stats.input_texts.append(user_text)
-        if len(stats.input_texts) >= MINHASH_BATCH:
-            stats.input_signature_batches.append(minhash_signatures(stats.input_texts))
-            stats.input_texts.clear()
 
 
-def _add_shape(stats: _RowStats, findings: _Findings, line: int, conv: Conversation, target: str, user_text: str) -> None:
-    """Labels, JSON answers, word counts and overlap, questions, turns: the shape of the task."""
-    stats.json_answers += M.is_json_answer(target)
+def _add_shape(stats: _RowStats, findings: _Findings, line: int, conv: Conversation, target: str, user_text: str, words) -> None:
+    """Labels, JSON answers, word counts and overlap, questions, turns: the shape of the task.
+    `words` are `_row_words(conv)`'s input and answer words."""
+    # Only an answer starting with {, [ or a code fence can be JSON (or look like it).
+    looks_json, parsed = _json_answer(target) if target.startswith(("{", "[", "```")) else (False, None)
+    stats.json_answers += (looks_json or target.startswith("```")) and M.is_json_answer(target)
     if stats.labels is not None:
-        if not M.is_label(target):
+        if target in stats.labels:  # seen: a label, already normalized
+            stats.labels[target] += 1
+        elif not M.is_label(target):
             stats.labels = None
         else:
             stats.labels[target] += 1
             stats.label_keys.add(M.normalize_label(target))
             if len(stats.label_keys) > M.LABEL_MAX_COUNT:
                 stats.labels = None
-    looks_json, parsed = _json_answer(target)
     if looks_json:
         stats.json_like += 1
         if parsed is None:
@@ -395,59 +403,116 @@ def _add_shape(stats: _RowStats, findings: _Findings, line: int, conv: Conversat
             stats.json_ok += 1
             if isinstance(parsed, dict) and len(stats.key_sets) < 1000:
                 stats.key_sets[",".join(sorted(parsed))] += 1
-    prompt_words = _WORD.findall(user_text.casefold())
-    target_words = _WORD.findall(target.casefold())
+    prompt_words, target_words = words
     stats.input_words.append(len(prompt_words))
     stats.answer_words.append(len(target_words))
     if target_words:
         prompt_set = set(prompt_words)
-        stats.overlap.append(sum(w in prompt_set for w in target_words) / len(target_words))
+        stats.overlap.append(sum(map(prompt_set.__contains__, target_words)) / len(target_words))
     else:
         stats.overlap.append(0.0)
     if "?" in user_text:
         stats.questions += 1
-    if sum(m.role == "user" for m in conv.messages) > 1:
+    if [m.role for m in conv.messages].count("user") > 1:
         stats.multi_turn += 1
 
 
-def _scan_pii(stats: _RowStats, line: int, conv: Conversation, redact: bool) -> list[Message]:
+def _batch_pii(stats: _RowStats, batch: list[tuple[int, Conversation]]) -> dict[str, list[tuple[int, int, str]]]:
+    """Personal-data spans of every message content of the batch, each distinct content scanned
+    once (`pii.find_pii_batch`); system prompts stay cached across batches."""
+    spans: dict[str, list[tuple[int, int, str]] | None] = {}
+    cache = stats.pii_cache
+    systems = []
+    for _, conv in batch:
+        for m in conv.messages:
+            if m.content not in spans:
+                spans[m.content] = cache.get(m.content)  # None: to scan
+                if m.role == "system":
+                    systems.append(m.content)
+    todo = [text for text, found in spans.items() if found is None]
+    spans.update(zip(todo, find_pii_batch(todo)))
+    for text in systems:
+        if len(cache) < 1000:
+            cache[text] = spans[text]  # type: ignore[assignment]
+    return spans  # type: ignore[return-value]
+
+
+def _add_pii(stats: _RowStats, line: int, conv: Conversation, spans: dict, redact: bool) -> list[Message]:
     """Count personal data per kind (with up to 20 lines each); the redacted messages when asked."""
     redacted_messages = []
     for m in conv.messages:
-        spans = stats.pii_cache.get(m.content)
-        if spans is None:
-            spans = find_pii(m.content)
-            if m.role == "system" and len(stats.pii_cache) < 1000:
-                stats.pii_cache[m.content] = spans
-        for _, _, kind in spans:
+        found = spans[m.content]
+        for _, _, kind in found:
             stats.pii_counts[kind] += 1
             seen = stats.pii_lines.setdefault(kind, [])
             if len(seen) < 20 and (not seen or seen[-1] != line):
                 seen.append(line)
         if redact:
-            redacted_messages.append(Message(m.role, redact_text(m.content, spans) if spans else m.content, m.weight, m.name, m.extra))
+            redacted_messages.append(Message(m.role, redact_text(m.content, found) if found else m.content, m.weight, m.name, m.extra))
     return redacted_messages
 
 
+# Examples per batch of the pass: MinHash and the personal-data search run over whole batches.
+BATCH_ROWS = MINHASH_BATCH
+
+
+def _add_batch(stats: _RowStats, findings: _Findings, batch: list[tuple[int, Conversation]], counter, out) -> None:
+    """Every per-example statistic of a batch of valid examples, in file order."""
+    if not batch:
+        return
+    compared, inputs = [], []
+    for line, conv in batch:
+        # conv.prompt_messages, conv.target and conv.input_text, finding the last answer once.
+        last = conv.last_assistant_index()
+        prompt = conv.messages if last is None else conv.messages[:last]
+        target = "" if last is None else conv.messages[last].content.strip()
+        user_text = "\n".join([m.content for m in prompt if m.role != "system"])
+        prompt_words, target_words, compared_words = _row_words(conv, last, stats.answer_words_cache)
+        compared.append(compared_words)
+        inputs.append(prompt_words)
+        _add_hashes(stats, line, conv, prompt, target, user_text)
+        _add_shape(stats, findings, line, conv, target, user_text, (prompt_words, target_words))
+    stats.signature_batches.append(minhash_word_signatures(compared))
+    if stats.want_input_signatures:
+        stats.input_signature_batches.append(minhash_word_signatures(inputs))
+    spans = _batch_pii(stats, batch)
+    if out is not None or any(spans.values()):  # most batches hold no personal data at all
+        for line, conv in batch:
+            redacted = _add_pii(stats, line, conv, spans, out is not None)
+            if out is not None:
+                out.write(conversation_line(Conversation(redacted, conv.source_line, conv.extra)) + "\n")
+                stats.redacted_rows += 1
+    if counter is not None:
+        for line, conv in batch:
+            counter.add(line, conv)
+
+
 def _consume(rows, report: CheckReport, findings: _Findings, stats: _RowStats, counter: "_TokenCounter | None", out) -> None:
-    """The one pass: each row's problems, then every per-example statistic of a valid example."""
-    for row in rows:
-        report.rows += 1
-        for p in row.problems:
-            findings.add(p.code, p.severity, p.message, p.fix, p.line)
-        conv = row.conversation
-        if conv is None or any(p.severity == "error" for p in row.problems):
-            continue
-        report.examples += 1
-        target, user_text = (conv.target or "").strip(), conv.input_text
-        _add_hashes(stats, row.line, conv, target, user_text)
-        _add_shape(stats, findings, row.line, conv, target, user_text)
-        redacted = _scan_pii(stats, row.line, conv, out is not None)
-        if out is not None:
-            out.write(conversation_line(Conversation(redacted, conv.source_line, conv.extra)) + "\n")
-            stats.redacted_rows += 1
-        if counter is not None:
-            counter.add(row.line, conv)
+    """The one pass: each row's problems, then every per-example statistic of a valid example
+    (in batches); a reader that cannot go on still has the rows before it counted."""
+    batch: list[tuple[int, Conversation]] = []
+    collecting = gc.isenabled()
+    gc.disable()  # the pass makes no reference cycles: collections would only walk its objects
+    try:
+        for row in rows:
+            report.rows += 1
+            for p in row.problems:
+                findings.add(p.code, p.severity, p.message, p.fix, p.line)
+            conv = row.conversation
+            if conv is None or (row.problems and any(p.severity == "error" for p in row.problems)):
+                continue
+            report.examples += 1
+            batch.append((row.line, conv))
+            if len(batch) >= BATCH_ROWS:
+                _add_batch(stats, findings, batch, counter, out)
+                batch = []
+    except UserError:
+        _add_batch(stats, findings, batch, counter, out)
+        raise
+    finally:
+        if collecting:
+            gc.enable()
+    _add_batch(stats, findings, batch, counter, out)
 
 
 def _read_rows(report, findings, stats, counter, rows, redact_path, inputs, force) -> None:
@@ -464,7 +529,6 @@ def _read_rows(report, findings, stats, counter, rows, redact_path, inputs, forc
             _consume(rows, report, findings, stats, counter, None)
     except UserError as e:
         findings.add("unreadable", "error", e.message, e.hint or "", None)
-    stats.flush_signatures()
     if counter is not None:
         counter.flush()
 

@@ -607,6 +607,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "transformers" not in sys.modules:
+        return  # transformers reads the variable when imported: no 2 s import for `data check`
     try:
         from transformers.utils import logging as hf_logging
 

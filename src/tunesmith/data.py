@@ -14,7 +14,8 @@ consumes the stream to report every problem with its line; `read_conversations` 
 with any problem, because training on half-understood data is worse than not training.
 
 This module finds the records (format detection, containers, columns); `parsers.py` turns each
-one into a `Conversation` and lists its problems.
+one into a `Conversation` and lists its problems. Plain OpenAI chat lines (the bulk of a large
+file) are read with orjson; any other line takes the exact reader, which names its problem.
 """
 
 from __future__ import annotations
@@ -28,10 +29,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import orjson
+
 from tunesmith.artifacts import atomic_output, atomic_path, guard_output
 from tunesmith.errors import UserError
 from tunesmith.humanize import plural
-from tunesmith.parsers import FIXES, PARSERS, ParsedRow, Problem, parse_rows
+from tunesmith.parsers import (
+    FIXES,
+    PARSERS,
+    ParsedRow,
+    Problem,
+    _with_system,
+    parse_openai_plain,
+    plain_exchange_problems,
+    parse_rows,
+)
 from tunesmith.schema import Conversation
 
 FORMATS = ("auto", "openai", "prompt_completion", "alpaca", "sharegpt", "csv", "tsv", "parquet", "hf_disk")
@@ -76,16 +88,18 @@ def iter_text_lines(path: Path) -> Iterator[tuple[int, str, Problem | None]]:
         for number, raw in enumerate(f, 1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
-            raw = raw.rstrip(b"\r\n")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield number, raw.decode("utf-8", "replace"), _utf8_problem(raw, e, number)
-                continue
-            if "\x00" in text:
-                yield number, text, Problem("nul_byte", f"a NUL byte (0x00) at column {raw.index(0) + 1}", number)
-                continue
-            yield number, text, None
+            yield (number, *_text_line(number, raw.rstrip(b"\r\n")))
+
+
+def _text_line(number: int, raw: bytes) -> tuple[str, Problem | None]:
+    """One line's bytes (newline removed) as text, with its UTF-8 or NUL problem or None."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return raw.decode("utf-8", "replace"), _utf8_problem(raw, e, number)
+    if "\x00" in text:
+        return text, Problem("nul_byte", f"a NUL byte (0x00) at column {raw.index(0) + 1}", number)
+    return text, None
 
 
 # Byte-order marks and magic numbers: a file in another encoding, or compressed, is named as
@@ -408,28 +422,87 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 def _iter_json_lines(path: Path) -> Iterator[tuple[int, Any, Problem | None]]:
     reader = _JsonReader()
     for number, text, problem in iter_text_lines(path):
-        if problem is not None:
-            yield number, None, problem
-            continue
-        if not text.strip():
-            continue
-        try:
-            value = reader.decoder.decode(text)
-        except RecursionError:
-            yield number, None, Problem("invalid_json", "invalid JSON (nested too deeply)", number)
-            continue
-        except ValueError as e:
-            # json's own messages end in " at" ("Invalid control character at"): the column follows.
-            msg = getattr(e, "msg", str(e)).removesuffix(" at")
-            col = getattr(e, "colno", None)
-            where = f" at column {col}" if col else ""
-            if "\r" in text:
-                where += "; the file's lines end with a bare CR (old Mac style): convert them to LF"
-            reader.duplicates.clear()
-            yield number, None, Problem("invalid_json", f"invalid JSON ({msg}{where})", number)
-            continue
-        bad = reader.problem(text, value, number)
-        yield number, (None if bad else value), bad
+        row = _json_line(reader, number, text, problem)
+        if row is not None:
+            yield row
+
+
+def _json_line(reader: _JsonReader, number: int, text: str, problem: Problem | None) -> tuple[int, Any, Problem | None] | None:
+    """(line, value, problem) of one JSON line; None for a blank line."""
+    if problem is not None:
+        return number, None, problem
+    if not text.strip():
+        return None
+    try:
+        value = reader.decoder.decode(text)
+    except RecursionError:
+        return number, None, Problem("invalid_json", "invalid JSON (nested too deeply)", number)
+    except ValueError as e:
+        # json's own messages end in " at" ("Invalid control character at"): the column follows.
+        msg = getattr(e, "msg", str(e)).removesuffix(" at")
+        col = getattr(e, "colno", None)
+        where = f" at column {col}" if col else ""
+        if "\r" in text:
+            where += "; the file's lines end with a bare CR (old Mac style): convert them to LF"
+        reader.duplicates.clear()
+        return number, None, Problem("invalid_json", f"invalid JSON ({msg}{where})", number)
+    bad = reader.problem(text, value, number)
+    return number, (None if bad else value), bad
+
+
+# A key ends with its closing quote, optional whitespace and a colon; a string can hold the same
+# bytes (an escaped quote), so counting them bounds the number of keys from above.
+_KEY_END = re.compile(rb'"[ \t\r]*:')
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _plain_openai_line(raw: bytes, number: int, shared: dict[str, str] | None = None) -> Conversation | None:
+    """The conversation of a plain OpenAI chat line read with orjson; None when the line needs
+    the exact reader (`_json_line` then `parse_openai`) to say what it is.
+
+    Why: most lines of a large file are plain, and orjson reads them several times faster than
+    `json` with the duplicate-key hook. orjson keeps the last of duplicate keys silently, so
+    the line must have no more key ends than the record has keys; a NUL, a surrogate escape,
+    or anything orjson refuses (invalid UTF-8, NaN, bad JSON) goes to the exact reader.
+    """
+    if b"\x00" in raw or (b"\\u" in raw and _SURROGATE_ESCAPE_BYTES.search(raw)):
+        return None
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    plain = parse_openai_plain(record, number, shared)
+    if plain is None:
+        return None
+    conv, keys = plain
+    # Every quote outside a string's escapes opens or closes a key or a string value; a plain
+    # record's strings are its keys and two values a message. As many quotes as those need:
+    # no escaped quote and no string beyond them, so no repeated key.
+    if raw.count(b'"') == 2 * (keys + 2 * len(conv.messages)):
+        return conv
+    spaced = b'" ' in raw or b'"\t' in raw or b'"\r' in raw
+    key_ends = len(_KEY_END.findall(raw)) if spaced else raw.count(b'":')
+    return conv if key_ends == keys else None
+
+
+def _iter_openai_lines(path: Path, system_prompt: str | None) -> Iterator[ParsedRow]:
+    """Parsed rows of an OpenAI chat JSONL file: plain lines through `_plain_openai_line`, every
+    other line through the exact reader; the same rows `parse_rows(_iter_json_lines(...))` gives."""
+    reader = _JsonReader()
+    system_prompts: dict[str, str] = {}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            raw = raw.rstrip(b"\r\n")
+            conv = _plain_openai_line(raw, number, system_prompts)
+            if conv is not None:
+                problems = plain_exchange_problems(conv, number)
+                yield ParsedRow(number, _with_system(conv, system_prompt) if system_prompt else conv, problems)
+                continue
+            row = _json_line(reader, number, *_text_line(number, raw))
+            if row is not None:
+                yield from parse_rows(iter([row]), "openai", None, None, system_prompt)
 
 
 def _iter_delimited(path: Path, delimiter: str) -> tuple[list[str], Iterator[tuple[int, dict | None, Problem | None]]]:
@@ -601,6 +674,8 @@ def open_source(
         source = Source(path, format, container, input_col, output_col, columns)
         return source, parse_rows(raw_rows, record_format, input_col, output_col, system_prompt, from_table=True)
 
+    if format == "openai" and container == "lines":
+        return Source(path, format, container, input_col, output_col), _iter_openai_lines(path, system_prompt)
     raw_rows = _iter_json_array(path) if container == "array" else _iter_json_lines(path)
     if format == "array":
         # Peek the first object of the array for its keys, then parse every element in that format.

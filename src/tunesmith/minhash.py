@@ -11,6 +11,7 @@ the pairs: this module is numpy on texts and signatures only.
 
 from __future__ import annotations
 
+import itertools
 import re
 import zlib
 
@@ -27,53 +28,76 @@ _MINHASH_B = _rng.integers(0, 2**63, MINHASH_PERMUTATIONS, dtype=np.uint64)
 _WORD = re.compile(r"\w+")
 
 
+_WORD_ASCII = re.compile(rb"\w+")
+
+
+def casefold_words(text: str) -> list[bytes]:
+    """The casefolded `\\w+` words of `text`, each UTF-8 encoded (what MinHash hashes).
+
+    An ASCII text (most) is split as bytes, where lower() is casefold() and `\\w` matches what
+    it matches in str, a third faster and without encoding each word afterwards.
+    """
+    if text.isascii():
+        return _WORD_ASCII.findall(text.encode("ascii").lower())
+    return [w.encode("utf-8", "surrogatepass") for w in _WORD.findall(text.casefold())]
+
+
 def minhash_signatures(texts: list[str]) -> np.ndarray:
     """(len(texts), 64) uint16 b-bit MinHash signatures over word 3-gram shingles.
 
     A text with fewer than three words is one shingle; an empty text gets all-0xFFFF (and is
-    never called a near-duplicate). Words are hashed with crc32, shingles combined in numpy,
-    and rows processed in chunks of bounded shingle count, so long documents stay small.
+    never called a near-duplicate). Words are `casefold_words`.
     """
-    out = np.full((len(texts), MINHASH_PERMUTATIONS), 0xFFFF, dtype=np.uint16)
-    chunk_rows: list[int] = []
-    chunk_hashes: list[list[int]] = []
-    chunk_words = 0
-    for i, text in enumerate(texts):
-        words = _WORD.findall(text.casefold())
-        if not words:
-            continue
-        chunk_rows.append(i)
-        chunk_hashes.append([zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in words])
-        chunk_words += len(words)
-        if chunk_words >= 32768:
-            out[chunk_rows] = _signatures(chunk_hashes)
-            chunk_rows, chunk_hashes, chunk_words = [], [], 0
-    if chunk_rows:
-        out[chunk_rows] = _signatures(chunk_hashes)
+    return minhash_word_signatures([casefold_words(text) for text in texts])
+
+
+def minhash_word_signatures(rows_words: list[list[bytes]]) -> np.ndarray:
+    """`minhash_signatures` of texts already split by `casefold_words` (a caller that needs
+    the words anyway splits each text once).
+
+    Words are hashed with crc32, shingles combined in numpy, and rows processed in chunks of
+    bounded word count, so long documents stay small.
+    """
+    out = np.full((len(rows_words), MINHASH_PERMUTATIONS), 0xFFFF, dtype=np.uint16)
+    rows = [i for i, words in enumerate(rows_words) if words]
+    begin = 0
+    while begin < len(rows):
+        end, chunk_words = begin, 0
+        while end < len(rows) and (chunk_words < 32768 or end == begin):
+            chunk_words += len(rows_words[rows[end]])
+            end += 1
+        chunk = [rows_words[i] for i in rows[begin:end]]
+        words = itertools.chain.from_iterable(chunk)
+        hashes = np.fromiter(map(zlib.crc32, words), dtype=np.uint64, count=chunk_words)
+        out[rows[begin:end]] = _signatures(hashes, np.fromiter(map(len, chunk), dtype=np.int64, count=len(chunk)))
+        begin = end
     return out
 
 
-def _signatures(rows_word_hashes: list[list[int]]) -> np.ndarray:
-    """MinHash of rows given as lists of word hashes (each row non-empty)."""
-    lengths = np.fromiter((len(r) for r in rows_word_hashes), dtype=np.int64, count=len(rows_word_hashes))
-    wh = np.fromiter((h for r in rows_word_hashes for h in r), dtype=np.uint64, count=int(lengths.sum()))
+def _signatures(wh: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """MinHash of rows given as their word hashes end to end (`wh`) and their word counts
+    (`lengths`, each at least one)."""
     starts = np.cumsum(lengths) - lengths
     # One shingle per window of three words; a row shorter than three words is one shingle.
     counts = np.maximum(lengths - 2, 1)
-    row_of = np.repeat(np.arange(len(lengths)), counts)
     p = np.repeat(starts, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
     end = np.repeat(starts + lengths, counts)
     golden, mix = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)
+    seg_starts = np.cumsum(counts) - counts
+    mins = np.empty((MINHASH_PERMUTATIONS, len(lengths)), dtype=np.uint64)
     with np.errstate(over="ignore"):
         h = wh[p] * golden
         second = p + 1 < end
         h[second] += wh[np.minimum(p + 1, len(wh) - 1)][second] * mix
         third = p + 2 < end
         h[third] += wh[np.minimum(p + 2, len(wh) - 1)][third]
-        permuted = _MINHASH_A[:, None] * h[None, :] + _MINHASH_B[:, None]
-    seg_starts = np.cumsum(counts) - counts
-    del row_of
-    mins = np.minimum.reduceat(permuted, seg_starts, axis=1)  # (64, rows)
+        # One permutation at a time: a shingle-long buffer stays in cache, a (64, shingles)
+        # matrix would not.
+        permuted = np.empty_like(h)
+        for k in range(MINHASH_PERMUTATIONS):
+            np.multiply(h, _MINHASH_A[k], out=permuted)
+            permuted += _MINHASH_B[k]
+            mins[k] = np.minimum.reduceat(permuted, seg_starts)
     return (mins & np.uint64(0xFFFF)).astype(np.uint16).T
 
 

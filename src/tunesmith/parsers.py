@@ -140,6 +140,21 @@ def conversation_problems(conv: Conversation, line: int | None) -> list[Problem]
     return problems
 
 
+def plain_exchange_problems(conv: Conversation, line: int | None) -> list[Problem]:
+    """`conversation_problems`, answered at once for the commonest example: an optional system
+    turn, a user turn and a trained assistant turn, neither empty (none of the problems)."""
+    messages = conv.messages
+    first = 1 if len(messages) == 3 and messages[0].role == "system" else 0
+    if len(messages) - first == 2:
+        user, answer = messages[first], messages[first + 1]
+        if (
+            user.role == "user" and answer.role == "assistant" and answer.weight == 1 and not answer.extra
+            and user.content.strip() and answer.content.strip()
+        ):
+            return []
+    return conversation_problems(conv, line)
+
+
 def _with_system(conv: Conversation, system_prompt: str | None) -> Conversation:
     if system_prompt and not any(m.role == "system" for m in conv.messages):
         conv.messages.insert(0, Message(role="system", content=system_prompt))
@@ -219,6 +234,43 @@ def parse_openai(record: Any, line: int) -> tuple[Conversation | None, list[Prob
     if extra:
         conv.extra.update(extra)
     return conv, conversation_problems(conv, line)
+
+
+def parse_openai_plain(record: Any, line: int, shared: dict[str, str] | None = None) -> tuple[Conversation, int] | None:
+    """`parse_openai`'s conversation of a plain record, and how many keys the record holds;
+    None for any other record.
+
+    Plain: only "messages", each message only a known role and string content (and a 0/1 weight
+    on an assistant turn). Such a record has no problem `parse_openai` could find, so the many
+    rows of a large file skip its field-by-field walk; every other record takes that walk.
+    `shared` maps each system prompt to one string object, so a prompt repeated on every row is
+    stored once and hashed once (a str caches its hash) by every lookup downstream.
+    """
+    if type(record) is not dict or len(record) != 1:
+        return None
+    messages = record.get("messages")
+    if type(messages) is not list or not messages:
+        return None
+    out = []
+    keys = 1
+    for m in messages:
+        if type(m) is not dict:
+            return None
+        role, content, n = m.get("role"), m.get("content"), len(m)
+        if type(content) is not str or type(role) is not str or role not in ROLES:
+            return None
+        if role == "system" and shared is not None:
+            if len(shared) >= 1000:
+                shared.clear()
+            content = shared.setdefault(content, content)
+        if n == 2:
+            out.append(Message(role, content))
+        elif n == 3 and role == "assistant" and type(m.get("weight")) is int and m["weight"] in (0, 1):
+            out.append(Message(role, content, m["weight"]))
+        else:
+            return None
+        keys += n
+    return Conversation(out, source_line=line), keys
 
 
 def _string_field(record: dict, key: str, line: int, required: bool, problems: list[Problem]) -> str:
