@@ -559,7 +559,9 @@ def _engine_answers(engine, batches: list[list[tuple]]) -> list[list[int]]:
 def test_prefix_cache_gives_the_same_answers_across_batches_and_system_prompts(tiny_model_dir, runs):
     """The system prompt's KV computed once and reused gives the tokens a full prefill gives (fp32):
     over two successive batches sharing a system prompt, and a batch whose rows differ in it;
-    base rows and adapter rows (the prefix's KV depends on the adapter)."""
+    base rows and adapter rows (the prefix's KV depends on the adapter). The engine decodes with
+    two-part attention, the prefix's KV attended where it is stored (the batch cache is narrower
+    than the system prompt), and gives the tokens of the model's own forward (`two_part=False`)."""
     from tunesmith.artifacts import ADAPTER_DIR
     from tunesmith.models import load_model
     from tunesmith.serve.app import system_prefix_tokens
@@ -585,10 +587,14 @@ def test_prefix_cache_gives_the_same_answers_across_batches_and_system_prompts(t
     ]
     assert all(0 < n < len(prompt) for batch in batches for _, prompt, n, _ in batch)
     cached = Engine(loaded.model, loaded.tokenizer, max_batch_size=8, prefix_cache=True)
+    assert cached.decoder is not None  # the tiny Llama takes the two-part path
     with_cache = _engine_answers(cached, batches)
+    assert cached._rows.length < min(n for _, _, n, _ in batches[-1])  # columns written per row: no copy of a prefix
     fresh = load_model(str(tiny_model_dir))  # the first engine wrapped its model in peft
     uncached = Engine(fresh.model, fresh.tokenizer, max_batch_size=8, prefix_cache=False)
     assert with_cache == _engine_answers(uncached, batches)
+    fresh = load_model(str(tiny_model_dir))
+    assert with_cache == _engine_answers(Engine(fresh.model, fresh.tokenizer, max_batch_size=8, prefix_cache=True, two_part=False), batches)
     assert len(set(map(tuple, with_cache))) > 3  # the answers differ by prompt: the comparison has teeth
     # Four (adapter, system prompt) pairs, each computed once; every other request reused one.
     assert cached.stats["prefix_misses"] == 4 and cached.stats["prefix_hits"] == 5
