@@ -93,7 +93,7 @@ class Sequence:
     bitmask: Any = None
     generator: Any = None
     prefix_tokens: int = 0  # leading prompt tokens that are the system prompt (its KV is cached)
-    prefill_cache: Any = None  # its KV after prefill, until it joins the decode batch
+    prefill_cache: Any = None  # its KV after prefill until it joins the batch: (RowCache, row) on the two-part path, else a DynamicCache
     prefix_kv: Any = None  # two-part path: the cached system prompt's KV it attends to (None: none)
 
     def emit(self, event: tuple) -> None:
@@ -129,7 +129,8 @@ class Engine:
         self.prefix_cache = prefix_cache
         # (adapter, system prompt ids) -> the prompt's KV, batch 1: computed once, copied per request.
         self._prefixes: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
-        self.stats = {"steps": 0, "batched_rows": 0, "max_batch": 0, "adapter_loads": 0, "adapter_evictions": 0, "prefix_hits": 0, "prefix_misses": 0}
+        self.stats = {"steps": 0, "batched_rows": 0, "max_batch": 0, "adapter_loads": 0, "adapter_evictions": 0, "prefix_hits": 0, "prefix_misses": 0,
+                      "prefill_forwards": 0, "prefill_s": 0.0, "decode_s": 0.0}
         self._torch = torch
         self._cache_kwarg = cache_kwarg(model)
         # Two-part decoding (`two_part=False`: the model's own forward, as for models it does not cover).
@@ -143,6 +144,7 @@ class Engine:
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._stop.clear()  # a stopped engine starts again (its caches kept)
         self._thread = threading.Thread(target=self._run, name="tunesmith-engine", daemon=True)
         self._thread.start()
 
@@ -207,25 +209,53 @@ class Engine:
         return seq.cancelled or seq.finish_reason is not None
 
     def _admit(self) -> bool:
+        """Prefill waiting requests into free batch slots. On the two-part path, consecutive
+        requests for one model prefill together (one forward, rows left-padded): a prompt's few
+        own tokens alone make small, slow matrix products."""
         admitted = False
-        while len(self.active) < self.max_batch_size:
+        together: list[Sequence] = []
+        while len(self.active) + len(together) < self.max_batch_size:
             try:
                 seq = self.pending.get_nowait()
             except queue.Empty:
                 break
             if seq.cancelled:
                 continue
-            try:
-                self._ensure_adapter(seq.model)
-                self._prefill(seq)
-            except Exception:  # noqa: BLE001 - one bad request fails alone
-                log.exception("prefill failed")
-                self._fail(seq)
-                continue
+            if together and (seq.model.id != together[0].model.id or self.decoder is None):
+                # Its adapter is loaded (and may evict another) only once the earlier ones are in.
+                self._admit_together(together)
+                together = []
+            together.append(seq)
             admitted = True
+        if together:
+            self._admit_together(together)
+        return admitted
+
+    def _admit_together(self, seqs: list[Sequence]) -> None:
+        """Prefill requests of one model and add them to the batch. When the shared forward
+        fails, each is tried alone, so one bad request fails alone."""
+        started = time.perf_counter()
+        try:
+            self._ensure_adapter(seqs[0].model)
+            logits = self._prefill(seqs)
+            self.stats["prefill_forwards"] += 1
+            self.stats["prefill_s"] += time.perf_counter() - started
+        except Exception:  # noqa: BLE001 - one bad request fails alone
+            if len(seqs) > 1:
+                for seq in seqs:
+                    self._admit_together([seq])
+                return
+            log.exception("prefill failed")
+            self._fail(seqs[0])
+            return
+        for seq, row_logits in zip(seqs, logits):
+            try:
+                self._accept(seq, self._choose(seq, row_logits))
+            except Exception:  # noqa: BLE001 - sampling or grammar error: this sequence fails alone
+                log.exception("sampling failed for one sequence")
+                self._fail(seq)
             if seq.finish_reason is None:
                 self.active.append(seq)
-        return admitted
 
     # --- adapters: lazily loaded, least recently used evicted -----------------------------
 
@@ -270,42 +300,58 @@ class Engine:
 
     # --- prefill and decode ---------------------------------------------------------------
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _prefill(self, seqs: list[Sequence]) -> Any:
+        """Logits after each prompt [len(seqs), vocab] (one sequence unless on the two-part path),
+        each sequence's KV kept for the decode batch; its sampling state set up."""
         from transformers import DynamicCache
 
         torch = self._torch
-        if seq.params.grammar is not None:
-            import xgrammar as xgr
+        for seq in seqs:
+            if seq.params.grammar is not None:
+                import xgrammar as xgr
 
-            seq.matcher = xgr.GrammarMatcher(seq.params.grammar)
-            seq.bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
-        if seq.params.temperature >= GREEDY_BELOW_TEMPERATURE:
-            seq.generator = torch.Generator()
-            seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else int(time.time_ns() % 2**63))
-        prefix, start = self._cached_prefix(seq) if self.prefix_cache else (None, 0)
+                seq.matcher = xgr.GrammarMatcher(seq.params.grammar)
+                seq.bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+            if seq.params.temperature >= GREEDY_BELOW_TEMPERATURE:
+                seq.generator = torch.Generator()
+                seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else int(time.time_ns() % 2**63))
+        prefixes = [self._cached_prefix(seq) if self.prefix_cache else (None, 0) for seq in seqs]
         if self.decoder is not None:
-            logits = self._prefill_two_part(seq, prefix, start)
-        else:
-            # The model's cache grows in place: each request prefills on its own copy of the prefix.
-            cache = copy.deepcopy(prefix) if prefix is not None else DynamicCache()
-            logits, seq.prefill_cache = self._forward(torch.tensor([seq.prompt_ids[start:]]), [self._adapter_name(seq)], cache)
-        self._accept(seq, self._choose(seq, logits[0]))
+            return self._prefill_two_part(seqs, prefixes)
+        (seq,), ((prefix, start),) = seqs, prefixes
+        # The model's cache grows in place: each request prefills on its own copy of the prefix.
+        cache = copy.deepcopy(prefix) if prefix is not None else DynamicCache()
+        logits, seq.prefill_cache = self._forward(torch.tensor([seq.prompt_ids[start:]]), [self._adapter_name(seq)], cache)
+        return logits
 
-    def _prefill_two_part(self, seq: Sequence, prefix: Any, start: int) -> Any:
-        """Logits after the prompt; the prompt's own KV (after the prefix) kept for the batch."""
-        from tunesmith import cascade
-
+    def _prefill_two_part(self, seqs: list[Sequence], prefixes: list[tuple[Any, int]]) -> Any:
+        """Logits after each prompt, in one forward: rows left-padded, each attending to its
+        cached system prompt; each prompt's own KV (after the prefix) kept for the batch."""
         torch = self._torch
         device = self.decoder.param.device
-        own = seq.prompt_ids[start:]
-        cache = self.decoder.new_cache(1, len(own), torch.zeros(1, dtype=torch.long))
-        with self._one_adapter(self._adapter_name(seq)):
-            logits = self.decoder.forward(
-                torch.tensor([own], device=device), torch.arange(start, len(seq.prompt_ids), device=device)[None], cache,
-                [cascade.PrefixGroup(prefix)] if prefix is not None else None,
-            )
-        seq.prefill_cache, seq.prefix_kv = cache, prefix
+        own = [seq.prompt_ids[start:] for seq, (_, start) in zip(seqs, prefixes)]
+        width = max(map(len, own))
+        input_ids = torch.tensor([[0] * (width - len(ids)) + ids for ids in own], device=device)  # padding: masked out, never embedded
+        positions = torch.tensor([[0] * (width - len(ids)) + list(range(start, start + len(ids))) for ids, (_, start) in zip(own, prefixes)], device=device)
+        cache = self.decoder.new_cache(len(seqs), width, torch.tensor([width - len(ids) for ids in own]))
+        with self._one_adapter(self._adapter_name(seqs[0])):
+            logits = self.decoder.forward(input_ids, positions, cache, self._prefix_groups([prefix for prefix, _ in prefixes]))
+        for row, (seq, (prefix, _)) in enumerate(zip(seqs, prefixes)):
+            seq.prefill_cache, seq.prefix_kv = (cache, row), prefix
         return logits.float()
+
+    def _prefix_groups(self, prefix_per_row: list[Any]) -> Any:
+        """cascade.PrefixGroup per distinct prefix, naming its rows (None: no row has one)."""
+        from tunesmith import cascade
+
+        by_prefix: dict[int, tuple[Any, list[int]]] = {}
+        for row, prefix in enumerate(prefix_per_row):
+            if prefix is not None:
+                by_prefix.setdefault(id(prefix), (prefix, []))[1].append(row)
+        if len(by_prefix) == 1 and len(next(iter(by_prefix.values()))[1]) == len(prefix_per_row):
+            return [cascade.PrefixGroup(next(iter(by_prefix.values()))[0])]  # every row: no indexing
+        device = self.decoder.param.device
+        return [cascade.PrefixGroup(prefix, self._torch.tensor(rows, device=device)) for prefix, rows in by_prefix.values()] or None
 
     def _cached_prefix(self, seq: Sequence) -> tuple[Any, int]:
         """(the system prompt's KV, its length), or (None, 0) when it has none: computed on first
@@ -356,9 +402,11 @@ class Engine:
 
     def _decode_step(self) -> None:
         """One token for every active sequence, in one forward pass."""
+        started = time.perf_counter()
         logits = self._decode_two_part() if self.decoder is not None else self._decode_forward()
         members = self._batch_members
         self.stats["steps"] += 1
+        self.stats["decode_s"] += time.perf_counter() - started
         self.stats["batched_rows"] += len(members)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(members))
         for row, seq in enumerate(members):
@@ -404,12 +452,11 @@ class Engine:
         """A new batch cache for the active sequences: each row's own KV right-aligned (left
         padding masked), with GROW_COLUMNS free columns after it. Run when the membership
         changes or the cache is full; the system prompts' KV is not part of it (rows point to it)."""
-        from tunesmith import cascade
-
         torch = self._torch
         old, old_row = self._rows, {id(s): i for i, s in enumerate(self._batch_members)}
         kept = [(row, old_row[id(s)]) for row, s in enumerate(self.active) if id(s) in old_row]
-        lengths = [old.length - int(old.start[old_row[id(s)]]) if id(s) in old_row else s.prefill_cache.length for s in self.active]
+        # Each row's own columns end at its cache's length: the batch's, or its prefill's.
+        lengths = [old.length - int(old.start[old_row[id(s)]]) if id(s) in old_row else s.prefill_cache[0].length - int(s.prefill_cache[0].start[s.prefill_cache[1]]) for s in self.active]
         width = max(lengths)
         cache = self.decoder.new_cache(len(self.active), width + GROW_COLUMNS, torch.tensor([width - n for n in lengths]))
         kept_width = max((lengths[row] for row, _ in kept), default=0)
@@ -420,19 +467,13 @@ class Engine:
                 new[to_rows, :, width - kept_width : width] = before.index_select(0, from_rows)[:, :, old.length - kept_width : old.length]
         for row, seq in enumerate(self.active):
             if id(seq) not in old_row:
-                for new, own in zip(cache.keys + cache.values, seq.prefill_cache.keys + seq.prefill_cache.values):
-                    new[row, :, width - lengths[row] : width] = own[0]
+                prefilled, at = seq.prefill_cache
+                for new, own in zip(cache.keys + cache.values, prefilled.keys + prefilled.values):
+                    new[row, :, width - lengths[row] : width] = own[at, :, prefilled.length - lengths[row] : prefilled.length]
                 seq.prefill_cache = None
         cache.length = width
         self._rows, self._batch_members = cache, list(self.active)
-        by_prefix: dict[int, tuple[Any, list[int]]] = {}
-        for row, seq in enumerate(self.active):
-            if seq.prefix_kv is not None:
-                by_prefix.setdefault(id(seq.prefix_kv), (seq.prefix_kv, []))[1].append(row)
-        if len(by_prefix) == 1 and len(next(iter(by_prefix.values()))[1]) == len(self.active):
-            self._groups = [cascade.PrefixGroup(next(iter(by_prefix.values()))[0])]  # every row: no indexing
-        else:
-            self._groups = [cascade.PrefixGroup(kv, torch.tensor(rows, device=cache.start.device)) for kv, rows in by_prefix.values()] or None
+        self._groups = self._prefix_groups([seq.prefix_kv for seq in self.active])
 
     def _fail(self, seq: Sequence) -> None:
         """End one sequence with an error event; the client sees a generic 500 (details are logged)."""
