@@ -127,7 +127,8 @@ class Engine:
         self._grammar_compiler: Any = None
         self._grammar_lock = threading.Lock()
         self.prefix_cache = prefix_cache
-        # (adapter, system prompt ids) -> the prompt's KV, batch 1: computed once, copied per request.
+        # (adapter, system prompt ids) -> the prompt's KV, batch 1: computed once, attended where it is
+        # stored on the two-part path (copied per request on the model's forward).
         self._prefixes: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self.stats = {"steps": 0, "batched_rows": 0, "max_batch": 0, "adapter_loads": 0, "adapter_evictions": 0, "prefix_hits": 0, "prefix_misses": 0,
                       "prefill_forwards": 0, "prefill_s": 0.0, "decode_s": 0.0}
@@ -256,6 +257,8 @@ class Engine:
                 self._fail(seq)
             if seq.finish_reason is None:
                 self.active.append(seq)
+            else:
+                seq.prefill_cache = None  # ended at its first token: it never joins the batch
 
     # --- adapters: lazily loaded, least recently used evicted -----------------------------
 
