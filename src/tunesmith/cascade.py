@@ -67,7 +67,8 @@ class PrefixGroup:
 @dataclass
 class RowCache:
     """Each row's own keys and values, per layer [rows, kv_heads, capacity, head_dim],
-    allocated once; columns [0, length) are written, a row's columns before `start` are padding."""
+    allocated once; columns [0, length) are written, a row's columns before `start` are padding
+    (masked, but they enter the products: they must hold finite values, e.g. zeros)."""
 
     keys: list[Any]
     values: list[Any]
@@ -100,9 +101,8 @@ class TwoPartDecoder:
         import torch
 
         shape = (rows, self.kv_heads, capacity, self.head_dim)
-        # Zeros, not empty: masked columns still enter the products, and garbage there may be NaN.
-        keys = [torch.zeros(shape, dtype=self.param.dtype, device=self.param.device) for _ in self.layers]
-        values = [torch.zeros_like(k) for k in keys]
+        keys = [torch.empty(shape, dtype=self.param.dtype, device=self.param.device) for _ in self.layers]
+        values = [torch.empty_like(k) for k in keys]
         return RowCache(keys, values, start.to(self.param.device))
 
     def prefix(self, ids: list[int]) -> list[tuple[Any, Any]]:

@@ -462,6 +462,8 @@ class Engine:
         lengths = [old.length - int(old.start[old_row[id(s)]]) if id(s) in old_row else s.prefill_cache[0].length - int(s.prefill_cache[0].start[s.prefill_cache[1]]) for s in self.active]
         width = max(lengths)
         cache = self.decoder.new_cache(len(self.active), width + GROW_COLUMNS, torch.tensor([width - n for n in lengths]))
+        for tensor in cache.keys + cache.values:
+            tensor[:, :, :width].zero_()  # left padding: masked, but it enters the products (finite, not garbage)
         kept_width = max((lengths[row] for row, _ in kept), default=0)
         if kept:
             # Rows already decoding all end at the old cache's length: one block copy per layer.
