@@ -557,7 +557,7 @@ def _engine_answers(engine, batches: list[list[tuple]]) -> list[list[int]]:
     return asyncio.run(run())
 
 
-def test_prefix_cache_gives_the_same_answers_across_batches_and_system_prompts(tiny_model_dir, runs):
+def test_prefix_cache_gives_the_same_answers_across_batches_and_system_prompts(tiny_model_dir, runs, monkeypatch):
     """The system prompt's KV computed once and reused gives the tokens a full prefill gives (fp32):
     over two successive batches sharing a system prompt, and a batch whose rows differ in it;
     base rows and adapter rows (the prefix's KV depends on the adapter). The engine decodes with
@@ -566,6 +566,7 @@ def test_prefix_cache_gives_the_same_answers_across_batches_and_system_prompts(t
     from tunesmith.artifacts import ADAPTER_DIR
     from tunesmith.models import load_model
     from tunesmith.serve.app import system_prefix_tokens
+    from tunesmith.serve import engine as engine_module
     from tunesmith.serve.engine import Engine, ServedModel
 
     loaded = load_model(str(tiny_model_dir))
@@ -589,7 +590,9 @@ def test_prefix_cache_gives_the_same_answers_across_batches_and_system_prompts(t
     assert all(0 < n < len(prompt) for batch in batches for _, prompt, n, _ in batch)
     cached = Engine(loaded.model, loaded.tokenizer, max_batch_size=8, prefix_cache=True)
     assert cached.decoder is not None  # the tiny Llama takes the two-part path
+    monkeypatch.setattr(engine_module, "GROW_COLUMNS", 3)  # its batch cache fills up and is laid out again every few steps
     with_cache = _engine_answers(cached, batches)
+    monkeypatch.undo()
     assert cached._rows.length < min(n for _, _, n, _ in batches[-1])  # columns written per row: no copy of a prefix
     fresh = load_model(str(tiny_model_dir))  # the first engine wrapped its model in peft
     uncached = Engine(fresh.model, fresh.tokenizer, max_batch_size=8, prefix_cache=False)
