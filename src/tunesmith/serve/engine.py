@@ -456,26 +456,27 @@ class Engine:
         padding masked), with GROW_COLUMNS free columns after it. Run when the membership
         changes or the cache is full; the system prompts' KV is not part of it (rows point to it)."""
         torch = self._torch
-        old, old_row = self._rows, {id(s): i for i, s in enumerate(self._batch_members)}
-        kept = [(row, old_row[id(s)]) for row, s in enumerate(self.active) if id(s) in old_row]
-        # Each row's own columns end at its cache's length: the batch's, or its prefill's.
-        lengths = [old.length - int(old.start[old_row[id(s)]]) if id(s) in old_row else s.prefill_cache[0].length - int(s.prefill_cache[0].start[s.prefill_cache[1]]) for s in self.active]
+        old_row = {id(s): i for i, s in enumerate(self._batch_members)}
+        # Where each row's KV is now: the old batch cache, or the cache its prefill wrote; in
+        # either, its columns end at that cache's length, so each source is one block copy.
+        sources: dict[int, tuple[Any, list[tuple[int, int]]]] = {}
+        lengths = []
+        for row, seq in enumerate(self.active):
+            if id(seq) in old_row:
+                source, at = self._rows, old_row[id(seq)]
+            else:
+                (source, at), seq.prefill_cache = seq.prefill_cache, None
+            sources.setdefault(id(source), (source, []))[1].append((row, at))
+            lengths.append(source.length - int(source.start[at]))
         width = max(lengths)
         cache = self.decoder.new_cache(len(self.active), width + GROW_COLUMNS, torch.tensor([width - n for n in lengths]))
         for tensor in cache.keys + cache.values:
             tensor[:, :, :width].zero_()  # left padding: masked, but it enters the products (finite, not garbage)
-        kept_width = max((lengths[row] for row, _ in kept), default=0)
-        if kept:
-            # Rows already decoding all end at the old cache's length: one block copy per layer.
-            to_rows, from_rows = (torch.tensor(index, device=cache.start.device) for index in zip(*kept))
-            for new, before in zip(cache.keys + cache.values, old.keys + old.values):
-                new[to_rows, :, width - kept_width : width] = before.index_select(0, from_rows)[:, :, old.length - kept_width : old.length]
-        for row, seq in enumerate(self.active):
-            if id(seq) not in old_row:
-                prefilled, at = seq.prefill_cache
-                for new, own in zip(cache.keys + cache.values, prefilled.keys + prefilled.values):
-                    new[row, :, width - lengths[row] : width] = own[at, :, prefilled.length - lengths[row] : prefilled.length]
-                seq.prefill_cache = None
+        for source, pairs in sources.values():
+            columns = max(lengths[row] for row, _ in pairs)  # a shorter row brings some of its (zero) padding along
+            to_rows, from_rows = (torch.tensor(index, device=cache.start.device) for index in zip(*pairs))
+            for new, before in zip(cache.keys + cache.values, source.keys + source.values):
+                new[to_rows, :, width - columns : width] = before.index_select(0, from_rows)[:, :, source.length - columns : source.length]
         cache.length = width
         self._rows, self._batch_members = cache, list(self.active)
         self._groups = self._prefix_groups([seq.prefix_kv for seq in self.active])
