@@ -392,7 +392,7 @@ class Engine:
             with self.peft.disable_adapter():
                 yield
         else:
-            self.peft.set_adapter(name, inference_mode=True)
+            self.peft.set_adapter(name)  # (it marks the adapter trainable: no effect under inference_mode)
             yield
 
     def _row_adapters(self, names: list[str]) -> Any:
