@@ -57,8 +57,9 @@ def unsupported_reason(model: Any, total_tokens: int) -> str | None:
 @dataclass
 class PrefixGroup:
     """A prefix's keys and values per layer ([1, kv_heads, n, head_dim] each, stored once) and
-    the batch rows that attend to it (a long tensor; None: every row). A row in no group attends
-    to its own part only: a server batch mixes requests with different system prompts."""
+    the batch rows that attend to it (a long tensor; None: every row, the batch's only group). A
+    row in no group attends to its own part only: a server batch mixes requests with different
+    system prompts, or none."""
 
     layers: list[tuple[Any, Any]]
     rows: Any = None
@@ -229,12 +230,9 @@ def _group_tokens(group_rows: Any, real: Any, rows: int, width: int) -> Any:
 
     if group_rows is None:
         return real
-    device = real.device if real is not None else group_rows.device
-    member = torch.ones(rows * width, dtype=torch.bool, device=device)
-    if group_rows is not None:
-        member = torch.zeros(rows, dtype=torch.bool, device=device).index_fill_(0, group_rows, True).repeat_interleave(width)
+    member = torch.zeros(rows, dtype=torch.bool, device=group_rows.device).index_fill_(0, group_rows, True).repeat_interleave(width)
     if real is not None:
-        member &= torch.zeros(rows * width, dtype=torch.bool, device=device).index_fill_(0, real, True)
+        member &= torch.zeros(rows * width, dtype=torch.bool, device=member.device).index_fill_(0, real, True)
     return member.nonzero().squeeze(1)
 
 
