@@ -147,9 +147,11 @@ def main() -> None:
         handle = run_in_thread(create_app(settings, loaded=loaded))
         try:
             load(handle.url, args.model, prompts[:4], 2, 3.0, 4)  # warm-up, not measured
+            warm = dict(handle.app.state.engine.stats)
             results[mode] = load(handle.url, args.model, prompts, clients, args.seconds, args.max_tokens)
-            stats = handle.app.state.engine.stats
-            results[mode].update(clients=clients, mean_batch=stats["batched_rows"] / max(1, stats["steps"]), prefix_hits=stats["prefix_hits"])
+            stats = {k: v - warm[k] for k, v in handle.app.state.engine.stats.items() if k in warm}  # the measured load's share
+            results[mode].update(clients=clients, mean_batch=stats["batched_rows"] / max(1, stats["steps"]), prefix_hits=stats["prefix_hits"],
+                                 **{k: round(stats[k], 2) for k in ("prefill_forwards", "prefill_s", "decode_s") if k in stats})
         finally:
             handle.stop()
         print(mode, json.dumps(results[mode], indent=2), flush=True)

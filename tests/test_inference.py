@@ -160,11 +160,39 @@ def test_two_part_logits_equal_the_models_forward(tiny_model_dir, kind):
     input_ids = torch.tensor([[0] * (width - len(o)) + o for o in own])
     positions = torch.tensor([[0] * (width - len(o)) + list(range(prefix_len, prefix_len + len(o))) for o in own])
     with torch.inference_mode():
-        prefix = decoder.prefix(prompts[0][:prefix_len])
+        prefix = [cascade.PrefixGroup(decoder.prefix(prompts[0][:prefix_len]))]
         cache = decoder.new_cache(len(own), width + 1, torch.tensor([width - len(o) for o in own]))
         first = decoder.forward(input_ids, positions, cache, prefix)
         following = first.argmax(-1)
         second = decoder.forward(following[:, None], positions[:, -1:] + 1, cache, prefix)
+        for r, ids in enumerate(prompts):
+            reference = model(torch.tensor([ids + [int(following[r])]])).logits[0]
+            torch.testing.assert_close(first[r], reference[-2], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(second[r], reference[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_of_one_batch_attend_to_different_prefixes(tiny_model_dir):
+    """A server batch mixes system prompts: two rows share one prefix, one row another (shorter)
+    prefix, one row none (its whole prompt is its own part). Each row's logits, after its prompt
+    and after one more token, are the model's forward on its whole sequence (fp32)."""
+    from transformers import AutoTokenizer
+
+    model = tiny_lm("llama")
+    prompts = shared_prompt_batch(AutoTokenizer.from_pretrained(tiny_model_dir))[:4]
+    shared = inference.shared_prefix_length(prompts)
+    starts = [shared, shared, 0, shared - 5]  # prefix tokens of each row
+    decoder = cascade.TwoPartDecoder(model)
+    own = [p[n:] for p, n in zip(prompts, starts)]
+    width = max(map(len, own))
+    input_ids = torch.tensor([[0] * (width - len(o)) + o for o in own])
+    positions = torch.tensor([[0] * (width - len(o)) + list(range(n, n + len(o))) for o, n in zip(own, starts)])
+    with torch.inference_mode():
+        groups = [cascade.PrefixGroup(decoder.prefix(prompts[0][:shared]), torch.tensor([0, 1])),
+                  cascade.PrefixGroup(decoder.prefix(prompts[3][: shared - 5]), torch.tensor([3]))]
+        cache = decoder.new_cache(len(own), width + 1, torch.tensor([width - len(o) for o in own]))
+        first = decoder.forward(input_ids, positions, cache, groups)
+        following = first.argmax(-1)
+        second = decoder.forward(following[:, None], positions[:, -1:] + 1, cache, groups)
         for r, ids in enumerate(prompts):
             reference = model(torch.tensor([ids + [int(following[r])]])).logits[0]
             torch.testing.assert_close(first[r], reference[-2], rtol=1e-5, atol=1e-5)

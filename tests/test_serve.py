@@ -524,7 +524,8 @@ def test_model_ids_with_dots_are_served(tiny_model_dir, runs, direct):
 
 def _engine_answers(engine, batches: list[list[tuple]]) -> list[list[int]]:
     """Token ids for each (served model, prompt, prefix_tokens, seed), one batch after another
-    through `engine`: greedy when seed is None, else sampled at temperature 1 with that seed."""
+    through `engine`: greedy when seed is None, else sampled at temperature 1 with that seed.
+    Each batch is queued before the engine starts, so its requests are admitted together."""
     import asyncio
 
     from tunesmith.serve.engine import SamplingParams, Sequence
@@ -532,16 +533,16 @@ def _engine_answers(engine, batches: list[list[tuple]]) -> list[list[int]]:
     async def run() -> list[list[int]]:
         loop = asyncio.get_running_loop()
         answers = []
-        engine.start()
-        try:
-            for batch in batches:
-                queues = [asyncio.Queue() for _ in batch]
-                seqs = []
-                for (served, prompt, prefix_tokens, seed), q in zip(batch, queues):
-                    params = SamplingParams(max_tokens=10, temperature=0 if seed is None else 1.0, seed=seed)
-                    seqs.append(Sequence(served, list(prompt), params, loop, q, prefix_tokens=prefix_tokens))
-                for seq in seqs:
-                    engine.submit(seq)
+        for batch in batches:
+            queues = [asyncio.Queue() for _ in batch]
+            seqs = []
+            for (served, prompt, prefix_tokens, seed), q in zip(batch, queues):
+                params = SamplingParams(max_tokens=10, temperature=0 if seed is None else 1.0, seed=seed)
+                seqs.append(Sequence(served, list(prompt), params, loop, q, prefix_tokens=prefix_tokens))
+            for seq in seqs:
+                engine.submit(seq)
+            engine.start()
+            try:
                 for seq, q in zip(seqs, queues):
                     while True:
                         event = await asyncio.wait_for(q.get(), timeout=60)
@@ -549,20 +550,23 @@ def _engine_answers(engine, batches: list[list[tuple]]) -> list[list[int]]:
                         if event[0] == "done":
                             break
                     answers.append(list(seq.generated))
-        finally:
-            engine.stop()
+            finally:
+                engine.stop()
         return answers
 
     return asyncio.run(run())
 
 
-def test_prefix_cache_gives_the_same_answers_across_batches_and_system_prompts(tiny_model_dir, runs):
+def test_prefix_cache_gives_the_same_answers_across_batches_and_system_prompts(tiny_model_dir, runs, monkeypatch):
     """The system prompt's KV computed once and reused gives the tokens a full prefill gives (fp32):
     over two successive batches sharing a system prompt, and a batch whose rows differ in it;
-    base rows and adapter rows (the prefix's KV depends on the adapter)."""
+    base rows and adapter rows (the prefix's KV depends on the adapter). The engine decodes with
+    two-part attention, the prefix's KV attended where it is stored (the batch cache is narrower
+    than the system prompt), and gives the tokens of the model's own forward (`two_part=False`)."""
     from tunesmith.artifacts import ADAPTER_DIR
     from tunesmith.models import load_model
     from tunesmith.serve.app import system_prefix_tokens
+    from tunesmith.serve import engine as engine_module
     from tunesmith.serve.engine import Engine, ServedModel
 
     loaded = load_model(str(tiny_model_dir))
@@ -580,18 +584,25 @@ def test_prefix_cache_gives_the_same_answers_across_batches_and_system_prompts(t
         [request(alpha, labels, users[0]), request(base, labels, users[1]), request(alpha, labels, users[2], seed=3)],
         # The next batch: the same system prompt, its KV reused.
         [request(alpha, labels, users[3]), request(base, labels, users[4], seed=4), request(alpha, labels, users[1], seed=5)],
-        # Rows that differ in system prompt.
+        # Rows that differ in system prompt (the first two prefill together: one model, two prefixes).
         [request(alpha, labels, users[0], seed=6), request(alpha, other, users[1]), request(base, other, users[2], seed=7)],
     ]
     assert all(0 < n < len(prompt) for batch in batches for _, prompt, n, _ in batch)
     cached = Engine(loaded.model, loaded.tokenizer, max_batch_size=8, prefix_cache=True)
+    assert cached.decoder is not None  # the tiny Llama takes the two-part path
+    monkeypatch.setattr(engine_module, "GROW_COLUMNS", 3)  # its batch cache fills up and is laid out again every few steps
     with_cache = _engine_answers(cached, batches)
+    monkeypatch.undo()
+    assert cached._rows.length < min(n for _, _, n, _ in batches[-1])  # columns written per row: no copy of a prefix
     fresh = load_model(str(tiny_model_dir))  # the first engine wrapped its model in peft
     uncached = Engine(fresh.model, fresh.tokenizer, max_batch_size=8, prefix_cache=False)
     assert with_cache == _engine_answers(uncached, batches)
+    fresh = load_model(str(tiny_model_dir))
+    assert with_cache == _engine_answers(Engine(fresh.model, fresh.tokenizer, max_batch_size=8, prefix_cache=True, two_part=False), batches)
     assert len(set(map(tuple, with_cache))) > 3  # the answers differ by prompt: the comparison has teeth
     # Four (adapter, system prompt) pairs, each computed once; every other request reused one.
     assert cached.stats["prefix_misses"] == 4 and cached.stats["prefix_hits"] == 5
+    assert cached.stats["prefill_forwards"] == 8  # one per run of requests for one model: two prefilled together
     assert uncached.stats["prefix_hits"] == uncached.stats["prefix_misses"] == 0
 
 

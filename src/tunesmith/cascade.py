@@ -55,9 +55,21 @@ def unsupported_reason(model: Any, total_tokens: int) -> str | None:
 
 
 @dataclass
+class PrefixGroup:
+    """A prefix's keys and values per layer ([1, kv_heads, n, head_dim] each, stored once) and
+    the batch rows that attend to it (a long tensor; None: every row, the batch's only group). A
+    row in no group attends to its own part only: a server batch mixes requests with different
+    system prompts, or none."""
+
+    layers: list[tuple[Any, Any]]
+    rows: Any = None
+
+
+@dataclass
 class RowCache:
     """Each row's own keys and values, per layer [rows, kv_heads, capacity, head_dim],
-    allocated once; columns [0, length) are written, a row's columns before `start` are padding."""
+    allocated once; columns [0, length) are written, a row's columns before `start` are padding
+    (masked, but they enter the products: they must hold finite values, e.g. zeros)."""
 
     keys: list[Any]
     values: list[Any]
@@ -103,9 +115,9 @@ class TwoPartDecoder:
         self.forward(torch.tensor([ids], device=device), torch.arange(len(ids), device=device)[None], cache, None)
         return list(zip(cache.keys, cache.values))
 
-    def forward(self, input_ids: Any, position_ids: Any, cache: RowCache, prefix: list[tuple[Any, Any]] | None) -> Any:
+    def forward(self, input_ids: Any, position_ids: Any, cache: RowCache, prefixes: list[PrefixGroup] | None) -> Any:
         """Logits at the last column for `input_ids` [rows, T] written at cache columns
-        [length, length + T); with a prefix, every query also attends to all of it.
+        [length, length + T); each row's queries also attend to all of its group's prefix.
 
         Token-wise work (embeddings, norms, projections, MLP) runs on the real tokens only,
         packed: left padding costs attention columns, not matrix rows."""
@@ -121,10 +133,12 @@ class TwoPartDecoder:
         seen = self._own_mask(cache, width)
         # With a prefix the own part is ours (it must return its log-sum-exp): an additive mask
         # laid out for the folded GQA query; without one, torch's attention takes the bool mask.
-        mask = _folded_bias(seen, self.layers[0].self_attn.num_key_value_groups) if prefix else seen[:, None]
+        mask = _folded_bias(seen, self.layers[0].self_attn.num_key_value_groups) if prefixes else seen[:, None]
+        tokens = [_group_tokens(group.rows, real, rows, width) for group in prefixes or []]
         for i, layer in enumerate(self.layers):
             normed = layer.input_layernorm(hidden)
-            attended = self._attention(layer.self_attn, normed, (rows, width, real), cos, sin, cache, i, prefix[i] if prefix else None, mask)
+            parts = [(group.layers[i], index) for group, index in zip(prefixes, tokens)] if prefixes else None
+            attended = self._attention(layer.self_attn, normed, (rows, width, real), cos, sin, cache, i, parts, mask)
             hidden = hidden + attended
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         cache.length += width
@@ -143,7 +157,7 @@ class TwoPartDecoder:
         seen = (key_cols[None, None, :] >= cache.start[:, None, None]) & (key_cols[None, None, :] <= query_cols[None, :, None])
         return seen | (key_cols[None, None, :] == query_cols[None, :, None])
 
-    def _attention(self, attn: Any, x: Any, layout: tuple, cos: Any, sin: Any, cache: RowCache, i: int, prefix_kv: Any, mask: Any) -> Any:
+    def _attention(self, attn: Any, x: Any, layout: tuple, cos: Any, sin: Any, cache: RowCache, i: int, prefix_parts: Any, mask: Any) -> Any:
         """Attention output for x [tokens, hidden] (packed when `real` lists the real columns)."""
         import torch
 
@@ -163,7 +177,7 @@ class TwoPartDecoder:
         keys, values = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]
         q = q.to(keys.dtype)  # a quantized model's projections may compute in another dtype than its cache
         heads, groups = q.shape[1], q.shape[1] // self.kv_heads
-        if prefix_kv is None:
+        if prefix_parts is None:
             # One part: torch's fused attention, GQA without repeating the keys.
             out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
             out = out.to(x.dtype).transpose(1, 2).reshape(rows * width, heads * d)
@@ -171,8 +185,8 @@ class TwoPartDecoder:
         # GQA: the query heads of one KV head become one longer query, so keys are not repeated.
         q = q.reshape(rows, self.kv_heads, groups * width, d)
         out, lse = attend(q, keys, values, mask, attn.scaling)
-        # Every real query of every row against the one prefix: a batch-1 attention with a long query.
-        pre_out, pre_lse = self._prefix_part(q, prefix_kv, (rows, width, real), attn.scaling)
+        # Every real query of a group's rows against its one prefix: a batch-1 attention with a long query.
+        pre_out, pre_lse = self._prefix_part(q, prefix_parts, (rows, width, real), attn.scaling)
         # Merge the two softmaxes: each part weighted by its share of the total exp-sum.
         total = torch.logaddexp(lse, pre_lse)
         out = out * torch.exp(lse - total) + pre_out * torch.exp(pre_lse - total)
@@ -180,25 +194,46 @@ class TwoPartDecoder:
         return attn.o_proj(out if real is None else out[real])
 
 
-    def _prefix_part(self, q: Any, prefix_kv: Any, layout: tuple, scale: float) -> tuple[Any, Any]:
+    def _prefix_part(self, q: Any, parts: list[tuple[Any, Any]], layout: tuple, scale: float) -> tuple[Any, Any]:
         """(output, log-sum-exp) of the queries q [rows, kv_heads, groups * width, d] against the
-        prefix, in q's layout; padding queries are left out (zero output, -inf log-sum-exp)."""
+        prefixes, in q's layout. `parts` holds each prefix's (keys, values) and the packed token
+        indices that attend to it (None: all); other queries get zero output, -inf log-sum-exp."""
         import torch
 
-        rows, width, real = layout
+        rows, width, _ = layout
         kv, d = self.kv_heads, self.head_dim
         groups = q.shape[2] // width
         by_token = q.view(rows, kv, groups, width, d).permute(0, 3, 1, 2, 4).reshape(rows * width, kv, groups, d)
-        if real is not None:
-            by_token = by_token[real]
-        tokens = by_token.shape[0]
-        out, lse = attend(by_token.permute(1, 0, 2, 3).reshape(1, kv, tokens * groups, d), *prefix_kv, None, scale)
-        out, lse = out.view(kv, tokens, groups, d).transpose(0, 1), lse.view(kv, tokens, groups, 1).transpose(0, 1)
-        if real is not None:
-            out = out.new_zeros(rows * width, kv, groups, d).index_copy_(0, real, out)
-            lse = lse.new_full((rows * width, kv, groups, 1), float("-inf")).index_copy_(0, real, lse)
+        if len(parts) == 1 and parts[0][1] is None:
+            out, lse = self._attend_tokens(by_token, parts[0][0], scale)
+        else:
+            out = by_token.new_zeros(rows * width, kv, groups, d, dtype=torch.float32)
+            lse = out.new_full((rows * width, kv, groups, 1), float("-inf"))
+            for prefix_kv, index in parts:
+                if len(index):
+                    part_out, part_lse = self._attend_tokens(by_token[index], prefix_kv, scale)
+                    out.index_copy_(0, index, part_out)
+                    lse.index_copy_(0, index, part_lse)
         to_layout = lambda t: t.reshape(rows, width, kv, groups, -1).permute(0, 2, 3, 1, 4).reshape(rows, kv, groups * width, -1)  # noqa: E731
         return to_layout(out), to_layout(lse)
+
+    def _attend_tokens(self, by_token: Any, prefix_kv: tuple[Any, Any], scale: float) -> tuple[Any, Any]:
+        """Queries [tokens, kv_heads, groups, d] against one prefix, as one batch-1 attention."""
+        tokens, kv, groups, d = by_token.shape
+        out, lse = attend(by_token.permute(1, 0, 2, 3).reshape(1, kv, tokens * groups, d), *prefix_kv, None, scale)
+        return out.view(kv, tokens, groups, d).transpose(0, 1), lse.view(kv, tokens, groups, 1).transpose(0, 1)
+
+
+def _group_tokens(group_rows: Any, real: Any, rows: int, width: int) -> Any:
+    """Packed-token indices [rows * width] of a group's real queries; None: every token."""
+    import torch
+
+    if group_rows is None:
+        return real
+    member = torch.zeros(rows, dtype=torch.bool, device=group_rows.device).index_fill_(0, group_rows, True).repeat_interleave(width)
+    if real is not None:
+        member &= torch.zeros(rows * width, dtype=torch.bool, device=member.device).index_fill_(0, real, True)
+    return member.nonzero().squeeze(1)
 
 
 def _folded_bias(seen: Any, groups: int) -> Any:

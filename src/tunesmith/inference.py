@@ -193,7 +193,7 @@ def generate_greedy(
     with torch.inference_mode():
         if two_part and not reason:
             decoder = cascade.TwoPartDecoder(model)
-            prefix = decoder.prefix(prompts[0][:prefix_len]) if prefix_len else None
+            prefix = [cascade.PrefixGroup(decoder.prefix(prompts[0][:prefix_len]))] if prefix_len else None
             run_batch = lambda own: _generate_batch_two_part(decoder, own, prefix, prefix_len, max_new_tokens, stop_ids, pad_id, decode)  # noqa: E731
         else:
             prefix_cache = _prefix_cache(model, prompts[0][:prefix_len]) if prefix_len else None

@@ -11,15 +11,19 @@ of one batch may use different adapters: peft's mixed-adapter forward (`adapter_
 routes each row through its own LoRA, or none (`__base__`).
 
 A prefix cache keeps the KV of the last few system prompts (per adapter): a request that starts
-with one prefills only its own tokens on a copy of that KV, so a long shared system prompt (a
-label list) is computed once, not once per request. The decode batch still holds each row's
-copy of it (the two-part attention of `cascade.py` is not yet used by the engine).
+with one prefills only its own tokens, so a long shared system prompt (a label list) is computed
+once, not once per request. Llama-style models decode with the two-part attention of
+`cascade.py`: the batch holds each row's own KV (its prompt after the system prompt, then its
+answer) in a cache allocated when the membership changes and written in place, and the rows
+that share a cached system prompt attend to its one stored KV, never copied per row. Other
+models take their own forward, with each row's copy of the prefix in a DynamicCache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import copy
 import json
 import logging
@@ -39,6 +43,7 @@ BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 # softmax turns to NaN (vLLM uses the same cut-off).
 GREEDY_BELOW_TEMPERATURE = 1e-5
 PREFIX_CACHE_ENTRIES = 4  # system prompts (per adapter) whose KV is kept; least recently used evicted
+GROW_COLUMNS = 32  # free columns the two-part batch cache gets when it is laid out (grown when full)
 
 
 def peft_name(model_id: str) -> str:
@@ -88,14 +93,19 @@ class Sequence:
     bitmask: Any = None
     generator: Any = None
     prefix_tokens: int = 0  # leading prompt tokens that are the system prompt (its KV is cached)
+    prefill_cache: Any = None  # its KV after prefill until it joins the batch: (RowCache, row) on the two-part path, else a DynamicCache
+    prefix_kv: Any = None  # two-part path: the cached system prompt's KV it attends to (None: none)
 
     def emit(self, event: tuple) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Engine:
-    def __init__(self, model: Any, tokenizer: Any, *, max_adapters: int = 4, max_batch_size: int = 16, max_context: int | None = None, prefix_cache: bool = True):
+    def __init__(self, model: Any, tokenizer: Any, *, max_adapters: int = 4, max_batch_size: int = 16, max_context: int | None = None, prefix_cache: bool = True,
+                 two_part: bool = True):
         import torch
+
+        from tunesmith import cascade
 
         self.model = model
         self.tokenizer = tokenizer
@@ -117,15 +127,25 @@ class Engine:
         self._grammar_compiler: Any = None
         self._grammar_lock = threading.Lock()
         self.prefix_cache = prefix_cache
-        # (adapter, system prompt ids) -> the prompt's KV, batch 1: computed once, copied per request.
+        # (adapter, system prompt ids) -> the prompt's KV, batch 1: computed once, attended where it is
+        # stored on the two-part path (copied per request on the model's forward).
         self._prefixes: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
-        self.stats = {"steps": 0, "batched_rows": 0, "max_batch": 0, "adapter_loads": 0, "adapter_evictions": 0, "prefix_hits": 0, "prefix_misses": 0}
+        self.stats = {"steps": 0, "batched_rows": 0, "max_batch": 0, "adapter_loads": 0, "adapter_evictions": 0, "prefix_hits": 0, "prefix_misses": 0,
+                      "prefill_forwards": 0, "prefill_s": 0.0, "decode_s": 0.0}
         self._torch = torch
         self._cache_kwarg = cache_kwarg(model)
+        # Two-part decoding (`two_part=False`: the model's own forward, as for models it does not cover).
+        reason = cascade.unsupported_reason(model, self.max_context) if two_part else None
+        if reason:
+            log.warning("serve: %s decodes without two-part attention (%s): each row copies its system prompt's KV", type(model).__name__, reason)
+        self.decoder = cascade.TwoPartDecoder(model) if two_part and not reason else None
+        self._rows: Any = None  # two-part path: the batch's RowCache, rows in _batch_members order
+        self._groups: Any = None  # two-part path: which rows attend to which cached prefix
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._stop.clear()  # a stopped engine starts again (its caches kept)
         self._thread = threading.Thread(target=self._run, name="tunesmith-engine", daemon=True)
         self._thread.start()
 
@@ -184,30 +204,61 @@ class Engine:
                         self._fail(seq)
                     self.active = []
                     self._batch_members = []
+                    self._rows = None
 
     def _drop_if_done(self, seq: Sequence) -> bool:
         return seq.cancelled or seq.finish_reason is not None
 
     def _admit(self) -> bool:
+        """Prefill waiting requests into free batch slots. On the two-part path, consecutive
+        requests for one model prefill together (one forward, rows left-padded): a prompt's few
+        own tokens alone make small, slow matrix products."""
         admitted = False
-        while len(self.active) < self.max_batch_size:
+        together: list[Sequence] = []
+        while len(self.active) + len(together) < self.max_batch_size:
             try:
                 seq = self.pending.get_nowait()
             except queue.Empty:
                 break
             if seq.cancelled:
                 continue
-            try:
-                self._ensure_adapter(seq.model)
-                self._prefill(seq)
-            except Exception:  # noqa: BLE001 - one bad request fails alone
-                log.exception("prefill failed")
-                self._fail(seq)
-                continue
+            if together and (seq.model.id != together[0].model.id or self.decoder is None):
+                # Its adapter is loaded (and may evict another) only once the earlier ones are in.
+                self._admit_together(together)
+                together = []
+            together.append(seq)
             admitted = True
+        if together:
+            self._admit_together(together)
+        return admitted
+
+    def _admit_together(self, seqs: list[Sequence]) -> None:
+        """Prefill requests of one model and add them to the batch. When the shared forward
+        fails, each is tried alone, so one bad request fails alone."""
+        started = time.perf_counter()
+        try:
+            self._ensure_adapter(seqs[0].model)
+            logits = self._prefill(seqs)
+            self.stats["prefill_forwards"] += 1
+            self.stats["prefill_s"] += time.perf_counter() - started
+        except Exception:  # noqa: BLE001 - one bad request fails alone
+            if len(seqs) > 1:
+                for seq in seqs:
+                    self._admit_together([seq])
+                return
+            log.exception("prefill failed")
+            self._fail(seqs[0])
+            return
+        for seq, row_logits in zip(seqs, logits):
+            try:
+                self._accept(seq, self._choose(seq, row_logits))
+            except Exception:  # noqa: BLE001 - sampling or grammar error: this sequence fails alone
+                log.exception("sampling failed for one sequence")
+                self._fail(seq)
             if seq.finish_reason is None:
                 self.active.append(seq)
-        return admitted
+            else:
+                seq.prefill_cache = None  # ended at its first token: it never joins the batch
 
     # --- adapters: lazily loaded, least recently used evicted -----------------------------
 
@@ -252,62 +303,113 @@ class Engine:
 
     # --- prefill and decode ---------------------------------------------------------------
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _prefill(self, seqs: list[Sequence]) -> Any:
+        """Logits after each prompt [len(seqs), vocab] (one sequence unless on the two-part path),
+        each sequence's KV kept for the decode batch; its sampling state set up."""
         from transformers import DynamicCache
 
         torch = self._torch
-        if seq.params.grammar is not None:
-            import xgrammar as xgr
+        for seq in seqs:
+            if seq.params.grammar is not None:
+                import xgrammar as xgr
 
-            seq.matcher = xgr.GrammarMatcher(seq.params.grammar)
-            seq.bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
-        if seq.params.temperature >= GREEDY_BELOW_TEMPERATURE:
-            seq.generator = torch.Generator()
-            seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else int(time.time_ns() % 2**63))
-        cache, start = self._cached_prefix(seq) if self.prefix_cache else (DynamicCache(), 0)
-        logits, cache = self._forward(torch.tensor([seq.prompt_ids[start:]]), [self._adapter_name(seq)], cache)
-        seq.prefill_cache = cache  # type: ignore[attr-defined]
-        self._accept(seq, self._choose(seq, logits[0]))
+                seq.matcher = xgr.GrammarMatcher(seq.params.grammar)
+                seq.bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+            if seq.params.temperature >= GREEDY_BELOW_TEMPERATURE:
+                seq.generator = torch.Generator()
+                seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else int(time.time_ns() % 2**63))
+        prefixes = [self._cached_prefix(seq) if self.prefix_cache else (None, 0) for seq in seqs]
+        if self.decoder is not None:
+            return self._prefill_two_part(seqs, prefixes)
+        (seq,), ((prefix, start),) = seqs, prefixes
+        # The model's cache grows in place: each request prefills on its own copy of the prefix.
+        cache = copy.deepcopy(prefix) if prefix is not None else DynamicCache()
+        logits, seq.prefill_cache = self._forward(torch.tensor([seq.prompt_ids[start:]]), [self._adapter_name(seq)], cache)
+        return logits
+
+    def _prefill_two_part(self, seqs: list[Sequence], prefixes: list[tuple[Any, int]]) -> Any:
+        """Logits after each prompt, in one forward: rows left-padded, each attending to its
+        cached system prompt; each prompt's own KV (after the prefix) kept for the batch."""
+        torch = self._torch
+        device = self.decoder.param.device
+        own = [seq.prompt_ids[start:] for seq, (_, start) in zip(seqs, prefixes)]
+        width = max(map(len, own))
+        input_ids = torch.tensor([[0] * (width - len(ids)) + ids for ids in own], device=device)  # padding: masked out, never embedded
+        positions = torch.tensor([[0] * (width - len(ids)) + list(range(start, start + len(ids))) for ids, (_, start) in zip(own, prefixes)], device=device)
+        cache = self.decoder.new_cache(len(seqs), width, torch.tensor([width - len(ids) for ids in own]))
+        with self._one_adapter(self._adapter_name(seqs[0])):
+            logits = self.decoder.forward(input_ids, positions, cache, self._prefix_groups([prefix for prefix, _ in prefixes]))
+        for row, (seq, (prefix, _)) in enumerate(zip(seqs, prefixes)):
+            seq.prefill_cache, seq.prefix_kv = (cache, row), prefix
+        return logits.float()
+
+    def _prefix_groups(self, prefix_per_row: list[Any]) -> Any:
+        """cascade.PrefixGroup per distinct prefix, naming its rows (None: no row has one)."""
+        from tunesmith import cascade
+
+        by_prefix: dict[int, tuple[Any, list[int]]] = {}
+        for row, prefix in enumerate(prefix_per_row):
+            if prefix is not None:
+                by_prefix.setdefault(id(prefix), (prefix, []))[1].append(row)
+        if len(by_prefix) == 1 and len(next(iter(by_prefix.values()))[1]) == len(prefix_per_row):
+            return [cascade.PrefixGroup(next(iter(by_prefix.values()))[0])]  # every row: no indexing
+        device = self.decoder.param.device
+        return [cascade.PrefixGroup(prefix, self._torch.tensor(rows, device=device)) for prefix, rows in by_prefix.values()] or None
 
     def _cached_prefix(self, seq: Sequence) -> tuple[Any, int]:
-        """(a cache holding the system prompt's KV, its length): computed on first sight, then
-        copied from the prefix cache, so a long shared system prompt is prefilled once, not per
-        request. The key holds the adapter: a LoRA on k/v projections changes the prefix's KV."""
+        """(the system prompt's KV, its length), or (None, 0) when it has none: computed on first
+        sight, then reused, so a long shared system prompt is prefilled once, not per request.
+        The key holds the adapter: a LoRA on k/v projections changes the prefix's KV."""
         from transformers import DynamicCache
 
         n = seq.prefix_tokens
         if n < MIN_SHARED_PREFIX or n >= len(seq.prompt_ids):
-            return DynamicCache(), 0
+            return None, 0
         key = (self._adapter_name(seq), str(seq.model.adapter_path), tuple(seq.prompt_ids[:n]))
         if key in self._prefixes:
             self._prefixes.move_to_end(key)
             self.stats["prefix_hits"] += 1
+            return self._prefixes[key], n
+        if self.decoder is not None:
+            with self._one_adapter(self._adapter_name(seq)):
+                prefix = self.decoder.prefix(seq.prompt_ids[:n])
         else:
-            _, cache = self._forward(self._torch.tensor([seq.prompt_ids[:n]]), [self._adapter_name(seq)], DynamicCache())
-            self._prefixes[key] = cache
-            self.stats["prefix_misses"] += 1
-            while len(self._prefixes) > PREFIX_CACHE_ENTRIES:
-                self._prefixes.popitem(last=False)
-        return copy.deepcopy(self._prefixes[key]), n
+            prefix = self._forward(self._torch.tensor([seq.prompt_ids[:n]]), [self._adapter_name(seq)], DynamicCache())[1]
+        self._prefixes[key] = prefix
+        self.stats["prefix_misses"] += 1
+        # An evicted prefix stays alive while a decoding row still points to it (seq.prefix_kv).
+        while len(self._prefixes) > PREFIX_CACHE_ENTRIES:
+            self._prefixes.popitem(last=False)
+        return prefix, n
+
+    @contextlib.contextmanager
+    def _one_adapter(self, name: str) -> Any:
+        """One adapter (or none) active for the two-part decoder, which calls the model's modules
+        itself, not peft's forward: for prefills, where all the inputs are one request's tokens."""
+        if self.peft is None:
+            yield
+        elif name == BASE_ADAPTER:
+            with self.peft.disable_adapter():
+                yield
+        else:
+            self.peft.set_adapter(name)  # (it marks the adapter trainable: no effect under inference_mode)
+            yield
+
+    def _row_adapters(self, names: list[str]) -> Any:
+        """Each input row through its own adapter for the two-part decoder: peft's routing of
+        `adapter_names` (what PeftModel.forward wraps around the model). A decode step feeds one
+        token per row, so the rows are the inputs every LoRA layer sees."""
+        if self.peft is None:
+            return contextlib.nullcontext()
+        return self.peft._enable_peft_forward_hooks(adapter_names=names)
 
     def _decode_step(self) -> None:
         """One token for every active sequence, in one forward pass."""
-        torch = self._torch
-        if [id(s) for s in self.active] != [id(s) for s in self._batch_members]:
-            self._rebuild_batch()
+        started = time.perf_counter()
+        logits = self._decode_two_part() if self.decoder is not None else self._decode_forward()
         members = self._batch_members
-        lengths = self._batch_mask.sum(dim=1)
-        mask = torch.cat([self._batch_mask, torch.ones(len(members), 1, dtype=self._batch_mask.dtype)], dim=1)
-        input_ids = torch.tensor([[s.next_input] for s in members])
-        logits, self._batch_cache = self._forward(
-            input_ids,
-            [self._adapter_name(s) for s in members],
-            self._batch_cache,
-            attention_mask=mask,
-            position_ids=lengths.unsqueeze(1),
-        )
-        self._batch_mask = mask
         self.stats["steps"] += 1
+        self.stats["decode_s"] += time.perf_counter() - started
         self.stats["batched_rows"] += len(members)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(members))
         for row, seq in enumerate(members):
@@ -318,6 +420,66 @@ class Engine:
             except Exception:  # noqa: BLE001 - sampling or grammar error: this sequence fails alone
                 log.exception("sampling failed for one sequence")
                 self._fail(seq)
+
+    def _decode_forward(self) -> Any:
+        """Logits of one step through the model's own forward and the batch's DynamicCache."""
+        torch = self._torch
+        if [id(s) for s in self.active] != [id(s) for s in self._batch_members]:
+            self._rebuild_batch()
+        members = self._batch_members
+        lengths = self._batch_mask.sum(dim=1)
+        mask = torch.cat([self._batch_mask, torch.ones(len(members), 1, dtype=self._batch_mask.dtype)], dim=1)
+        input_ids = torch.tensor([[s.next_input] for s in members])
+        logits, self._batch_cache = self._forward(
+            input_ids, [self._adapter_name(s) for s in members], self._batch_cache, attention_mask=mask, position_ids=lengths.unsqueeze(1)
+        )
+        self._batch_mask = mask
+        return logits
+
+    def _decode_two_part(self) -> Any:
+        """Logits of one step through the two-part decoder: each row's token written in place in
+        the batch cache, the cached system prompts attended where they are stored."""
+        torch = self._torch
+        if [id(s) for s in self.active] != [id(s) for s in self._batch_members] or self._rows.length == self._rows.keys[0].shape[2]:
+            self._lay_out_rows()
+        members = self._batch_members
+        device = self.decoder.param.device
+        input_ids = torch.tensor([[s.next_input] for s in members], device=device)
+        # The token fed now is the last one generated: its position follows the prompt and the
+        # tokens fed before it.
+        positions = torch.tensor([[len(s.prompt_ids) + len(s.generated) - 1] for s in members], device=device)
+        with self._row_adapters([self._adapter_name(s) for s in members]):
+            return self.decoder.forward(input_ids, positions, self._rows, self._groups).float()
+
+    def _lay_out_rows(self) -> None:
+        """A new batch cache for the active sequences: each row's own KV right-aligned (left
+        padding masked), with GROW_COLUMNS free columns after it. Run when the membership
+        changes or the cache is full; the system prompts' KV is not part of it (rows point to it)."""
+        torch = self._torch
+        old_row = {id(s): i for i, s in enumerate(self._batch_members)}
+        # Where each row's KV is now: the old batch cache, or the cache its prefill wrote; in
+        # either, its columns end at that cache's length, so each source is one block copy.
+        sources: dict[int, tuple[Any, list[tuple[int, int]]]] = {}
+        lengths = []
+        for row, seq in enumerate(self.active):
+            if id(seq) in old_row:
+                source, at = self._rows, old_row[id(seq)]
+            else:
+                (source, at), seq.prefill_cache = seq.prefill_cache, None
+            sources.setdefault(id(source), (source, []))[1].append((row, at))
+            lengths.append(source.length - int(source.start[at]))
+        width = max(lengths)
+        cache = self.decoder.new_cache(len(self.active), width + GROW_COLUMNS, torch.tensor([width - n for n in lengths]))
+        for tensor in cache.keys + cache.values:
+            tensor[:, :, :width].zero_()  # left padding: masked, but it enters the products (finite, not garbage)
+        for source, pairs in sources.values():
+            columns = max(lengths[row] for row, _ in pairs)  # a shorter row brings some of its (zero) padding along
+            to_rows, from_rows = (torch.tensor(index, device=cache.start.device) for index in zip(*pairs))
+            for new, before in zip(cache.keys + cache.values, source.keys + source.values):
+                new[to_rows, :, width - columns : width] = before.index_select(0, from_rows)[:, :, source.length - columns : source.length]
+        cache.length = width
+        self._rows, self._batch_members = cache, list(self.active)
+        self._groups = self._prefix_groups([seq.prefix_kv for seq in self.active])
 
     def _fail(self, seq: Sequence) -> None:
         """End one sequence with an error event; the client sees a generic 500 (details are logged)."""
@@ -337,10 +499,9 @@ class Engine:
                 length = int(self._batch_mask[row].sum())
                 layers = [(layer.keys[row : row + 1, :, -length:], layer.values[row : row + 1, :, -length:]) for layer in self._batch_cache.layers]
             else:
-                cache = seq.prefill_cache  # type: ignore[attr-defined]
-                layers = [(layer.keys, layer.values) for layer in cache.layers]
+                layers = [(layer.keys, layer.values) for layer in seq.prefill_cache.layers]
                 length = layers[0][0].shape[2]
-                seq.prefill_cache = None  # type: ignore[attr-defined]
+                seq.prefill_cache = None
             per_seq.append((layers, length))
         width = max(length for _, length in per_seq)
         merged = []
