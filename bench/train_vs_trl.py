@@ -375,9 +375,15 @@ def run_matrix(args) -> dict:
 # --- tables -----------------------------------------------------------------------------------
 
 
+def run_peaks(report: dict) -> dict[str, float]:
+    """The best fp32 and bf16 peaks one invocation measured (at its start and end)."""
+    return {name: max(p[name] for p in report["peaks_gflops"].values()) for name in ("fp32", "bf16")}
+
+
 def summarize(report: dict) -> dict:
-    """Per dataset and side: tokens/s, peak RSS, eval loss (mean, sd over seeds), MFU against the best measured peak."""
-    peaks = {name: max(p[name] for p in report["peaks_gflops"].values()) for name in ("fp32", "bf16")}
+    """Per dataset and side: tokens/s, peak RSS, eval loss (mean, sd over seeds), MFU against the faster
+    dtype's peak measured by the same invocation as the run."""
+    peaks = run_peaks(report)
     peak_name = max(peaks, key=peaks.get)
     rows: dict = {}
     for dataset, info in report["datasets"].items():
@@ -388,19 +394,40 @@ def summarize(report: dict) -> dict:
             times = [r["train_time_s"] for r in runs]
             losses = [r["eval_loss"] for r in runs]
             flops = [4 * report["decoder_linear_params"] * r["tokens_fed"] for r in runs]
+            run_peak = [r.get("peaks_gflops", peaks) for r in runs]
             rows[(dataset, side)] = {
                 "tokens_per_s": statistics.mean(r["train_tokens"] / r["train_time_s"] for r in runs),
                 "steps": runs[0]["steps"],
                 "peak_rss_gib": max(r["peak_rss_bytes"] for r in runs) / 2**30,
                 "eval_loss_mean": statistics.mean(losses),
                 "eval_loss_sd": statistics.stdev(losses) if len(losses) > 1 else float("nan"),
-                "mfu": statistics.mean(f / t / 1e9 / peaks[peak_name] for f, t in zip(flops, times)),
-                "mfu_bf16_peak": statistics.mean(f / t / 1e9 / peaks["bf16"] for f, t in zip(flops, times)),
+                "mfu": statistics.mean(f / t / 1e9 / p[peak_name] for f, t, p in zip(flops, times, run_peak)),
+                "mfu_bf16_peak": statistics.mean(f / t / 1e9 / p["bf16"] for f, t, p in zip(flops, times, run_peak)),
                 "tokens_fed_share": statistics.mean(r["tokens_fed"] / r["train_tokens"] for r in runs),
                 "seeds": len(runs),
                 "eval_losses": losses,
             }
     return {"peaks": peaks, "peak_name": peak_name, "rows": rows}
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report from several invocations of the same settings (say, the rows that need three seeds
+    first, then the speed-only ones): runs and datasets pooled, every measured peak kept."""
+    merged = {**reports[0], "runs": [], "datasets": {}, "peaks_gflops": {}, "commands": []}
+    for n, report in enumerate(reports):
+        for key in ("batch", "max_length", "threads"):
+            if report[key] != merged[key]:
+                sys.exit(f"cannot merge: {key} differs ({report[key]} against {merged[key]})")
+        peaks = run_peaks(report)
+        merged["runs"] += [{**run, "peaks_gflops": peaks} for run in report["runs"]]
+        merged["datasets"] |= report["datasets"]
+        merged["peaks_gflops"] |= {f"{when} {n}": peaks for when, peaks in report["peaks_gflops"].items()}
+        merged["commands"].append(report["command"])
+        merged["sides"] = list(dict.fromkeys(merged["sides"] + report["sides"]))
+        merged["seeds"] = sorted(set(merged["seeds"]) | set(report["seeds"]))
+    merged["sides"] = [side for side in SIDES if side in merged["sides"]]
+    merged["steps"] = max(r["steps"] for r in reports)
+    return merged
 
 
 def markdown(report: dict) -> str:
@@ -409,7 +436,7 @@ def markdown(report: dict) -> str:
     peaks, peak_name = s["peaks"], s["peak_name"]
     lines = [
         f"Matmul peak measured in this run (1 thread, a 1024^2 `F.linear`, best of start and end): fp32 {peaks['fp32']:.1f} GFLOP/s, "
-        f"bf16 {peaks['bf16']:.1f} GFLOP/s; MFU is against the {peak_name} peak (the faster). "
+        f"bf16 {peaks['bf16']:.1f} GFLOP/s; MFU is against the {peak_name} peak (the faster), as measured by the invocation that ran the row. "
         f"{report['steps']} steps of batch {report['batch']}, seeds {', '.join(map(str, report['seeds']))}; "
         f"trl-best: {report['trl_best']['dtype']}, {report['trl_best']['batching']}, no gradient checkpointing.",
         "",
@@ -455,13 +482,13 @@ def main() -> None:
     parser.add_argument("--trl-defaults-steps", type=int, help="trl-defaults runs this many steps (speed only; default: --steps).")
     parser.add_argument("--trl-defaults-seeds", type=int, nargs="+", help="trl-defaults runs only these seeds (default: all).")
     parser.add_argument("--out", help="Write the results as JSON here (rewritten after every run).")
-    parser.add_argument("--table", help="Print the markdown tables of a results JSON and exit.")
+    parser.add_argument("--table", nargs="+", help="Print the markdown tables of results JSON files (merged) and exit.")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.table:
-        print(markdown(json.loads(Path(args.table).read_text())))
+        print(markdown(merge([json.loads(Path(path).read_text()) for path in args.table])))
         return
 
     import torch
