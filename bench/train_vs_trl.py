@@ -423,6 +423,8 @@ def merge(reports: list[dict]) -> dict:
         merged["datasets"] |= report["datasets"]
         merged["peaks_gflops"] |= {f"{when} {n}": peaks for when, peaks in report["peaks_gflops"].items()}
         merged["commands"].append(report["command"])
+        if any(run["side"] == "trl-best" for run in report["runs"]):
+            merged["trl_best"] = report["trl_best"]
         merged["sides"] = list(dict.fromkeys(merged["sides"] + report["sides"]))
         merged["seeds"] = sorted(set(merged["seeds"]) | set(report["seeds"]))
     merged["sides"] = [side for side in SIDES if side in merged["sides"]]
@@ -433,12 +435,15 @@ def merge(reports: list[dict]) -> dict:
 def markdown(report: dict) -> str:
     """The matrix as markdown: one table per dataset, ratios against TRL's best row."""
     s = summarize(report)
-    peaks, peak_name = s["peaks"], s["peak_name"]
+    measured = "; ".join(
+        f"{when}: fp32 {p['fp32']:.1f}, bf16 {p['bf16']:.1f}" for when, p in report["peaks_gflops"].items()
+    )
     lines = [
-        f"Matmul peak measured in this run (1 thread, a 1024^2 `F.linear`, best of start and end): fp32 {peaks['fp32']:.1f} GFLOP/s, "
-        f"bf16 {peaks['bf16']:.1f} GFLOP/s; MFU is against the {peak_name} peak (the faster), as measured by the invocation that ran the row. "
-        f"{report['steps']} steps of batch {report['batch']}, seeds {', '.join(map(str, report['seeds']))}; "
-        f"trl-best: {report['trl_best']['dtype']}, {report['trl_best']['batching']}, no gradient checkpointing.",
+        f"Matmul peaks measured in this run (GFLOP/s, 1 thread, a 1024^2 `F.linear`): {measured}. "
+        f"MFU is against the {s['peak_name']} peak (the faster one), the best its own invocation measured; "
+        f"the last column is against the bf16 peak. {report['steps']} steps of batch {report['batch']}, "
+        f"seeds {', '.join(map(str, report['seeds']))}; trl-best: {report['trl_best']['dtype']}, "
+        f"{report['trl_best']['batching']}, no gradient checkpointing.",
         "",
     ]
     for dataset, info in report["datasets"].items():
@@ -448,8 +453,8 @@ def markdown(report: dict) -> str:
         lines += [
             f"**{dataset}** ({info['train_examples']} training examples, {info['train_tokens']:,} tokens)",
             "",
-            "| row | tokens/s | vs trl-best | peak RSS | eval loss (mean ± sd, n) | MFU | tokens fed |",
-            "|---|---|---|---|---|---|---|",
+            f"| row | tokens/s | vs trl-best | peak RSS | eval loss (mean ± sd, n) | MFU ({s['peak_name']} peak) | tokens fed | MFU (bf16 peak) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for side in report["sides"]:
             row = s["rows"].get((dataset, side))
@@ -461,7 +466,7 @@ def markdown(report: dict) -> str:
                 loss = f"speed only ({row['steps']} steps, {row['seeds']} seed{'s' if row['seeds'] > 1 else ''})"
             lines.append(
                 f"| {side} | {row['tokens_per_s']:.0f} | {ratio} | {row['peak_rss_gib']:.2f} GiB | "
-                f"{loss} | {row['mfu']:.1%} | {row['tokens_fed_share']:.0%} |"
+                f"{loss} | {row['mfu']:.1%} | {row['tokens_fed_share']:.0%} | {row['mfu_bf16_peak']:.0%} |"
             )
         lines.append("")
     return "\n".join(lines)
