@@ -394,15 +394,16 @@ def summarize(report: dict) -> dict:
             times = [r["train_time_s"] for r in runs]
             losses = [r["eval_loss"] for r in runs]
             flops = [4 * report["decoder_linear_params"] * r["tokens_fed"] for r in runs]
-            run_peak = [r.get("peaks_gflops", peaks) for r in runs]
+            # Each run against the peak of the dtype it computes in, as its own invocation measured it.
+            run_peak = [r.get("peaks_gflops", peaks)["bf16" if r["settings"]["bf16"] else "fp32"] for r in runs]
             rows[(dataset, side)] = {
                 "tokens_per_s": statistics.mean(r["train_tokens"] / r["train_time_s"] for r in runs),
                 "steps": runs[0]["steps"],
                 "peak_rss_gib": max(r["peak_rss_bytes"] for r in runs) / 2**30,
                 "eval_loss_mean": statistics.mean(losses),
                 "eval_loss_sd": statistics.stdev(losses) if len(losses) > 1 else float("nan"),
-                "mfu": statistics.mean(f / t / 1e9 / p[peak_name] for f, t, p in zip(flops, times, run_peak)),
-                "mfu_bf16_peak": statistics.mean(f / t / 1e9 / p["bf16"] for f, t, p in zip(flops, times, run_peak)),
+                "mfu": statistics.mean(f / t / 1e9 / p for f, t, p in zip(flops, times, run_peak)),
+                "compute_dtype": "bf16" if runs[0]["settings"]["bf16"] else "fp32",
                 "tokens_fed_share": statistics.mean(r["tokens_fed"] / r["train_tokens"] for r in runs),
                 "seeds": len(runs),
                 "eval_losses": losses,
@@ -428,7 +429,7 @@ def merge(reports: list[dict]) -> dict:
         merged["sides"] = list(dict.fromkeys(merged["sides"] + report["sides"]))
         merged["seeds"] = sorted(set(merged["seeds"]) | set(report["seeds"]))
     merged["sides"] = [side for side in SIDES if side in merged["sides"]]
-    merged["steps"] = max(r["steps"] for r in reports)
+    merged["steps"] = max(run["steps"] for run in merged["runs"])  # rows with fewer are speed only
     return merged
 
 
@@ -440,8 +441,8 @@ def markdown(report: dict) -> str:
     )
     lines = [
         f"Matmul peaks measured in this run (GFLOP/s, 1 thread, a 1024^2 `F.linear`): {measured}. "
-        f"MFU is against the {s['peak_name']} peak (the faster one), the best its own invocation measured; "
-        f"the last column is against the bf16 peak. {report['steps']} steps of batch {report['batch']}, "
+        f"MFU is against the peak of the dtype the row computes in (in brackets), the best its own invocation measured. "
+        f"{report['steps']} steps of batch {report['batch']}, "
         f"seeds {', '.join(map(str, report['seeds']))}; trl-best: {report['trl_best']['dtype']}, "
         f"{report['trl_best']['batching']}, no gradient checkpointing.",
         "",
@@ -453,8 +454,8 @@ def markdown(report: dict) -> str:
         lines += [
             f"**{dataset}** ({info['train_examples']} training examples, {info['train_tokens']:,} tokens)",
             "",
-            f"| row | tokens/s | vs trl-best | peak RSS | eval loss (mean ± sd, n) | MFU ({s['peak_name']} peak) | tokens fed | MFU (bf16 peak) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| row | tokens/s | vs trl-best | peak RSS | eval loss (mean ± sd, n) | MFU | tokens fed |",
+            "|---|---|---|---|---|---|---|",
         ]
         for side in report["sides"]:
             row = s["rows"].get((dataset, side))
@@ -466,7 +467,7 @@ def markdown(report: dict) -> str:
                 loss = f"speed only ({row['steps']} steps, {row['seeds']} seed{'s' if row['seeds'] > 1 else ''})"
             lines.append(
                 f"| {side} | {row['tokens_per_s']:.0f} | {ratio} | {row['peak_rss_gib']:.2f} GiB | "
-                f"{loss} | {row['mfu']:.1%} | {row['tokens_fed_share']:.0%} | {row['mfu_bf16_peak']:.0%} |"
+                f"{loss} | {row['mfu']:.1%} ({row['compute_dtype']}) | {row['tokens_fed_share']:.0%} |"
             )
         lines.append("")
     return "\n".join(lines)
