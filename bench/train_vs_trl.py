@@ -420,7 +420,9 @@ def merge(reports: list[dict]) -> dict:
             if report[key] != merged[key]:
                 sys.exit(f"cannot merge: {key} differs ({report[key]} against {merged[key]})")
         peaks = run_peaks(report)
-        merged["runs"] += [{**run, "peaks_gflops": peaks} for run in report["runs"]]
+        seen = {(run["dataset"], run["side"], run["seed"]) for run in merged["runs"]}
+        # A row and seed measured twice counts once: the first file's (name the interleaved matrix first).
+        merged["runs"] += [{**run, "peaks_gflops": peaks} for run in report["runs"] if (run["dataset"], run["side"], run["seed"]) not in seen]
         merged["datasets"] |= report["datasets"]
         merged["peaks_gflops"] |= {f"{when} {n}": peaks for when, peaks in report["peaks_gflops"].items()}
         merged["commands"].append(report["command"])
