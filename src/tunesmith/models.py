@@ -360,6 +360,20 @@ def check_expected_fingerprint(ref: str, actual: str, pinned: str | None) -> Non
     )
 
 
+def _pinned_folder_and_tokenizer(
+    ref: str, *, trust_remote_code: bool, allow_pickle: bool, expected_fingerprint: str | None, chat_template: Any, config_dir: Any
+) -> tuple[Path, str, Any]:
+    """The model's folder, its fingerprint (refused unless it is the pinned one) and its tokenizer:
+    what load_model and load_model_description both need before any weights."""
+    folder = resolve_model_dir(ref, allow_pickle=allow_pickle)
+    fp = fingerprint(folder)
+    check_expected_fingerprint(ref, fp, expected_fingerprint)
+    tokenizer = load_tokenizer(
+        str(folder), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, chat_template=chat_template, config_dir=config_dir
+    )
+    return folder, fp, tokenizer
+
+
 def load_model(
     ref: str = DEFAULT_MODEL,
     *,
@@ -380,11 +394,9 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM
 
-    folder = resolve_model_dir(ref, allow_pickle=allow_pickle)
-    fp = fingerprint(folder)
-    check_expected_fingerprint(ref, fp, expected_fingerprint)
-    tokenizer = load_tokenizer(
-        str(folder), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, chat_template=chat_template, config_dir=config_dir
+    folder, fp, tokenizer = _pinned_folder_and_tokenizer(
+        ref, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, expected_fingerprint=expected_fingerprint,
+        chat_template=chat_template, config_dir=config_dir,
     )
     kwargs: dict[str, Any] = {
         "dtype": dtype or torch.float32,
@@ -425,11 +437,9 @@ def load_model_description(
     """
     from transformers import AutoConfig, GenerationConfig
 
-    folder = resolve_model_dir(ref, allow_pickle=allow_pickle)
-    fp = fingerprint(folder)
-    check_expected_fingerprint(ref, fp, expected_fingerprint)
-    tokenizer = load_tokenizer(
-        str(folder), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, chat_template=chat_template, config_dir=config_dir
+    folder, fp, tokenizer = _pinned_folder_and_tokenizer(
+        ref, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, expected_fingerprint=expected_fingerprint,
+        chat_template=chat_template, config_dir=config_dir,
     )
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     try:

@@ -393,36 +393,25 @@ def load_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, dtype: A
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    m = cfg.model
     opts = dict(dtype=dtype, device=device, **tokenizer_options(cfg, run_dir))
+    files = locate_run_model(run_dir, allow_base_mismatch=allow_base_mismatch)  # the checks, before any weights
     expected = trained_base_fingerprint(run_dir)
-    full_dir, adapter_dir = run_dir / artifacts.FULL_MODEL_DIR, run_dir / artifacts.ADAPTER_DIR
-    if (full_dir / "config.json").exists():
-        loaded = load_model(str(full_dir), **opts)
-        info = {"kind": "full", "path": str(full_dir), "fingerprint": loaded.fingerprint, "base_fingerprint": expected,
-                "dtype": str(loaded.model.dtype).replace("torch.", "")}
+    if files.kind == "full":
+        loaded = load_model(str(files.model_dir), **opts)
+        info = {**files.info, "dtype": str(loaded.model.dtype).replace("torch.", "")}
         return RunModel(loaded.model, loaded.tokenizer, "full", loaded.fingerprint, loaded.path, cfg, run_dir, None, expected, None, info,
                         applied_template(loaded.tokenizer))
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise UserError(
-            f"{run_dir} has no trained model ({artifacts.ADAPTER_DIR}/ or {artifacts.FULL_MODEL_DIR}/)",
-            "train it first: tunesmith train CONFIG",
-        )
-    check_adapter_weights(adapter_dir)
     import torch
     from peft import PeftModel
 
     opts["dtype"] = torch.float32
-    base = load_model(base_model_ref(cfg), expected_fingerprint=m.expected_fingerprint, **opts)
-    warning = check_base_fingerprint(expected, base.fingerprint, base=m.name, allow_base_mismatch=allow_base_mismatch)
-    model = PeftModel.from_pretrained(base.model, str(adapter_dir))
+    base = load_model(base_model_ref(cfg), expected_fingerprint=cfg.model.expected_fingerprint, **opts)
+    model = PeftModel.from_pretrained(base.model, str(files.adapter_dir))
     if device is not None:
         model.to(device)
     model.eval()
-    info = {"kind": "adapter", "path": str(adapter_dir), "base_fingerprint": base.fingerprint, "trained_on_base_fingerprint": expected, "dtype": "float32"}
-    if warning:
-        info["warning"] = warning
-    return RunModel(model, base.tokenizer, "adapter", base.fingerprint, base.path, cfg, run_dir, adapter_dir, expected, warning, info,
+    info = {**files.info, "dtype": "float32"}
+    return RunModel(model, base.tokenizer, "adapter", base.fingerprint, base.path, cfg, run_dir, files.adapter_dir, expected, files.warning, info,
                     applied_template(base.tokenizer))
 
 
