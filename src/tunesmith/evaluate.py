@@ -493,16 +493,10 @@ def generate_baselines(
     for name in BASELINES:
         if name not in subjects:
             continue
-        key = generation_key(base.fingerprint, prompts[name], cfg.eval, decoding.dtype, decoding.stop_ids)
         grammar = answer_grammar(data) if name == "base-constrained" else None
-        if grammar is not None:  # the same prompts, other decoding: a key of its own
-            key = hashlib.sha256((key + grammar).encode()).hexdigest()
-        subject_info[name] = {"model": cfg.model.name, "fingerprint": base.fingerprint, "generation_key": key,
-                              "dtype": str(decoding.dtype).replace("torch.", "")}
-        previous = previous_generations(out_dir, name, key, len(data.examples))
+        subject_info[name], previous = baseline_entry(cfg, data, name, prompts, base, decoding, out_dir, grammar)
         if previous is not None:
             generations[name] = previous
-            subject_info[name]["reused_from_previous_report"] = True
         elif grammar is not None:
             with generation_progress(cfg, name, len(prompts[name])) as progress:
                 generations[name] = generate_constrained(base.model, prompts[name], grammar, data.task, cfg.eval.max_new_tokens, decoding,
@@ -510,6 +504,25 @@ def generate_baselines(
         else:
             generations[name] = generate_subject(cfg, name, base.model, prompts[name], decoding)
     return generations, subject_info
+
+
+def baseline_entry(cfg: RunConfig, data: EvalData, name: str, prompts, base, decoding: Decoding, out_dir: Path,
+                   grammar: str | None = None, engine: str = "torch") -> tuple[dict[str, Any], list[Generation] | None]:
+    """(what the baseline `name` is, its answers from the previous report when they can be reused).
+
+    The generation key is what makes answers reusable: the model, the prompts, the decoding
+    settings, and a constrained baseline's grammar (the same prompts, other decoding).
+    """
+    key = generation_key(base.fingerprint, prompts[name], cfg.eval, decoding.dtype, decoding.stop_ids)
+    if grammar is not None:
+        key = hashlib.sha256((key + grammar).encode()).hexdigest()
+    dtype = vllm_engine.vllm_dtype(decoding.dtype) if engine == "vllm" else str(decoding.dtype).replace("torch.", "")
+    info = {"model": cfg.model.name, "fingerprint": base.fingerprint, "generation_key": key, "dtype": dtype,
+            **({"engine": engine} if engine == "vllm" else {})}
+    previous = previous_generations(out_dir, name, key, len(data.examples))
+    if previous is not None:
+        info["reused_from_previous_report"] = True
+    return info, previous
 
 
 def generate_finetunes(cfg, data, subjects, prompts, decoding: Decoding, against, generations, subject_info, allow_base_mismatch: bool) -> list[str]:
@@ -549,13 +562,9 @@ def generate_with_vllm(cfg: RunConfig, data: EvalData, subjects: list[str], prom
     subject_info: dict[str, dict[str, Any]] = {}
     engine = None
     for name in [b for b in BASELINES if b in subjects]:
-        key = generation_key(base.fingerprint, prompts[name], cfg.eval, decoding.dtype, decoding.stop_ids)
-        subject_info[name] = {"model": cfg.model.name, "fingerprint": base.fingerprint, "generation_key": key,
-                              "dtype": vllm_engine.vllm_dtype(decoding.dtype), "engine": "vllm"}
-        previous = previous_generations(out_dir, name, key, len(data.examples))
+        subject_info[name], previous = baseline_entry(cfg, data, name, prompts, base, decoding, out_dir, engine="vllm")
         if previous is not None:
             generations[name] = previous
-            subject_info[name]["reused_from_previous_report"] = True
             continue
         if engine is None:
             engine = start(base.path, base.path, adapters=on_base)
