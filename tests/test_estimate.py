@@ -75,7 +75,9 @@ def test_flops_formula_full_and_lora(data_file, tiny_model_dir):
 
     full = estimate_file(data_file, str(tiny_model_dir), 2, max_length=MAX_LENGTH, method="full", calibrate_here=False)
     t = full["tokens"]["per_epoch"]
-    expected_full = 6 * body * t["fed_tokens"] + 6 * head.weight.numel() * t["trained_tokens"] + attention * t["sum_squared_lengths"]
+    computed = full["shared_prompt"]["computed_tokens"]  # a prompt start shared by a batch runs once (train.shared_prefix)
+    assert computed <= t["fed_tokens"]
+    expected_full = 6 * body * computed + 6 * head.weight.numel() * t["trained_tokens"] + attention * t["sum_squared_lengths"]
     assert full["flops"]["per_epoch"] == expected_full
     assert full["flops"]["total"] == 2 * expected_full
     assert full["model_shape"]["adapter_params"] == 0
@@ -85,8 +87,8 @@ def test_flops_formula_full_and_lora(data_file, tiny_model_dir):
     adapter_params = sum(p.numel() for p in adapters.parameters() if p.requires_grad)
     assert lora["model_shape"]["adapter_params"] == adapter_params
     expected_lora = (
-        4 * body * t["fed_tokens"] + 4 * head.weight.numel() * t["trained_tokens"]
-        + 6 * adapter_params * t["fed_tokens"] + attention * t["sum_squared_lengths"]
+        4 * body * computed + 4 * head.weight.numel() * t["trained_tokens"]
+        + 6 * adapter_params * computed + attention * t["sum_squared_lengths"]
     )
     assert lora["flops"]["per_epoch"] == expected_lora
     assert "2+2" in lora["flops"]["formula"] and "6*N_body" in full["flops"]["formula"]
@@ -231,3 +233,36 @@ def test_durations_in_human_units():
     from tunesmith.estimate import human_seconds
 
     assert [human_seconds(s) for s in (0.25, 200, 3900)] == ["250 ms", "3 min 20 s", "1 h 05 min"]
+
+
+def test_a_shared_system_prompt_is_priced_as_training_shares_it(write_jsonl, tiny_model_dir, capsys):
+    """A long system prompt on every row: the estimate names its tokens and what computing it
+    once per batch saves, and those are training's own numbers (collate's shared prefix)."""
+    from tunesmith.formatting import collate
+
+    labels = [f"label_{i}" for i in range(40)]
+    system = "Answer with exactly one of these labels: " + ", ".join(labels)
+    rng = random.Random(1)
+    rows = [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(4))},
+                          {"role": "assistant", "content": rng.choice(labels)}]} for _ in range(16)]
+    path = write_jsonl(rows)
+    est = estimate_file(path, str(tiny_model_dir), 1, max_length=1024, calibrate_here=False, batch_size=16)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples, _ = tokenize_dataset(tokenizer, read_conversations(path), max_length=1024)
+    whole = collate(examples, [[i] for i in range(len(examples))], tokenizer.pad_token_id)
+    shared = est["shared_prompt"]
+    assert shared["tokens"] == whole["shared_prefix_len"] > 64
+    assert shared["fed_tokens_per_example"][16] * 16 == pytest.approx(whole["fed_tokens_shared"]) == shared["computed_tokens"]
+    body = est["model_shape"]["body_params"]
+    assert est["flops"]["terms_per_epoch"]["matmul"] == 4 * body * shared["computed_tokens"] + 4 * est["model_shape"]["head_params"] * est["tokens"]["per_epoch"]["trained_tokens"]
+    assert shared["fed_tokens_per_example"][1] * 16 == est["tokens"]["per_epoch"]["fed_tokens"]
+    assert shared["share_of_fed_tokens"] > 0.5
+
+    code, out, _ = run_cli(capsys, "data", "estimate", str(path), "--model", str(tiny_model_dir), "--epochs", "1", "--no-calibrate", "--batch-size", "16")
+    flat = " ".join(out.split())
+    assert code == 0 and f"every example starts with the same {shared['tokens']:,} tokens" in flat and "train.shared_prefix" in flat
+
+
+def test_no_shared_prompt_note_without_a_shared_prompt(data_file, tiny_model_dir, capsys):
+    code, out, _ = run_cli(capsys, "data", "estimate", str(data_file), "--model", str(tiny_model_dir), "--epochs", "1", "--no-calibrate")
+    assert code == 0 and "every example starts with the same" not in " ".join(out.split())

@@ -504,7 +504,7 @@ def data_estimate(
     max_length: int = typer.Option(1024, "--max-length", min=8, help="Longest example in tokens; longer ones are counted truncated."),
     method: str = typer.Option("lora", help="lora, qlora or full."),
     utilisation: float = typer.Option(0.35, min=0.01, max=1.0, help="Share of a GPU's peak FLOP/s assumed in the GPU table."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples per step, for the memory table (train.batch_size)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples per step, for the memory table and the shared prompt's cost (train.batch_size)."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Measure this machine (a few training steps, cached)."),
     recalibrate: bool = typer.Option(False, "--recalibrate", help="Measure again even when a calibration is cached."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),

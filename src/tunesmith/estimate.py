@@ -41,6 +41,9 @@ CALIBRATION_BATCH = 4
 CALIBRATION_SEQ_LEN = 256
 CALIBRATION_STEPS = 3  # measured, after one warm-up step that is not
 DEFAULT_UTILISATION = 0.35
+# A shared prompt start worth a word in the estimate: this long, and this share of the fed tokens.
+SHARED_PROMPT_MIN_TOKENS = 64
+SHARED_PROMPT_MIN_SHARE = 0.25
 PRICES_FILE = Path(__file__).with_name("prices.json")
 
 # Published peak dense (no sparsity) tensor-core FLOP/s for bf16 with fp32 accumulation.
@@ -82,7 +85,8 @@ FORMULA_NOTES = {
     "full": "forward 2N, backward 4N (activation and weight gradients) per token",
     "lora": "forward 2N + backward through the frozen weights 2N (activation gradients only, no weight "
     "gradients) per token, plus the adapters' forward 2P and backward 4P",
-    "common": "N_body: the decoder's linear weights, run at every fed token; N_head: the output projection, "
+    "common": "N_body: the decoder's linear weights, run at every fed token, except that a prompt start every "
+    "example shares runs once per batch (train.shared_prefix: 'fed' is the computed tokens); N_head: the output projection, "
     "which tunesmith's loss runs only at trained positions; attention scores and values cost 4*L*d_attn*T "
     "per token forward (x3 with backward), T the example's length. Padding, embeddings lookups, norms and "
     "the optimizer step are left out; gradient checkpointing would add one forward (2N per token).",
@@ -356,8 +360,10 @@ def count_tokens(conversations, tokenizer, max_length: int) -> dict[str, Any]:
     fed = trained = full = squared = truncated = dropped = 0
     longest = 0
     problems: dict[str, list[int | None]] = {}
+    common: list[int] | None = None  # the prompt tokens every example starts with
     for conv in conversations:
         example, kinds = tokenize_conversation(tokenizer, conv, max_length=1 << 30)
+        common = common_start(common, example.input_ids[: example.first_trained_position - 1])
         for kind in kinds:
             problems.setdefault(kind, []).append(conv.source_line)
         length = len(example)
@@ -385,7 +391,42 @@ def count_tokens(conversations, tokenizer, max_length: int) -> dict[str, Any]:
         "longest_example": longest,
         "truncated_examples": truncated,
         "dropped_trained_tokens": dropped,
+        "shared_prompt_tokens": len(common or []),
         "problems": {k: v[:20] for k, v in problems.items()},
+    }
+
+
+def common_start(common: list[int] | None, ids: list[int]) -> list[int]:
+    """The longest start `common` (None: no example yet) and `ids` share."""
+    if common is None:
+        return list(ids)
+    n = 0
+    for a, b in zip(common, ids):
+        if a != b:
+            break
+        n += 1
+    return common[:n]
+
+
+def shared_prompt_cost(per_epoch: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """What a prompt start shared by every example (a long system prompt) costs per example, and
+    what computing it once per batch (train.shared_prefix) saves at a few batch sizes.
+
+    Training shares at least these tokens in every batch (a batch's rows may share more). The
+    saving is in fed tokens: the shared start runs once per batch instead of once per row.
+    """
+    n, shared = per_epoch["examples"], per_epoch["shared_prompt_tokens"]
+    own = per_epoch["fed_tokens"] / n - shared
+    batch_size = min(batch_size, n)  # one batch holds at most every example
+    sizes = sorted({b for b in (1, 4, 8, 16, 32, 64) if b <= n} | {batch_size})
+    return {
+        "tokens": shared,
+        "share_of_fed_tokens": shared * n / per_epoch["fed_tokens"] if per_epoch["fed_tokens"] else 0.0,
+        "own_tokens_per_example": own,
+        "batch_size": batch_size,
+        "fed_tokens_per_example": {b: own + shared / b for b in sizes},
+        # What training computes per epoch at batch_size (the estimate's FLOPs and time use it).
+        "computed_tokens": round((own + shared / batch_size) * n),
     }
 
 
@@ -427,9 +468,12 @@ def estimate_file(
     tokenizer = load_tokenizer(str(folder))
     per_epoch = count_tokens(conversations, tokenizer, max_length)
 
+    batch_size = batch_size or TrainConfig().batch_size
+    shared_prompt = shared_prompt_cost(per_epoch, batch_size)
     lora = LoraConfig()
     shape = model_shape(folder, method, lora.r, lora.target_modules)
-    flops_per_epoch = training_flops(shape, method, per_epoch["fed_tokens"], per_epoch["trained_tokens"], per_epoch["sum_squared_lengths"])
+    # train.shared_prefix (the default) runs a prompt start shared by a batch once per batch.
+    flops_per_epoch = training_flops(shape, method, shared_prompt["computed_tokens"], per_epoch["trained_tokens"], per_epoch["sum_squared_lengths"])
     total_flops = flops_per_epoch["total"] * epochs
 
     result: dict[str, Any] = {
@@ -460,7 +504,7 @@ def estimate_file(
 
     from tunesmith.inference import use_bf16
 
-    batch_size = batch_size or TrainConfig().batch_size
+    result["shared_prompt"] = shared_prompt
     adapter_params = model_shape(folder, "lora", lora.r, lora.target_modules)["adapter_params"] if method == "full" else shape["adapter_params"]
     result["memory"] = memory_table(
         shape, batch_size=batch_size, seq_len=min(max_length, per_epoch["longest_example"]),
@@ -539,6 +583,22 @@ def render_memory(memory: dict[str, Any], console) -> None:
     console.print(f"memory: {memory['note']}.", markup=False, highlight=False)
 
 
+def render_shared_prompt(shared: dict[str, Any], console) -> None:
+    """What a long prompt start shared by every example costs, when it is a visible share of the tokens."""
+    if shared["tokens"] < SHARED_PROMPT_MIN_TOKENS or shared["share_of_fed_tokens"] < SHARED_PROMPT_MIN_SHARE:
+        return
+    per_batch = ", ".join(f"{b}: {tokens:,.0f}" for b, tokens in shared["fed_tokens_per_example"].items())
+    console.print(
+        f"shared prompt: every example starts with the same {shared['tokens']:,} tokens (its system prompt and the "
+        f"template), {shared['share_of_fed_tokens']:.0%} of the tokens fed. train.shared_prefix (on by default) computes "
+        f"them once per batch, so larger batches amortise them; tokens fed per example by batch size: {per_batch} "
+        f"(the FLOPs and times here are at batch {shared['batch_size']}; memory per batch size: see the memory table). "
+        f"A fine-tune learns a label set or a format from the answers: with a shorter prompt, or none, an example "
+        f"feeds about {shared['own_tokens_per_example']:,.0f} tokens (the tuned model is then prompted the same short way).",
+        markup=False, highlight=False,
+    )
+
+
 def human_flops(flops: float) -> str:
     for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
         if flops >= scale:
@@ -556,7 +616,9 @@ def render_estimate(result: dict[str, Any], console) -> None:
     summary.add_row("file", f"{result['file']}: {per_epoch['examples']:,} examples, longest {per_epoch['longest_example']:,} tokens")
     summary.add_row("model", f"{result['model']} ({shape['total_params'] / 1e6:.1f} M parameters), method {result['method']}"
                     + (f", LoRA r={shape['lora_r']} on {shape['lora_target_modules']}: {shape['adapter_params'] / 1e6:.2f} M adapter parameters" if shape["lora_r"] else ""))
-    summary.add_row("tokens / epoch", f"{per_epoch['fed_tokens']:,} fed, {per_epoch['trained_tokens']:,} trained (assistant, weight 1)")
+    shared = result["shared_prompt"]
+    computed = f" ({shared['computed_tokens']:,} computed: the shared prompt start once per batch of {shared['batch_size']})" if shared["tokens"] and shared["batch_size"] > 1 else ""
+    summary.add_row("tokens / epoch", f"{per_epoch['fed_tokens']:,} fed{computed}, {per_epoch['trained_tokens']:,} trained (assistant, weight 1)")
     summary.add_row(f"tokens x {result['epochs']:g} epochs", f"{total['fed_tokens']:,} fed, {total['trained_tokens']:,} trained")
     if per_epoch["truncated_examples"]:
         summary.add_row("max length", f"{plural(per_epoch['truncated_examples'], 'example')} over {result['max_length']}: truncation drops "
@@ -571,6 +633,7 @@ def render_estimate(result: dict[str, Any], console) -> None:
                         f"({cal['batch']}x{cal['seq_len']} tokens, {cal['precision']}, {plural(cal['torch_threads'], 'thread')}, {cal['hardware']}"
                         f"{', cached' if cal['cached'] else ''})")
     console.print(summary, highlight=False)
+    render_shared_prompt(result["shared_prompt"], console)
     for problem, lines in per_epoch["problems"].items():
         console.print(f"[yellow]warning:[/] {problem} on {'line' if len(lines) == 1 else 'lines'} {', '.join(str(x) for x in lines)}")
 
