@@ -178,8 +178,9 @@ def test_against_another_run(tmp_path, tiny_model_dir):
 
 def test_missing_trained_model_is_a_user_error(tmp_path, tiny_model_dir):
     config = make_run(tmp_path, tiny_model_dir, adapter_seed=None, eval_settings=", max_examples: 2")
-    with pytest.raises(UserError, match="no trained model"):
+    with pytest.raises(UserError, match="no trained model") as err:
         evaluate.run(load_config(config, ["eval.subjects=[base,tuned]"]))
+    assert "--subjects base" in err.value.hint  # eval's own hint, from the one check in runs.locate_run_model
     (tmp_path / "eval.jsonl").write_text((tmp_path / "runs/r/data/eval.jsonl").read_text())
     (tmp_path / "train.jsonl").write_text((tmp_path / "runs/r/data/train.jsonl").read_text())
     (tmp_path / "runs/r/data/eval.jsonl").unlink()

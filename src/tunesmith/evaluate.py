@@ -153,19 +153,13 @@ def truncate_prompts(tokenizer, prompts: list[list[int]], golds: list[str], data
 # --------------------------------------------------------------------------- models
 
 
-def require_trained_model(run_dir: Path) -> None:
-    """Refuse a run folder without a trained model, pointing at the baselines-only evaluation."""
-    if not (run_dir / artifacts.ADAPTER_DIR / "adapter_config.json").exists() and not (run_dir / artifacts.FULL_MODEL_DIR / "config.json").exists():
-        raise UserError(
-            f"{run_dir} has no trained model ({artifacts.ADAPTER_DIR}/ or {artifacts.FULL_MODEL_DIR}/)",
-            "run `tunesmith train` first, or evaluate the baselines only: --subjects base,base-fewshot",
-        )
+# A run without a trained model can still have its baselines evaluated.
+NO_TRAINED_MODEL_HINT = "run `tunesmith train` first, or evaluate the baselines only: --subjects base,base-fewshot"
 
 
 def load_tuned(run_dir: Path, dtype, device, allow_base_mismatch: bool) -> runs.RunModel:
     """A run's fine-tune through runs.load_run_model (drift guard; LoRA unmerged, fp32 over the base)."""
-    require_trained_model(run_dir)
-    return runs.load_run_model(run_dir, allow_base_mismatch=allow_base_mismatch, dtype=dtype, device=device)
+    return runs.load_run_model(run_dir, allow_base_mismatch=allow_base_mismatch, dtype=dtype, device=device, missing_hint=NO_TRAINED_MODEL_HINT)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -554,8 +548,7 @@ def generate_with_vllm(cfg: RunConfig, data: EvalData, subjects: list[str], prom
     finetunes = {}
     for name, folder in (("tuned", cfg.run_dir), ("against", against)):
         if name in subjects:
-            require_trained_model(Path(folder))
-            finetunes[name] = runs.locate_run_model(Path(folder), allow_base_mismatch=allow_base_mismatch)
+            finetunes[name] = runs.locate_run_model(Path(folder), allow_base_mismatch=allow_base_mismatch, missing_hint=NO_TRAINED_MODEL_HINT)
     on_base = {n: f.adapter_dir for n, f in finetunes.items() if f.kind == "adapter" and f.model_dir == base.path}
     start = partial(vllm_engine.start_offline_engine, dtype=decoding.dtype, seed=cfg.eval.seed, trust_remote_code=cfg.model.trust_remote_code)
     generations: dict[str, list[Generation]] = {}

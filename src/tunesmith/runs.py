@@ -379,7 +379,8 @@ def check_adapter_weights(adapter_dir: Path) -> None:
     raise UserError(f"adapter {adapter_dir} has no adapter_model.safetensors", "point at a PEFT adapter folder as save_pretrained writes it")
 
 
-def load_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, dtype: Any = None, device: Any = None) -> RunModel:
+def load_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, dtype: Any = None, device: Any = None,
+                   missing_hint: str | None = None) -> RunModel:
     """Load the trained model of a run: base + adapter (drift-guarded), or the full model in `dtype`.
 
     An adapter run is computed in fp32 whatever `dtype` says, the LoRA unmerged: merged into
@@ -392,9 +393,9 @@ def load_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, dtype: A
     from tunesmith.templates import applied_template
 
     run_dir = Path(run_dir)
+    files = locate_run_model(run_dir, allow_base_mismatch=allow_base_mismatch, missing_hint=missing_hint)  # the checks, before any weights
     cfg = read_run_config(run_dir)
     opts = dict(dtype=dtype, device=device, **tokenizer_options(cfg, run_dir))
-    files = locate_run_model(run_dir, allow_base_mismatch=allow_base_mismatch)  # the checks, before any weights
     expected = trained_base_fingerprint(run_dir)
     if files.kind == "full":
         loaded = load_model(str(files.model_dir), **opts)
@@ -427,24 +428,25 @@ class RunModelFiles:
     info: dict[str, Any]  # for reports, the keys load_run_model's info has
 
 
-def locate_run_model(run_dir: Path, *, allow_base_mismatch: bool = False) -> RunModelFiles:
-    """The files of a run's trained model, with load_run_model's checks (the base's fingerprint
-    pinned and against the train record, safetensors adapter weights) and without its weights."""
+def locate_run_model(run_dir: Path, *, allow_base_mismatch: bool = False, missing_hint: str | None = None) -> RunModelFiles:
+    """The files of a run's trained model, with load_run_model's checks (a trained model is
+    there, else a user error with `missing_hint`; the base's fingerprint pinned and against the
+    train record; safetensors adapter weights) and without its weights."""
     from tunesmith.models import check_expected_fingerprint, fingerprint, resolve_model_dir
 
     run_dir = Path(run_dir)
+    full_dir, adapter_dir = run_dir / artifacts.FULL_MODEL_DIR, run_dir / artifacts.ADAPTER_DIR
+    if not (full_dir / "config.json").exists() and not (adapter_dir / "adapter_config.json").exists():
+        raise UserError(
+            f"{run_dir} has no trained model ({artifacts.ADAPTER_DIR}/ or {artifacts.FULL_MODEL_DIR}/)",
+            missing_hint or "train it first: tunesmith train CONFIG",
+        )
     cfg = read_run_config(run_dir)
     m = cfg.model
     expected = trained_base_fingerprint(run_dir)
-    full_dir, adapter_dir = run_dir / artifacts.FULL_MODEL_DIR, run_dir / artifacts.ADAPTER_DIR
     if (full_dir / "config.json").exists():
         info = {"kind": "full", "path": str(full_dir), "fingerprint": fingerprint(full_dir), "base_fingerprint": expected}
         return RunModelFiles("full", full_dir, None, None, info)
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise UserError(
-            f"{run_dir} has no trained model ({artifacts.ADAPTER_DIR}/ or {artifacts.FULL_MODEL_DIR}/)",
-            "train it first: tunesmith train CONFIG",
-        )
     check_adapter_weights(adapter_dir)
     base_dir = resolve_model_dir(base_model_ref(cfg), allow_pickle=m.allow_pickle)
     base_fp = fingerprint(base_dir)
