@@ -540,17 +540,17 @@ def _add_shape(stats: _RowStats, findings: _Findings, parts: _BatchParts) -> Non
 def _batch_pii(stats: _RowStats, batch: list[tuple[int, Conversation]]) -> dict[str, list[tuple[int, int, str]]]:
     """Personal-data spans of every message content of the batch, each distinct content scanned
     once (`pii.find_pii_batch`); system prompts stay cached across batches."""
-    spans: dict[str, list[tuple[int, int, str]] | None] = {}
     cache = stats.pii_cache
-    systems = []
-    for _, conv in batch:
-        for m in conv.messages:
-            if m.content not in spans:
-                spans[m.content] = cache.get(m.content)  # None: to scan
-                if m.role == "system":
-                    systems.append(m.content)
-    todo = [text for text, found in spans.items() if found is None]
+    spans: dict[str, list[tuple[int, int, str]] | None] = dict.fromkeys([m.content for _, conv in batch for m in conv.messages])
+    todo = []
+    for text in spans:
+        found = cache.get(text)
+        if found is None:
+            todo.append(text)  # to scan
+        else:
+            spans[text] = found
     spans.update(zip(todo, find_pii_batch(todo)))
+    systems = dict.fromkeys([m.content for _, conv in batch for m in conv.messages if m.role == "system"])
     for text in systems:
         if len(cache) < 1000:
             cache[text] = spans[text]  # type: ignore[assignment]
