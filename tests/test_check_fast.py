@@ -230,3 +230,23 @@ def test_label_counts_keep_first_seen_order_across_batches(tmp_path, monkeypatch
     assert fast["stats"]["task"] == "classification" and list(fast["stats"]["labels"]["counts"]) == list(slow["stats"]["labels"]["counts"])
     path = write(tmp_path, lines + [json.dumps(_chat("and a long answer", "a whole sentence that is no label at all, " * 5))])
     assert _report(path)["stats"]["labels"] is None
+
+
+@pytest.mark.slow
+def test_pretoken_counts_equal_the_tokenizers():
+    """SmolLM2's tokenizer splits like GPT-2: an ASCII piece's tokens counted per pre-token (each
+    distinct one through the BPE model once) equal the tokenizer's, on contractions, runs of
+    spaces and newlines, digits and punctuation."""
+    tokenizer = _tokenizer("smollm2")
+    if tokenizer is None:
+        pytest.skip("the smollm2 tokenizer is not installed here")
+    counter = TokenCounts(tokenizer)
+    assert counter.pretoken_split
+    rng = random.Random(0)
+    alphabet = [chr(i) for i in range(9, 14)] + [chr(i) for i in range(32, 127)]
+    pieces = ["'s", "it's", "I'M", "we've  ", "  a", "a  \n\n b", " \t x", "1234567 89", "x'll'd're", "  ", "\n", "a\x0bb\x0cc"]
+    pieces += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(3000)]
+    words = "the a my order refund 's 't 're won't it's I'm 2024 12 - -- ... ? ! , hello World".split()
+    pieces += [" ".join(rng.choice(words) for _ in range(rng.randint(1, 20))) + rng.choice(["", " ", "  ", "\n", " \n "]) for _ in range(3000)]
+    expected = [len(ids) for ids in tokenizer(pieces, add_special_tokens=False)["input_ids"]]
+    assert [counter._pretoken_count(piece) for piece in pieces] == expected
