@@ -550,7 +550,8 @@ def _batch_pii(stats: _RowStats, batch: list[tuple[int, Conversation]]) -> dict[
         else:
             spans[text] = found
     spans.update(zip(todo, find_pii_batch(todo)))
-    systems = dict.fromkeys([m.content for _, conv in batch for m in conv.messages if m.role == "system"])
+    # An example's system turn is its first (one elsewhere is a system_not_first error).
+    systems = dict.fromkeys([m.content for m in [conv.messages[0] for _, conv in batch] if m.role == "system"])
     for text in systems:
         if len(cache) < 1000:
             cache[text] = spans[text]  # type: ignore[assignment]
@@ -607,10 +608,14 @@ def _consume(rows, report: CheckReport, findings: _Findings, stats: _RowStats, c
     try:
         for row in rows:
             report.rows += 1
-            for p in row.problems:
-                findings.add(p.code, p.severity, p.message, p.fix, p.line)
+            problems = row.problems
+            if problems:
+                for p in problems:
+                    findings.add(p.code, p.severity, p.message, p.fix, p.line)
+                if any([p.severity == "error" for p in problems]):
+                    continue
             conv = row.conversation
-            if conv is None or (row.problems and any(p.severity == "error" for p in row.problems)):
+            if conv is None:
                 continue
             report.examples += 1
             batch.append((row.line, conv))

@@ -236,6 +236,9 @@ def parse_openai(record: Any, line: int) -> tuple[Conversation | None, list[Prob
     return conv, conversation_problems(conv, line)
 
 
+_ROLE_SET = frozenset(ROLES)
+
+
 def parse_openai_plain(record: Any, line: int, shared: dict[str | None, str] | None = None) -> tuple[Conversation, int] | None:
     """`parse_openai`'s conversation of a plain record, and how many keys the record holds;
     None for any other record.
@@ -258,8 +261,12 @@ def parse_openai_plain(record: Any, line: int, shared: dict[str | None, str] | N
     for m in messages:
         if type(m) is not dict:
             return None
-        role, content, n = m.get("role"), m.get("content"), len(m)
-        if type(content) is not str or type(role) is not str or role not in ROLES:
+        n = len(m)
+        try:
+            role, content = m["role"], m["content"]
+        except KeyError:
+            return None
+        if type(content) is not str or type(role) is not str or role not in _ROLE_SET:
             return None
         if role == "system" and shared is not None:
             previous = shared.get(None)
