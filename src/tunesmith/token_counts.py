@@ -102,12 +102,18 @@ class _Skeleton:
     prefix_tokens: int
     verified: int = 0
     broken: bool = False
+    # The pieces with the prefix cut off: a row's renders past the prefix are built from these,
+    # so a long system prompt is not copied for every row.
+    full_tail: list[str] = field(init=False)
+    prompt_tail: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.full_tail = [self.full[0][self.prefix_chars :], *self.full[1:]]
+        self.prompt_tail = [self.prompt[0][self.prefix_chars :], *self.prompt[1:]]
 
     def tails(self, contents: list[str]) -> tuple[str, str]:
-        """The full and the prompt render of a row past the prefix, built without the prefix
-        (a long system prompt is not copied for every row)."""
-        cut = self.prefix_chars
-        return _fill([self.full[0][cut:], *self.full[1:]], contents), _fill([self.prompt[0][cut:], *self.prompt[1:]], contents)
+        """The full and the prompt render of a row past the prefix."""
+        return _fill(self.full_tail, contents), _fill(self.prompt_tail, contents)
 
 
 @dataclass
@@ -276,12 +282,16 @@ class TokenCounts:
         pre-token asked once."""
         words = _ASCII_PRETOKEN.findall(piece)
         known = self.pretoken_tokens
+        try:
+            return sum(map(known.__getitem__, words))  # most pre-tokens are known words
+        except KeyError:
+            pass
         if len(known) >= MAX_PRETOKENS:
             known.clear()
         for word in words:
             if word not in known:
                 known[word] = len(self.backend.model.tokenize(word.translate(_BYTE_LEVEL_ASCII)))
-        return sum([known[word] for word in words])
+        return sum(map(known.__getitem__, words))
 
     def _count_by_pretokens(self, new: list[str]) -> list[str]:
         """Count the ASCII pieces of `new` by `_pretoken_count` (into `piece_tokens`); the others
