@@ -13,6 +13,12 @@ tokens of each piece between them; the prefix ends just before an added token. E
 is checked against full renders of its first rows (text and token count) before its skeleton is
 trusted; a template that trims, tests or rewrites contents, a tokenizer whose added tokens strip
 spaces or are normalized, or any mismatch sends those rows to the full render, row by row.
+
+The rows' own pieces are many short texts, and a fast tokenizer costs tens of microseconds per
+text however they are batched. For a byte-level BPE tokenizer with GPT-2's split (SmolLM2), a
+text's tokens are the BPE model's tokens of each pre-token, so an ASCII piece is cut into GPT-2
+pre-tokens here and each distinct pre-token goes through the model once; the first pieces are
+counted both ways, and one difference sends every piece back to the tokenizer.
 """
 
 from __future__ import annotations
@@ -39,14 +45,14 @@ _CONTENT_LOOKED_INTO = re.compile(
 
 
 # GPT-2's pre-tokenizer split (a ByteLevel pre-tokenizer with use_regex), for ASCII text, with
-# its Unicode classes spelt out: \\p{L} is A-Za-z there, \\p{N} 0-9, \\s the six ASCII spaces.
+# its Unicode classes spelt out: \p{L} is A-Za-z there, \p{N} 0-9, \s the six ASCII spaces.
 _ASCII_PRETOKEN = re.compile(
     r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^ \t\n\v\f\rA-Za-z0-9]+|[ \t\n\v\f\r]+(?![^ \t\n\v\f\r])|[ \t\n\v\f\r]+"
 )
 # Control characters whose class (a space or not) another regex engine might see otherwise: a
 # piece holding one is tokenised by the tokenizer itself.
 _ODD_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
-# Rows of pieces counted both ways before the split above is trusted for a tokenizer.
+# Pieces counted both ways (by pre-tokens and by the tokenizer) before the split is trusted.
 VERIFY_PIECES = 64
 # Pre-tokens whose token count is kept (then forgotten at once).
 MAX_PRETOKENS = 1 << 18
