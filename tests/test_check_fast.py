@@ -99,7 +99,8 @@ def _report(path, **kwargs) -> dict:
 
 def test_fast_check_reports_what_the_slow_paths_report(tmp_path, monkeypatch):
     """Every finding with its lines, every statistic: the fast paths against the exact reader, the
-    ungated PII search, str words, and batches of 3 rows (their edges mid-file)."""
+    ungated PII search, str words, every example through the general (not plain-exchange) path,
+    and batches of 3 rows (their edges mid-file)."""
     path = write(tmp_path, mixed_lines(), BAD_BYTES)
     eval_path = tmp_path / "eval.jsonl"
     eval_path.write_text("\n".join(mixed_lines(40, seed=1)) + "\n", encoding="utf-8")
@@ -110,6 +111,7 @@ def test_fast_check_reports_what_the_slow_paths_report(tmp_path, monkeypatch):
     monkeypatch.setattr(check, "find_pii_batch", lambda texts: [find_pii(t) for t in texts])
     word = re.compile(r"\w+")
     monkeypatch.setattr(check, "casefold_words", lambda text: [w.encode("utf-8", "surrogatepass") for w in word.findall(text.casefold())])
+    monkeypatch.setattr(check, "_plain_exchange", lambda conv: None)
     monkeypatch.setattr(check, "BATCH_ROWS", 3)
     kwargs["redact_path"] = tmp_path / "slow_redacted.jsonl"
     slow = _report(path, **kwargs)
@@ -211,3 +213,40 @@ def test_a_template_that_changes_contents_is_rendered_row_by_row():
     expected = [tuple(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in counter.render(m)) for m in conversations]
     assert counter.counts(conversations) == expected
     assert all(s is None for s in counter.skeletons.values())
+
+
+def test_label_counts_keep_first_seen_order_across_batches(tmp_path, monkeypatch):
+    """Labels counted a batch at a time keep the order a row-by-row count gives (ties in the
+    report's counts follow it), and a later non-label answer still ends the label set."""
+    rng = random.Random(2)
+    labels = [f"team_{i}" for i in range(12)]
+    lines = [json.dumps(_chat(f"ticket {i} {rng.choice(WORDS)}", rng.choice(labels) if i > 3 else labels[-1 - i])) for i in range(300)]
+    path = write(tmp_path, lines)
+    fast = _report(path)
+    monkeypatch.setattr(check, "_plain_exchange", lambda conv: None)
+    monkeypatch.setattr(check, "BATCH_ROWS", 3)
+    slow = _report(path)
+    assert fast == slow
+    assert fast["stats"]["task"] == "classification" and list(fast["stats"]["labels"]["counts"]) == list(slow["stats"]["labels"]["counts"])
+    path = write(tmp_path, lines + [json.dumps(_chat("and a long answer", "a whole sentence that is no label at all, " * 5))])
+    assert _report(path)["stats"]["labels"] is None
+
+
+@pytest.mark.slow
+def test_pretoken_counts_equal_the_tokenizers():
+    """SmolLM2's tokenizer splits like GPT-2: an ASCII piece's tokens counted per pre-token (each
+    distinct one through the BPE model once) equal the tokenizer's, on contractions, runs of
+    spaces and newlines, digits and punctuation."""
+    tokenizer = _tokenizer("smollm2")
+    if tokenizer is None:
+        pytest.skip("the smollm2 tokenizer is not installed here")
+    counter = TokenCounts(tokenizer)
+    assert counter.pretoken_split
+    rng = random.Random(0)
+    alphabet = [chr(i) for i in range(9, 14)] + [chr(i) for i in range(32, 127)]
+    pieces = ["'s", "it's", "I'M", "we've  ", "  a", "a  \n\n b", " \t x", "1234567 89", "x'll'd're", "  ", "\n", "a\x0bb\x0cc"]
+    pieces += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(3000)]
+    words = "the a my order refund 's 't 're won't it's I'm 2024 12 - -- ... ? ! , hello World".split()
+    pieces += [" ".join(rng.choice(words) for _ in range(rng.randint(1, 20))) + rng.choice(["", " ", "  ", "\n", " \n "]) for _ in range(3000)]
+    expected = [len(ids) for ids in tokenizer(pieces, add_special_tokens=False)["input_ids"]]
+    assert [counter._pretoken_count(piece) for piece in pieces] == expected

@@ -369,68 +369,189 @@ class _RowStats:
         return self._stack(self.input_signature_batches)
 
 
-def _add_hashes(stats: _RowStats, line: int, conv: Conversation, prompt: list[Message], target: str, user_text: str) -> None:
-    """Hashes for duplicates, conflicts and leakage."""
-    stats.lines.append(line)
-    stats.conv_hash.append(_hash64(_conversation_key(conv)))
-    stats.prompt_hash.append(_hash64(_prompt_key(prompt, stats.normalized)))
-    stats.target_hash.append(_hash64(target))
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass
+class _BatchParts:
+    """What each example of a batch contributes, one list per field in file order."""
+
+    lines: list[int] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)  # the last answer, stripped
+    user_texts: list[str] = field(default_factory=list)  # `input_text`
+    prompt_words: list[list[bytes]] = field(default_factory=list)
+    answer_words: list[list[bytes]] = field(default_factory=list)
+    compared_words: list[list[bytes]] = field(default_factory=list)
+    conversation_keys: list = field(default_factory=list)
+    prompt_keys: list[tuple] = field(default_factory=list)
+    multi_turn: int = 0
+
+
+def _system_words(text: str, normalized: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """`_prompt_key`'s words of a system prompt, through its cache."""
+    words = normalized.get(text)
+    if words is None:
+        words = tuple(text.casefold().split())
+        if len(normalized) < 1000:
+            normalized[text] = words
+    return words
+
+
+def _answer_words(text: str, cache: dict[str, list[bytes]]) -> list[bytes]:
+    """`casefold_words` of an answer, through `_row_words`'s cache (answers repeat)."""
+    words = cache.get(text)
+    if words is None:
+        words = casefold_words(text)
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[text] = words
+    return words
+
+
+def _plain_exchange(conv: Conversation) -> tuple[Message | None, Message, Message] | None:
+    """(system turn or None, user turn, answer) of a plain exchange: an optional system turn, a
+    user turn and a weight-1 answer, no name and no extra field anywhere; None for any other."""
+    messages = conv.messages
+    if len(messages) == 3:
+        system, user, answer = messages
+        if system.role != "system" or system.name is not None or system.extra:
+            return None
+    elif len(messages) == 2:
+        system = None
+        user, answer = messages
+    else:
+        return None
+    if (
+        conv.extra or user.role != "user" or answer.role != "assistant" or answer.weight != 1
+        or user.name is not None or answer.name is not None or user.extra or answer.extra
+    ):
+        return None
+    return system, user, answer
+
+
+def _batch_parts(stats: _RowStats, batch: list[tuple[int, Conversation]]) -> _BatchParts:
+    """Each example's answer, input, words and keys.
+
+    A plain exchange (an optional system turn, a user turn, a weight-1 answer; no name, no extra
+    field), the bulk of a large file, is read straight off its messages: the same values
+    `_row_words`, `_conversation_key` and `_prompt_key` give, without their loops. Any other
+    example takes them.
+    """
+    parts = _BatchParts()
+    normalized, cache = stats.normalized, stats.answer_words_cache
+    for line, conv in batch:
+        parts.lines.append(line)
+        messages = conv.messages
+        plain = _plain_exchange(conv)
+        if plain is not None:
+            system, user, answer = plain
+            u, a = user.content, answer.content
+            prompt_words, answer_words = casefold_words(u), _answer_words(a, cache)
+            user_key = ("user", tuple(u.casefold().split()))
+            if system is None:
+                conversation_key = (("user", u, None, 1), ("assistant", a, None, 1))
+                prompt_key = (user_key,)
+            else:
+                conversation_key = (("system", system.content, None, 1), ("user", u, None, 1), ("assistant", a, None, 1))
+                prompt_key = (("system", _system_words(system.content, normalized)), user_key)
+            parts.targets.append(a.strip())
+            parts.user_texts.append(u)
+            parts.prompt_words.append(prompt_words)
+            parts.answer_words.append(answer_words)
+            parts.compared_words.append(prompt_words + answer_words)
+            parts.conversation_keys.append(conversation_key)
+            parts.prompt_keys.append(prompt_key)
+            continue
+        # conv.prompt_messages, conv.target and conv.input_text, finding the last answer once.
+        last = conv.last_assistant_index()
+        prompt = messages if last is None else messages[:last]
+        parts.targets.append("" if last is None else messages[last].content.strip())
+        parts.user_texts.append("\n".join([m.content for m in prompt if m.role != "system"]))
+        prompt_words, answer_words, compared_words = _row_words(conv, last, cache)
+        parts.prompt_words.append(prompt_words)
+        parts.answer_words.append(answer_words)
+        parts.compared_words.append(compared_words)
+        parts.conversation_keys.append(_conversation_key(conv))
+        parts.prompt_keys.append(_prompt_key(prompt, normalized))
+        parts.multi_turn += [m.role for m in messages].count("user") > 1
+    return parts
+
+
+def _add_hashes(stats: _RowStats, parts: _BatchParts) -> None:
+    """Hashes for duplicates, conflicts and leakage (`_hash64` of each key)."""
+    stats.lines.extend(parts.lines)
+    stats.conv_hash.extend([hash(key) & _MASK64 for key in parts.conversation_keys])
+    stats.prompt_hash.extend([hash(key) & _MASK64 for key in parts.prompt_keys])
+    stats.target_hash.extend([hash(target) & _MASK64 for target in parts.targets])
     if stats.want_input_signatures:
-        stats.input_hash.append(_hash64(normalize_text(user_text)))
+        stats.input_hash.extend([hash(normalize_text(text)) & _MASK64 for text in parts.user_texts])
 
 
-def _add_shape(stats: _RowStats, findings: _Findings, line: int, conv: Conversation, target: str, user_text: str, words) -> None:
-    """Labels, JSON answers, word counts and overlap, questions, turns: the shape of the task.
-    `words` are `_row_words(conv)`'s input and answer words."""
-    # Only an answer starting with {, [ or a code fence can be JSON (or look like it).
-    looks_json, parsed = _json_answer(target) if target.startswith(("{", "[", "```")) else (False, None)
-    stats.json_answers += (looks_json or target.startswith("```")) and M.is_json_answer(target)
-    if stats.labels is not None:
-        if target in stats.labels:  # seen: a label, already normalized
-            stats.labels[target] += 1
-        elif not M.is_label(target):
+def _add_labels(stats: _RowStats, targets: list[str]) -> None:
+    """Count the answers as labels while every answer is one (`M.is_label`) and at most
+    LABEL_MAX_COUNT distinct; else labels become None. Each new answer is judged once, in
+    the order it first appears, so the counts keep first-seen order."""
+    labels = stats.labels
+    if labels is None:
+        return
+    for target in dict.fromkeys(targets):
+        if target in labels:  # seen: a label, already normalized
+            continue
+        if not M.is_label(target):
             stats.labels = None
-        else:
-            stats.labels[target] += 1
-            stats.label_keys.add(M.normalize_label(target))
-            if len(stats.label_keys) > M.LABEL_MAX_COUNT:
-                stats.labels = None
-    if looks_json:
+            return
+        stats.label_keys.add(M.normalize_label(target))
+        if len(stats.label_keys) > M.LABEL_MAX_COUNT:
+            stats.labels = None
+            return
+    labels.update(targets)
+
+
+def _add_shape(stats: _RowStats, findings: _Findings, parts: _BatchParts) -> None:
+    """Labels, JSON answers, word counts and overlap, questions, turns: the shape of the task."""
+    targets = parts.targets
+    # Only an answer starting with {, [ or a code fence can be JSON (or look like it).
+    for i in [i for i, target in enumerate(targets) if target.startswith(("{", "[", "```"))]:
+        target = targets[i]
+        looks_json, parsed = _json_answer(target)
+        stats.json_answers += (looks_json or target.startswith("```")) and M.is_json_answer(target)
+        if not looks_json:
+            continue
         stats.json_like += 1
         if parsed is None:
-            findings.add("invalid_json_output", "warning", "the answer looks like JSON but does not parse", FIXES["invalid_json_output"], line)
+            findings.add("invalid_json_output", "warning", "the answer looks like JSON but does not parse", FIXES["invalid_json_output"], parts.lines[i])
         else:
             stats.json_ok += 1
             if isinstance(parsed, dict) and len(stats.key_sets) < 1000:
                 stats.key_sets[",".join(sorted(parsed))] += 1
-    prompt_words, target_words = words
-    stats.input_words.append(len(prompt_words))
-    stats.answer_words.append(len(target_words))
-    if target_words:
-        prompt_set = set(prompt_words)
-        stats.overlap.append(sum(map(prompt_set.__contains__, target_words)) / len(target_words))
-    else:
-        stats.overlap.append(0.0)
-    if "?" in user_text:
-        stats.questions += 1
-    if [m.role for m in conv.messages].count("user") > 1:
-        stats.multi_turn += 1
+    _add_labels(stats, targets)
+    stats.input_words.extend(map(len, parts.prompt_words))
+    stats.answer_words.extend(map(len, parts.answer_words))
+    # The share of answer words found in the input (a short answer: a list is searched faster
+    # than a set is built).
+    stats.overlap.extend([
+        sum(map((prompt if len(answer) < 4 else set(prompt)).__contains__, answer)) / len(answer) if answer else 0.0
+        for prompt, answer in zip(parts.prompt_words, parts.answer_words)
+    ])
+    stats.questions += sum(["?" in text for text in parts.user_texts])
+    stats.multi_turn += parts.multi_turn
 
 
 def _batch_pii(stats: _RowStats, batch: list[tuple[int, Conversation]]) -> dict[str, list[tuple[int, int, str]]]:
     """Personal-data spans of every message content of the batch, each distinct content scanned
     once (`pii.find_pii_batch`); system prompts stay cached across batches."""
-    spans: dict[str, list[tuple[int, int, str]] | None] = {}
     cache = stats.pii_cache
-    systems = []
-    for _, conv in batch:
-        for m in conv.messages:
-            if m.content not in spans:
-                spans[m.content] = cache.get(m.content)  # None: to scan
-                if m.role == "system":
-                    systems.append(m.content)
-    todo = [text for text, found in spans.items() if found is None]
+    spans: dict[str, list[tuple[int, int, str]] | None] = dict.fromkeys([m.content for _, conv in batch for m in conv.messages])
+    todo = []
+    for text in spans:
+        found = cache.get(text)
+        if found is None:
+            todo.append(text)  # to scan
+        else:
+            spans[text] = found
     spans.update(zip(todo, find_pii_batch(todo)))
+    # An example's system turn is its first (one elsewhere is a system_not_first error).
+    systems = dict.fromkeys([m.content for m in [conv.messages[0] for _, conv in batch] if m.role == "system"])
     for text in systems:
         if len(cache) < 1000:
             cache[text] = spans[text]  # type: ignore[assignment]
@@ -460,21 +581,12 @@ def _add_batch(stats: _RowStats, findings: _Findings, batch: list[tuple[int, Con
     """Every per-example statistic of a batch of valid examples, in file order."""
     if not batch:
         return
-    compared, inputs = [], []
-    for line, conv in batch:
-        # conv.prompt_messages, conv.target and conv.input_text, finding the last answer once.
-        last = conv.last_assistant_index()
-        prompt = conv.messages if last is None else conv.messages[:last]
-        target = "" if last is None else conv.messages[last].content.strip()
-        user_text = "\n".join([m.content for m in prompt if m.role != "system"])
-        prompt_words, target_words, compared_words = _row_words(conv, last, stats.answer_words_cache)
-        compared.append(compared_words)
-        inputs.append(prompt_words)
-        _add_hashes(stats, line, conv, prompt, target, user_text)
-        _add_shape(stats, findings, line, conv, target, user_text, (prompt_words, target_words))
-    stats.signature_batches.append(minhash_word_signatures(compared))
+    parts = _batch_parts(stats, batch)
+    _add_hashes(stats, parts)
+    _add_shape(stats, findings, parts)
+    stats.signature_batches.append(minhash_word_signatures(parts.compared_words))
     if stats.want_input_signatures:
-        stats.input_signature_batches.append(minhash_word_signatures(inputs))
+        stats.input_signature_batches.append(minhash_word_signatures(parts.prompt_words))
     spans = _batch_pii(stats, batch)
     if out is not None or any(spans.values()):  # most batches hold no personal data at all
         for line, conv in batch:
@@ -496,10 +608,14 @@ def _consume(rows, report: CheckReport, findings: _Findings, stats: _RowStats, c
     try:
         for row in rows:
             report.rows += 1
-            for p in row.problems:
-                findings.add(p.code, p.severity, p.message, p.fix, p.line)
+            problems = row.problems
+            if problems:
+                for p in problems:
+                    findings.add(p.code, p.severity, p.message, p.fix, p.line)
+                if any([p.severity == "error" for p in problems]):
+                    continue
             conv = row.conversation
-            if conv is None or (row.problems and any(p.severity == "error" for p in row.problems)):
+            if conv is None:
                 continue
             report.examples += 1
             batch.append((row.line, conv))

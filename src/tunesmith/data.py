@@ -456,7 +456,7 @@ _KEY_END = re.compile(rb'"[ \t\r]*:')
 _SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _plain_openai_line(raw: bytes, number: int, shared: dict[str, str] | None = None) -> Conversation | None:
+def _plain_openai_line(raw: bytes, number: int, shared: dict[str | None, str] | None = None) -> Conversation | None:
     """The conversation of a plain OpenAI chat line read with orjson; None when the line needs
     the exact reader (`_json_line` then `parse_openai`) to say what it is.
 
@@ -489,7 +489,7 @@ def _iter_openai_lines(path: Path, system_prompt: str | None) -> Iterator[Parsed
     """Parsed rows of an OpenAI chat JSONL file: plain lines through `_plain_openai_line`, every
     other line through the exact reader; the same rows `parse_rows(_iter_json_lines(...))` gives."""
     reader = _JsonReader()
-    system_prompts: dict[str, str] = {}
+    system_prompts: dict[str | None, str] = {}
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):

@@ -28,17 +28,21 @@ _MINHASH_B = _rng.integers(0, 2**63, MINHASH_PERMUTATIONS, dtype=np.uint64)
 _WORD = re.compile(r"\w+")
 
 
-_WORD_ASCII = re.compile(rb"\w+")
+# ASCII bytes -> themselves lowercased when `\w` matches them (A-Z a-z 0-9 _), else a space.
+_ASCII_WORD_BYTES = bytes(
+    c + 32 if 65 <= c <= 90 else c if (48 <= c <= 57 or 97 <= c <= 122 or c == 95) else 32 for c in range(256)
+)
 
 
 def casefold_words(text: str) -> list[bytes]:
     """The casefolded `\\w+` words of `text`, each UTF-8 encoded (what MinHash hashes).
 
     An ASCII text (most) is split as bytes, where lower() is casefold() and `\\w` matches what
-    it matches in str, a third faster and without encoding each word afterwards.
+    it matches in str: every other byte becomes a space and bytes.split() cuts there, two C
+    passes instead of a regex, without encoding each word afterwards.
     """
     if text.isascii():
-        return _WORD_ASCII.findall(text.encode("ascii").lower())
+        return text.encode("ascii").translate(_ASCII_WORD_BYTES).split()
     return [w.encode("utf-8", "surrogatepass") for w in _WORD.findall(text.casefold())]
 
 
@@ -59,17 +63,19 @@ def minhash_word_signatures(rows_words: list[list[bytes]]) -> np.ndarray:
     bounded word count, so long documents stay small.
     """
     out = np.full((len(rows_words), MINHASH_PERMUTATIONS), 0xFFFF, dtype=np.uint16)
-    rows = [i for i, words in enumerate(rows_words) if words]
+    lengths = np.fromiter(map(len, rows_words), dtype=np.int64, count=len(rows_words))
+    rows = np.nonzero(lengths)[0]
+    ends = np.cumsum(lengths[rows])  # words up to and with each non-empty row
     begin = 0
     while begin < len(rows):
-        end, chunk_words = begin, 0
-        while end < len(rows) and (chunk_words < 32768 or end == begin):
-            chunk_words += len(rows_words[rows[end]])
-            end += 1
-        chunk = [rows_words[i] for i in rows[begin:end]]
-        words = itertools.chain.from_iterable(chunk)
-        hashes = np.fromiter(map(zlib.crc32, words), dtype=np.uint64, count=chunk_words)
-        out[rows[begin:end]] = _signatures(hashes, np.fromiter(map(len, chunk), dtype=np.int64, count=len(chunk)))
+        # Rows up to the one that brings the chunk to 32,768 words (a row's signature is its own:
+        # where chunks end changes nothing but memory).
+        base = int(ends[begin - 1]) if begin else 0
+        end = min(int(np.searchsorted(ends, base + 32768)) + 1, len(rows))
+        chunk = rows[begin:end]
+        words = itertools.chain.from_iterable([rows_words[i] for i in chunk.tolist()])
+        hashes = np.fromiter(map(zlib.crc32, words), dtype=np.uint64, count=int(ends[end - 1]) - base)
+        out[chunk] = _signatures(hashes, lengths[chunk])
         begin = end
     return out
 

@@ -236,7 +236,10 @@ def parse_openai(record: Any, line: int) -> tuple[Conversation | None, list[Prob
     return conv, conversation_problems(conv, line)
 
 
-def parse_openai_plain(record: Any, line: int, shared: dict[str, str] | None = None) -> tuple[Conversation, int] | None:
+_ROLE_SET = frozenset(ROLES)
+
+
+def parse_openai_plain(record: Any, line: int, shared: dict[str | None, str] | None = None) -> tuple[Conversation, int] | None:
     """`parse_openai`'s conversation of a plain record, and how many keys the record holds;
     None for any other record.
 
@@ -244,7 +247,9 @@ def parse_openai_plain(record: Any, line: int, shared: dict[str, str] | None = N
     on an assistant turn). Such a record has no problem `parse_openai` could find, so the many
     rows of a large file skip its field-by-field walk; every other record takes that walk.
     `shared` maps each system prompt to one string object, so a prompt repeated on every row is
-    stored once and hashed once (a str caches its hash) by every lookup downstream.
+    stored once and hashed once (a str caches its hash) by every lookup downstream. Its key None
+    holds the last one: the next row's prompt, mostly the same, is compared with it (equal
+    strings compare at memory speed) instead of hashed (every character read).
     """
     if type(record) is not dict or len(record) != 1:
         return None
@@ -256,13 +261,20 @@ def parse_openai_plain(record: Any, line: int, shared: dict[str, str] | None = N
     for m in messages:
         if type(m) is not dict:
             return None
-        role, content, n = m.get("role"), m.get("content"), len(m)
-        if type(content) is not str or type(role) is not str or role not in ROLES:
+        n = len(m)
+        try:
+            role, content = m["role"], m["content"]
+        except KeyError:
+            return None
+        if type(content) is not str or type(role) is not str or role not in _ROLE_SET:
             return None
         if role == "system" and shared is not None:
-            if len(shared) >= 1000:
-                shared.clear()
-            content = shared.setdefault(content, content)
+            previous = shared.get(None)
+            if content != previous:
+                if len(shared) >= 1000:
+                    shared.clear()
+                previous = shared[None] = shared.setdefault(content, content)
+            content = previous
         if n == 2:
             out.append(Message(role, content))
         elif n == 3 and role == "assistant" and type(m.get("weight")) is int and m["weight"] in (0, 1):

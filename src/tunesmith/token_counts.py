@@ -13,6 +13,12 @@ tokens of each piece between them; the prefix ends just before an added token. E
 is checked against full renders of its first rows (text and token count) before its skeleton is
 trusted; a template that trims, tests or rewrites contents, a tokenizer whose added tokens strip
 spaces or are normalized, or any mismatch sends those rows to the full render, row by row.
+
+The rows' own pieces are many short texts, and a fast tokenizer costs tens of microseconds per
+text however they are batched. For a byte-level BPE tokenizer with GPT-2's split (SmolLM2), a
+text's tokens are the BPE model's tokens of each pre-token, so an ASCII piece is cut into GPT-2
+pre-tokens here and each distinct pre-token goes through the model once; the first pieces are
+counted both ways, and one difference sends every piece back to the tokenizer.
 """
 
 from __future__ import annotations
@@ -38,6 +44,49 @@ _CONTENT_LOOKED_INTO = re.compile(
 )
 
 
+# GPT-2's pre-tokenizer split (a ByteLevel pre-tokenizer with use_regex), for ASCII text, with
+# its Unicode classes spelt out: \p{L} is A-Za-z there, \p{N} 0-9, \s the six ASCII spaces.
+_ASCII_PRETOKEN = re.compile(
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^ \t\n\v\f\rA-Za-z0-9]+|[ \t\n\v\f\r]+(?![^ \t\n\v\f\r])|[ \t\n\v\f\r]+"
+)
+# Control characters whose class (a space or not) another regex engine might see otherwise: a
+# piece holding one is tokenised by the tokenizer itself.
+_ODD_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+# Pieces counted both ways (by pre-tokens and by the tokenizer) before the split is trusted.
+VERIFY_PIECES = 64
+# Pre-tokens whose token count is kept (then forgotten at once).
+MAX_PRETOKENS = 1 << 18
+
+
+def _byte_level_ascii() -> dict[int, str]:
+    """GPT-2's byte -> character map (`bytes_to_unicode`), for the ASCII bytes: what a ByteLevel
+    pre-tokenizer hands the BPE model instead of each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return {b: mapping[b] for b in range(128)}
+
+
+_BYTE_LEVEL_ASCII = _byte_level_ascii()
+
+
+def _splits_like_gpt2(backend: Any) -> bool:
+    """A byte-level BPE tokenizer with GPT-2's pre-tokenizer and nothing before it: its tokens of a
+    text are its BPE model's tokens of each pre-token, so they can be counted per pre-token."""
+    from tokenizers import models, pre_tokenizers
+
+    pre, model = backend.pre_tokenizer, backend.model
+    return (
+        backend.normalizer is None
+        and isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex is True and pre.add_prefix_space is False
+        and isinstance(model, models.BPE) and model.dropout is None
+    )
+
+
 def message_dicts(messages: list[Message]) -> list[dict[str, Any]]:
     """What the chat template is given for each message."""
     out = []
@@ -59,6 +108,18 @@ class _Skeleton:
     prefix_tokens: int
     verified: int = 0
     broken: bool = False
+    # The pieces with the prefix cut off: a row's renders past the prefix are built from these,
+    # so a long system prompt is not copied for every row.
+    full_tail: list[str] = field(init=False)
+    prompt_tail: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.full_tail = [self.full[0][self.prefix_chars :], *self.full[1:]]
+        self.prompt_tail = [self.prompt[0][self.prefix_chars :], *self.prompt[1:]]
+
+    def tails(self, contents: list[str]) -> tuple[str, str]:
+        """The full and the prompt render of a row past the prefix."""
+        return _fill(self.full_tail, contents), _fill(self.prompt_tail, contents)
 
 
 @dataclass
@@ -79,6 +140,11 @@ class TokenCounts:
         clean = not any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in added.values())
         self.added_pattern = re.compile("|".join(map(re.escape, self.added))) if self.added else None
         self.piece_tokens: dict[str, int] = {}
+        # Pieces of ASCII text are counted from their pre-tokens (each distinct one tokenised once)
+        # where the tokenizer splits like GPT-2; checked against the tokenizer on the first pieces.
+        self.pretoken_split = backend is not None and _splits_like_gpt2(backend)
+        self.pretoken_tokens: dict[str, int] = {}
+        self.pieces_verified = 0
         self.usable = bool(
             backend is not None and clean and self.added and isinstance(template, str) and not _CONTENT_LOOKED_INTO.search(template)
         )
@@ -98,9 +164,9 @@ class TokenCounts:
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def _structure(self, messages: list[Message]) -> tuple | None:
-        if not self.usable or any(m.extra for m in messages):
+        if not self.usable or any([m.extra for m in messages]):
             return None
-        return tuple((m.role, m.content if m.role == "system" else None) for m in messages)
+        return tuple([(m.role, m.content if m.role == "system" else None) for m in messages])
 
     def _skeleton(self, messages: list[Message]) -> _Skeleton | None:
         """Render the structure once with placeholders and cut it into pieces; None when the
@@ -150,8 +216,7 @@ class TokenCounts:
                 slow.append(i)
                 continue
             contents = [m.content for m in messages if m.role != "system"]
-            parts.append(_fill(skeleton.full, contents)[skeleton.prefix_chars :])
-            parts.append(_fill(skeleton.prompt, contents)[skeleton.prefix_chars :])
+            parts.extend(skeleton.tails(contents))
             owners.append((i, skeleton))
         part_tokens = self._count_parts(parts) if parts else []
         for k, (i, skeleton) in enumerate(owners):
@@ -208,13 +273,52 @@ class TokenCounts:
         recurs on every row) and the new ones in one call."""
         split = [self.added_pattern.split(part) for part in parts]
         new = list({piece for pieces in split for piece in pieces if piece and piece not in self.piece_tokens})
+        if len(self.piece_tokens) + len(new) > MAX_PIECES:
+            self.piece_tokens.clear()
+        if self.pretoken_split and new:
+            new = self._count_by_pretokens(new)
         if new:
-            if len(self.piece_tokens) + len(new) > MAX_PIECES:
-                self.piece_tokens.clear()
             encoded = self.backend.encode_batch_fast(new, add_special_tokens=False)
             self.piece_tokens.update(zip(new, map(len, encoded)))
         tokens = self.piece_tokens
         return [len(pieces) - 1 + sum([tokens[piece] for piece in pieces if piece]) for pieces in split]
+
+    def _pretoken_count(self, piece: str) -> int:
+        """Tokens of an ASCII piece: the BPE model's tokens of each pre-token, each distinct
+        pre-token asked once."""
+        words = _ASCII_PRETOKEN.findall(piece)
+        known = self.pretoken_tokens
+        try:
+            return sum(map(known.__getitem__, words))  # most pre-tokens are known words
+        except KeyError:
+            pass
+        if len(known) >= MAX_PRETOKENS:
+            known.clear()
+        for word in words:
+            if word not in known:
+                known[word] = len(self.backend.model.tokenize(word.translate(_BYTE_LEVEL_ASCII)))
+        return sum(map(known.__getitem__, words))
+
+    def _count_by_pretokens(self, new: list[str]) -> list[str]:
+        """Count the ASCII pieces of `new` by `_pretoken_count` (into `piece_tokens`); the others
+        are returned for the tokenizer. The first VERIFY_PIECES are also tokenised whole: one
+        difference and this tokenizer is never counted so again."""
+        rest = []
+        counted = {}
+        for piece in new:
+            if piece.isascii() and not _ODD_CONTROL.search(piece):
+                counted[piece] = self._pretoken_count(piece)
+            else:
+                rest.append(piece)
+        if counted and self.pieces_verified < VERIFY_PIECES:
+            sample = list(counted)[: VERIFY_PIECES - self.pieces_verified]
+            whole = [len(e) for e in self.backend.encode_batch_fast(sample, add_special_tokens=False)]
+            if whole != [counted[piece] for piece in sample]:
+                self.pretoken_split = False
+                return new
+            self.pieces_verified += len(sample)
+        self.piece_tokens.update(counted)
+        return rest
 
 
 def _fill(pieces: list[str], contents: list[str]) -> str:
