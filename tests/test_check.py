@@ -373,6 +373,22 @@ def test_advise_classification_set(write_jsonl):
     assert any("closed set of 4 labels" in r for r in advice.reasons)
 
 
+def test_advise_names_a_long_shared_system_prompt(write_jsonl):
+    """A label-listing system prompt on every row is most of what the model reads: advise says
+    what it costs and that the label set can be learned without it; a short one is not named."""
+    labels = [f"intent_{i}" for i in range(60)]
+    system = "Classify the request into exactly one of these intents: " + ", ".join(f"{label} (when the user asks about {label})" for label in labels)
+    rng = random.Random(0)
+    rows = [chat(f"{i}: {sentence(rng)}", labels[i % len(labels)], system=system) for i in range(600)]
+    advice = advise_file(write_jsonl(rows))
+    shared = advice.stats["shape"]["system_prompt"]
+    assert shared["share"] == 1.0 and shared["words"] == len(system.split()) and shared["distinct"] == 1
+    assert any(f"100% of examples open with the same {len(system.split())}-word system prompt" in r and "train.shared_prefix" in r for r in advice.reasons)
+
+    short = [chat(f"{i}: {sentence(rng)}", labels[i % len(labels)], system="You route support requests.") for i in range(600)]
+    assert not any("system prompt" in r for r in advise_file(write_jsonl(short, "short.jsonl")).reasons)
+
+
 def test_advise_tiny_set(write_jsonl):
     advice = advise_file(write_jsonl(valid_records(40)), task="write friendly replies")
     assert advice.recommendation == "prompt engineering first"

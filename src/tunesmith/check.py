@@ -356,6 +356,8 @@ class _RowStats:
     pii_lines: dict[str, list[int]] = field(default_factory=dict)
     # Contents that repeat on every row (a system prompt) are scanned once.
     pii_cache: dict[str, list[tuple[int, int, str]]] = field(default_factory=dict)
+    # Examples per system prompt (the first 1,000 distinct ones): `advise` weighs a long shared one.
+    system_prompts: Counter[str] = field(default_factory=Counter)
     redacted_rows: int = 0
 
     @staticmethod
@@ -582,6 +584,7 @@ def _add_batch(stats: _RowStats, findings: _Findings, batch: list[tuple[int, Con
     if not batch:
         return
     parts = _batch_parts(stats, batch)
+    _add_system_prompts(stats.system_prompts, batch)
     _add_hashes(stats, parts)
     _add_shape(stats, findings, parts)
     stats.signature_batches.append(minhash_word_signatures(parts.compared_words))
@@ -597,6 +600,13 @@ def _add_batch(stats: _RowStats, findings: _Findings, batch: list[tuple[int, Con
     if counter is not None:
         for line, conv in batch:
             counter.add(line, conv)
+
+
+def _add_system_prompts(counts: Counter[str], batch: list[tuple[int, Conversation]]) -> None:
+    """Count each example's system prompt (its first turn when that is a system turn)."""
+    for text, count in Counter([conv.messages[0].content for _, conv in batch if conv.messages[0].role == "system"]).items():
+        if text in counts or len(counts) < 1000:
+            counts[text] += count
 
 
 def _consume(rows, report: CheckReport, findings: _Findings, stats: _RowStats, counter: "_TokenCounter | None", out) -> None:
@@ -751,7 +761,16 @@ def _shape_stats(stats: _RowStats, n: int) -> dict[str, Any]:
         "json_answer_share": stats.json_like / n if n else 0.0,
         "json_parse_share": stats.json_ok / stats.json_like if stats.json_like else None,
         "json_top_keys_share": stats.key_sets.most_common(1)[0][1] / stats.json_ok if stats.key_sets and stats.json_ok else None,
+        "system_prompt": _system_prompt_stats(stats.system_prompts, n),
     }
+
+
+def _system_prompt_stats(counts: Counter[str], n: int) -> dict[str, Any] | None:
+    """The most common system prompt: the share of examples it opens, and its length."""
+    if not counts or not n:
+        return None
+    text, count = counts.most_common(1)[0]
+    return {"share": count / n, "words": len(text.split()), "chars": len(text), "distinct": len(counts)}
 
 
 def _pii_findings(report: CheckReport, findings: _Findings, stats: _RowStats) -> None:
