@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from tunesmith.config import DataConfig
@@ -128,8 +130,29 @@ def test_length_grouped_batches_cover_every_example_once_and_repeat_per_seed():
     assert flat == list(range(len(lengths)))
     assert batches == length_grouped_batches(lengths, 4, seed=1, epoch=0)
     assert batches != length_grouped_batches(lengths, 4, seed=1, epoch=1)
-    # Grouped: the longest batch holds the 4 longest examples.
-    assert sorted(max(batches, key=lambda b: min(lengths[r[0]] for r in b)), key=lambda r: r[0]) == [[1], [3], [5], [7]]
+
+
+def test_length_grouping_cuts_padding_and_each_seed_draws_its_own_batches():
+    """Grouped batches waste far less on padding than random ones, yet a small set is not sorted
+    whole: with one window, every seed trained the same length-sorted batches (only their
+    order changed), so seeds did not sample batch compositions at all."""
+    rng = random.Random(0)
+    lengths = rng.sample(range(5, 400), 96)  # no ties: a sort alone would fix every batch
+
+    def padding(batches):
+        return sum(max(lengths[r[0]] for r in b) * len(b) - sum(lengths[r[0]] for r in b) for b in batches)
+
+    order = list(range(96))
+    rng.shuffle(order)
+    unsorted = [[[i] for i in order[b : b + 8]] for b in range(0, 96, 8)]
+    grouped = length_grouped_batches(lengths, 8, seed=0, epoch=0)
+    assert padding(grouped) < 0.5 * padding(unsorted)
+
+    def compositions(seed):
+        return {frozenset(r[0] for r in b) for b in length_grouped_batches(lengths, 8, seed=seed, epoch=0)}
+
+    # Most batches differ between seeds (with one sorted window, all 12 were the same).
+    assert all(len(compositions(a) & compositions(b)) <= 3 for a, b in ((0, 1), (0, 2), (1, 2)))
 
 
 def test_packing_restarts_positions_and_fits_rows(tokenizer):

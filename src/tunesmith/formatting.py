@@ -337,15 +337,17 @@ def mask_text(tokenizer, example: Example, brackets: bool = False):
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int) -> list[list[list[int]]]:
-    """Shuffle, sort by length inside windows of 64 batches, shuffle the batches.
+    """Shuffle, sort by length inside windows of up to 64 batches, shuffle the batches.
 
     Examples of similar length share a batch, so little compute goes to padding, while the
-    order stays random from epoch to epoch (the same for the same seed and epoch).
+    order stays random from epoch to epoch (the same for the same seed and epoch). An epoch has
+    at least 4 windows (as transformers' length grouping): with one window, a small set would be
+    sorted whole, and every seed would train the same length-sorted batches.
     """
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    window = batch_size * 64
+    window = batch_size * max(1, min(64, len(lengths) // (4 * batch_size)))
     batches = []
     for w in range(0, len(order), window):
         chunk = sorted(order[w : w + window], key=lambda i: -lengths[i])
