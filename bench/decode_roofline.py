@@ -25,22 +25,10 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
+from train_vs_trl import matmul_peak_flops  # bench/ is on the path when a script of it runs
 
 from tunesmith.cascade import PrefixGroup, TwoPartDecoder
 from tunesmith.models import load_model
-
-
-def matmul_peak_flops(size: int = 1024, seconds: float = 3.0) -> float:
-    """Best FLOP/s of a size^2 fp32 `F.linear`."""
-    x, w = torch.randn(size, size), torch.randn(size, size)
-    F.linear(x, w)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        F.linear(x, w)
-        best = max(best, 2 * size**3 / (time.perf_counter() - start))
-    return best
 
 
 def linear_params(model) -> tuple[int, int]:
@@ -84,9 +72,9 @@ def main() -> None:
 
     model = load_model(args.model, dtype=torch.float32).model.eval()
     decoder_params, head_params = linear_params(model)
-    peak_start = matmul_peak_flops()
+    peak_start = matmul_peak_flops("fp32", seconds=3.0)
     runs = [engine_times(model, args.rows, args.prefix, args.own, args.new_tokens) for _ in range(args.repeats)]
-    peak = max(peak_start, matmul_peak_flops())
+    peak = max(peak_start, matmul_peak_flops("fp32", seconds=3.0))
     prefill_s, decode_s = min(r[0] for r in runs), min(r[1] for r in runs)
     prefill_flops = args.rows * (2 * decoder_params * args.own + 2 * head_params)
     decode_flops = args.rows * (args.new_tokens - 1) * 2 * (decoder_params + head_params)
