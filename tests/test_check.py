@@ -383,7 +383,7 @@ def test_advise_names_a_long_shared_system_prompt(write_jsonl):
     advice = advise_file(write_jsonl(rows))
     shared = advice.stats["shape"]["system_prompt"]
     assert shared["share"] == 1.0 and shared["words"] == len(system.split()) and shared["distinct"] == 1
-    assert any(f"100% of examples open with the same {len(system.split())}-word system prompt" in r and "train.shared_prefix" in r for r in advice.reasons)
+    assert any(f"100% of examples open with the same {len(system):,}-character system prompt" in r and "train.shared_prefix" in r for r in advice.reasons)
 
     short = [chat(f"{i}: {sentence(rng)}", labels[i % len(labels)], system="You route support requests.") for i in range(600)]
     assert not any("system prompt" in r for r in advise_file(write_jsonl(short, "short.jsonl")).reasons)

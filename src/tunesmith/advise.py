@@ -16,7 +16,7 @@ from tunesmith.errors import UserError
 from tunesmith.humanize import plural
 
 # A system prompt this long, on nearly every example, is worth a word: it is paid at every step.
-LONG_SYSTEM_PROMPT_WORDS = 100
+LONG_SYSTEM_PROMPT_CHARS = 300  # ~75 tokens; a label list (`card_declined, ...`) has few words for its tokens
 
 RAG_WORDS = ("document", "docs", "knowledge base", "manual", "faq", "wiki", "pdf", "policy", "policies", "retriev", "search our")
 
@@ -97,9 +97,9 @@ def advise_report(report: CheckReport, task: str | None = None) -> Advice:
         reasons.append(f"label imbalance {ratio}x" + (" (report per-label scores, not only accuracy)" if ratio >= IMBALANCE_RATIO else ""))
     system = shape.get("system_prompt")
     input_words = (shape.get("input_words") or {}).get("median", 0)
-    if system and system["share"] >= 0.9 and system["words"] >= LONG_SYSTEM_PROMPT_WORDS and system["words"] >= 2 * input_words:
+    if system and system["share"] >= 0.9 and system["chars"] >= LONG_SYSTEM_PROMPT_CHARS and system["words"] >= 2 * input_words:
         reasons.append(
-            f"{system['share']:.0%} of examples open with the same {system['words']}-word system prompt, most of what the model reads: "
+            f"{system['share']:.0%} of examples open with the same {system['chars']:,}-character system prompt, most of what the model reads: "
             "training computes it once per batch (train.shared_prefix; `tunesmith data estimate` prices it by batch size), "
             "and a fine-tune learns the label set or format from the answers, so a short prompt, or none, trains and serves "
             "for a fraction of the tokens"
