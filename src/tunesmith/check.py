@@ -539,9 +539,9 @@ def _add_shape(stats: _RowStats, findings: _Findings, parts: _BatchParts) -> Non
     stats.multi_turn += parts.multi_turn
 
 
-def _batch_pii(stats: _RowStats, batch: list[tuple[int, Conversation]]) -> dict[str, list[tuple[int, int, str]]]:
+def _batch_pii(stats: _RowStats, batch: list[tuple[int, Conversation]], systems: list[str]) -> dict[str, list[tuple[int, int, str]]]:
     """Personal-data spans of every message content of the batch, each distinct content scanned
-    once (`pii.find_pii_batch`); system prompts stay cached across batches."""
+    once (`pii.find_pii_batch`); the batch's system prompts stay cached across batches."""
     cache = stats.pii_cache
     spans: dict[str, list[tuple[int, int, str]] | None] = dict.fromkeys([m.content for _, conv in batch for m in conv.messages])
     todo = []
@@ -552,9 +552,7 @@ def _batch_pii(stats: _RowStats, batch: list[tuple[int, Conversation]]) -> dict[
         else:
             spans[text] = found
     spans.update(zip(todo, find_pii_batch(todo)))
-    # An example's system turn is its first (one elsewhere is a system_not_first error).
-    systems = dict.fromkeys([m.content for m in [conv.messages[0] for _, conv in batch] if m.role == "system"])
-    for text in systems:
+    for text in dict.fromkeys(systems):
         if len(cache) < 1000:
             cache[text] = spans[text]  # type: ignore[assignment]
     return spans  # type: ignore[return-value]
@@ -584,13 +582,15 @@ def _add_batch(stats: _RowStats, findings: _Findings, batch: list[tuple[int, Con
     if not batch:
         return
     parts = _batch_parts(stats, batch)
-    _add_system_prompts(stats.system_prompts, batch)
+    # An example's system turn is its first (one elsewhere is a system_not_first error).
+    systems = [conv.messages[0].content for _, conv in batch if conv.messages[0].role == "system"]
+    _add_system_prompts(stats.system_prompts, systems)
     _add_hashes(stats, parts)
     _add_shape(stats, findings, parts)
     stats.signature_batches.append(minhash_word_signatures(parts.compared_words))
     if stats.want_input_signatures:
         stats.input_signature_batches.append(minhash_word_signatures(parts.prompt_words))
-    spans = _batch_pii(stats, batch)
+    spans = _batch_pii(stats, batch, systems)
     if out is not None or any(spans.values()):  # most batches hold no personal data at all
         for line, conv in batch:
             redacted = _add_pii(stats, line, conv, spans, out is not None)
@@ -602,9 +602,9 @@ def _add_batch(stats: _RowStats, findings: _Findings, batch: list[tuple[int, Con
             counter.add(line, conv)
 
 
-def _add_system_prompts(counts: Counter[str], batch: list[tuple[int, Conversation]]) -> None:
-    """Count each example's system prompt (its first turn when that is a system turn)."""
-    for text, count in Counter([conv.messages[0].content for _, conv in batch if conv.messages[0].role == "system"]).items():
+def _add_system_prompts(counts: Counter[str], systems: list[str]) -> None:
+    """Count the examples of each system prompt (the first 1,000 distinct ones)."""
+    for text, count in Counter(systems).items():
         if text in counts or len(counts) < 1000:
             counts[text] += count
 
