@@ -363,7 +363,7 @@ def count_tokens(conversations, tokenizer, max_length: int) -> dict[str, Any]:
     common: list[int] | None = None  # the prompt tokens every example starts with
     for conv in conversations:
         example, kinds = tokenize_conversation(tokenizer, conv, max_length=1 << 30)
-        common = common_start(common, example.input_ids[: example.first_trained_position - 1])
+        common = common_start(common, example.input_ids[: example.shareable_length])
         for kind in kinds:
             problems.setdefault(kind, []).append(conv.source_line)
         length = len(example)

@@ -64,6 +64,12 @@ class Example:
     def first_trained_position(self) -> int:
         return next((t for t, label in enumerate(self.labels) if label != IGNORE_INDEX), len(self.labels))
 
+    @property
+    def shareable_length(self) -> int:
+        """Tokens at the start that a batch may compute once for all its rows (train.shared_prefix):
+        they end before the position whose hidden state predicts the first trained label."""
+        return max(0, self.first_trained_position - 1)
+
 
 @dataclass
 class FormatReport:
@@ -410,8 +416,7 @@ def collate(examples: list[Example], batch: list[list[int]], pad_id: int) -> dic
         first = input_ids[0]
         same = (input_ids == first).all(dim=0).long()
         common = int(same.cumprod(0).sum())
-        first_trained = min(examples[row[0]].first_trained_position for row in batch)
-        shared = max(0, min(common, first_trained - 1))
+        shared = min(common, min(examples[row[0]].shareable_length for row in batch))
     return {
         "input_ids": input_ids,
         "labels": labels,
